@@ -1,0 +1,229 @@
+"""fusedgauss against torch.distributions on the CPU: the full-covariance log-prob.
+
+For each case (per-sample scale_tril, shared scale_tril, per-sample covariance), event size k
+and batch size B, times in one run, with torch.utils.benchmark (medians, warm-up excluded,
+fresh random inputs):
+
+  torch          torch.distributions.MultivariateNormal(...).log_prob, eager
+  torch.compile  the same function under torch.compile
+  fusedgauss     fusedgauss.MultivariateNormal(...).log_prob
+
+for the forward pass alone and for forward+backward (gradients to loc and the matrix, as in a
+policy-gradient step; the actions are data). It prints speed-ups and the fraction of the
+machine's copy bandwidth the fused kernel reaches (bytes that must move / time / bandwidth,
+the bandwidth measured here by a large tensor copy), and writes JSON, markdown and a plot.
+
+    python benchmarks/bench_ops.py                 # the full grid
+    python benchmarks/bench_ops.py --quick         # B=4096, k in {2, 6}: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributions as td
+from torch.utils import benchmark
+from tqdm import tqdm
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import fusedgauss  # noqa: E402
+from helpers import random_scale_tril, random_spd  # noqa: E402
+
+CASES = ("scale_tril", "shared_scale_tril", "covariance")
+DTYPE = torch.float32
+
+
+@dataclass
+class Row:
+    case: str
+    k: int
+    batch: int
+    passes: str  # "forward" or "forward+backward"
+    torch_ms: float
+    compile_ms: float | None
+    fusedgauss_ms: float
+    speedup_vs_torch: float
+    speedup_vs_compile: float | None
+    bytes_moved: int
+    bandwidth_fraction: float
+
+
+def measure_copy_bandwidth(min_run_time: float) -> float:
+    """Bytes per second of a large tensor copy (read + write) on this machine."""
+    src = torch.randn(64 * 2**20)  # 256 MiB
+    dst = torch.empty_like(src)
+    t = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src}).blocked_autorange(
+        min_run_time=min_run_time
+    )
+    return 2 * src.numel() * src.element_size() / t.median
+
+
+def make_inputs(case: str, batch: int, k: int):
+    """value (data), loc and matrix (leaves that require grad), matrix keyword."""
+    value = torch.randn(batch, k, dtype=DTYPE)
+    loc = torch.randn(batch, k, dtype=DTYPE).requires_grad_()
+    if case == "covariance":
+        matrix, keyword = random_spd((batch,), k, dtype=DTYPE), "covariance_matrix"
+    else:
+        matrix_batch = () if case == "shared_scale_tril" else (batch,)
+        matrix, keyword = random_scale_tril(matrix_batch, k, dtype=DTYPE), "scale_tril"
+    return value, loc, matrix.requires_grad_(), keyword
+
+
+def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
+    """Bytes the computation must read and write at the least (float32).
+
+    Forward: read value, loc and the matrix (per sample: k*k), write the log-prob.
+    Backward: read them again with the upstream gradient, write the gradients of loc and of
+    the matrix (a shared matrix's gradient is reduced in the kernel: k*k once).
+    """
+    per_sample_matrix = case != "shared_scale_tril"
+    matrix = k * k * (batch if per_sample_matrix else 1)
+    forward = batch * (2 * k + 1) + matrix
+    backward = batch * (2 * k + 1) + matrix + batch * k + matrix
+    return 4 * (forward + (backward if passes == "forward+backward" else 0))
+
+
+def timed(fn, min_run_time: float) -> float:
+    fn()  # warm-up (and compilation) outside the measurement
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+
+
+def run_cell(case, batch, k, passes, compile_torch, min_run_time):
+    value, loc, matrix, keyword = make_inputs(case, batch, k)
+
+    def torch_log_prob(loc, matrix, value):
+        return td.MultivariateNormal(loc, validate_args=False, **{keyword: matrix}).log_prob(value)
+
+    def fused_log_prob(loc, matrix, value):
+        return fusedgauss.MultivariateNormal(loc, validate_args=False, **{keyword: matrix}).log_prob(value)
+
+    def as_step(log_prob):
+        if passes == "forward":
+            return lambda: log_prob(loc, matrix, value)
+        return lambda: torch.autograd.grad(log_prob(loc, matrix, value).sum(), (loc, matrix))
+
+    torch_ms = timed(as_step(torch_log_prob), min_run_time) * 1e3
+    fused_ms = timed(as_step(fused_log_prob), min_run_time) * 1e3
+    compile_ms = None
+    if compile_torch:
+        torch._dynamo.reset()
+        compiled = torch.compile(torch_log_prob, dynamic=False)
+        compile_ms = timed(as_step(compiled), min_run_time) * 1e3
+    moved = bytes_moved(case, batch, k, passes)
+    return torch_ms, compile_ms, fused_ms, moved
+
+
+def to_markdown(rows: list[Row], meta: dict) -> str:
+    lines = [
+        f"# CPU benchmark: fusedgauss vs torch.distributions ({meta['date']})",
+        "",
+        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']}; "
+        f"float32; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s. Medians of torch.utils.benchmark.",
+        "",
+        "| case | k | B | passes | torch ms | torch.compile ms | fusedgauss ms | × torch | × compile | bandwidth |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        compile_ms = f"{r.compile_ms:.2f}" if r.compile_ms is not None else "–"
+        vs_compile = f"{r.speedup_vs_compile:.1f}" if r.speedup_vs_compile is not None else "–"
+        lines.append(
+            f"| {r.case} | {r.k} | {r.batch} | {r.passes} | {r.torch_ms:.2f} | {compile_ms} | "
+            f"{r.fusedgauss_ms:.2f} | {r.speedup_vs_torch:.1f} | {vs_compile} | {100 * r.bandwidth_fraction:.0f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    largest = max(r.batch for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, passes in zip(axes, ("forward", "forward+backward")):
+        for case in CASES:
+            sel = [r for r in rows if r.case == case and r.passes == passes and r.batch == largest]
+            if sel:
+                ax.plot([r.k for r in sel], [r.speedup_vs_torch for r in sel], marker="o", label=case)
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("event size k")
+        ax.set_title(f"{passes}, B={largest}")
+    axes[0].set_ylabel("speed-up over torch.distributions")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B=4096, k in {2, 6}")
+    parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65536])
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 6, 17, 32])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON, markdown, plot")
+    parser.add_argument("--name", default="cpu_ops", help="file name stem of the results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.k = [4096], [2, 6]
+
+    torch.manual_seed(0)
+    torch._dynamo.config.cache_size_limit = 256
+    bandwidth = measure_copy_bandwidth(args.min_run_time)
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fusedgauss": fusedgauss.__version__,
+        "backend": fusedgauss.backends.default_backend("cpu"),
+        "copy_bandwidth_gbps": bandwidth / 1e9,
+        "python": platform.python_version(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            meta["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+
+    grid = [(c, b, k, p) for c in args.cases for b in args.batch for k in args.k
+            for p in ("forward", "forward+backward")]
+    rows = []
+    for case, batch, k, passes in tqdm(grid, desc="benchmark", unit="cell"):
+        torch_ms, compile_ms, fused_ms, moved = run_cell(
+            case, batch, k, passes, not args.no_compile, args.min_run_time
+        )
+        rows.append(Row(
+            case=case, k=k, batch=batch, passes=passes,
+            torch_ms=torch_ms, compile_ms=compile_ms, fusedgauss_ms=fused_ms,
+            speedup_vs_torch=torch_ms / fused_ms,
+            speedup_vs_compile=compile_ms / fused_ms if compile_ms is not None else None,
+            bytes_moved=moved, bandwidth_fraction=moved / (fused_ms * 1e-3) / bandwidth,
+        ))
+
+    markdown = to_markdown(rows, meta)
+    print(markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    (args.out / f"{args.name}.md").write_text(markdown)
+    plot(rows, args.out / f"{args.name}.png")
+    print(f"wrote {args.out / args.name}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()

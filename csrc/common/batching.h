@@ -1,0 +1,104 @@
+#pragma once
+// How the operands of a batched op are laid out for a kernel, on any device.
+//
+// Every op takes tensors of shape (*batch_i, *event) whose batch shapes broadcast. A kernel
+// sees each operand in one of two layouts:
+//   - shared: one event for the whole batch (batch stride 0). This is an operand whose batch
+//     has one element, or one that was expanded (all batch strides 0). Its gradient is
+//     reduced inside the kernel, never through a (B, *event) temporary.
+//   - per sample: (B, *event) contiguous. An operand that broadcasts only partly (fits
+//     neither layout) is materialised here and its gradient summed back afterwards.
+
+#include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
+
+#include <string>
+#include <vector>
+
+namespace fusedgauss {
+
+struct BatchedOperand {
+  at::Tensor data;         // contiguous: (*event) when shared, (B, *event) otherwise
+  int64_t batch_stride;    // elements between consecutive samples; 0 when shared
+  // The input has a single batch element, so its gradient is the sum over the batch.
+  // (An expanded input is read as shared but needs a gradient per batch element.)
+  bool reduces_gradient;
+  bool shared() const { return batch_stride == 0; }
+};
+
+struct BatchLayout {
+  std::vector<int64_t> batch_shape;  // broadcast batch shape of all operands
+  int64_t batch_numel;
+};
+
+inline c10::IntArrayRef batch_sizes(const at::Tensor& t, int64_t event_dims) {
+  return t.sizes().slice(0, t.dim() - event_dims);
+}
+
+inline bool batch_is_broadcast(const at::Tensor& t, int64_t event_dims) {
+  for (int64_t d = 0; d < t.dim() - event_dims; ++d) {
+    if (t.size(d) != 1 && t.stride(d) != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// Broadcast batch shape of the given (tensor, event_dims) pairs.
+inline BatchLayout broadcast_batch(std::initializer_list<std::pair<const at::Tensor*, int64_t>> operands) {
+  std::vector<int64_t> shape;
+  for (const auto& [tensor, event_dims] : operands) {
+    auto inferred = at::infer_size(shape, batch_sizes(*tensor, event_dims));
+    shape.assign(inferred.begin(), inferred.end());
+  }
+  int64_t numel = 1;
+  for (int64_t s : shape) {
+    numel *= s;
+  }
+  return {shape, numel};
+}
+
+inline BatchedOperand batch_operand(const at::Tensor& t, int64_t event_dims, const BatchLayout& layout) {
+  if (batch_is_broadcast(t, event_dims)) {
+    at::Tensor event = t;
+    while (event.dim() > event_dims) {
+      event = event.select(0, 0);
+    }
+    int64_t input_batch_numel = 1;
+    for (int64_t s : batch_sizes(t, event_dims)) {
+      input_batch_numel *= s;
+    }
+    return {event.contiguous(), 0, input_batch_numel == 1};
+  }
+  int64_t event_numel = 1;
+  std::vector<int64_t> flat_shape{layout.batch_numel};
+  for (int64_t d = t.dim() - event_dims; d < t.dim(); ++d) {
+    event_numel *= t.size(d);
+    flat_shape.push_back(t.size(d));
+  }
+  std::vector<int64_t> full_shape(layout.batch_shape);
+  for (int64_t d = t.dim() - event_dims; d < t.dim(); ++d) {
+    full_shape.push_back(t.size(d));
+  }
+  return {t.expand(full_shape).contiguous().view(flat_shape), event_numel, false};
+}
+
+/// Gradient with the shape of `input`, from what a kernel wrote for its operand: the
+/// event summed over the batch when the operand reduces its gradient, (B, *event) otherwise.
+inline at::Tensor gradient_for(const at::Tensor& kernel_grad, const at::Tensor& input,
+                               const BatchedOperand& operand, const BatchLayout& layout) {
+  if (operand.reduces_gradient) {
+    return kernel_grad.view(input.sizes());
+  }
+  std::vector<int64_t> full_shape(layout.batch_shape);
+  for (int64_t d = 1; d < kernel_grad.dim(); ++d) {
+    full_shape.push_back(kernel_grad.size(d));
+  }
+  at::Tensor full = kernel_grad.view(full_shape);
+  if (full.sizes() == input.sizes()) {
+    return full;
+  }
+  return at::sum_to(full, input.sizes());
+}
+
+}  // namespace fusedgauss

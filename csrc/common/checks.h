@@ -1,0 +1,56 @@
+#pragma once
+// Argument checks shared by every device's op implementations. The Python op surface
+// (pyext/ops.py) checks first, with dtype promotion and friendlier errors; these checks
+// keep the ops safe when they are called from C++ or through torch.ops directly.
+
+#include <ATen/ATen.h>
+
+#include "batching.h"
+
+namespace fusedgauss {
+
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_same_dtype_and_device(const char* op, const char* name, const at::Tensor& t,
+                                        const at::Tensor& reference) {
+  TORCH_CHECK(t.scalar_type() == reference.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but the other arguments have ", reference.scalar_type());
+  TORCH_CHECK(t.device() == reference.device(), op, ": ", name, " is on ", t.device(),
+              " but the other arguments are on ", reference.device());
+}
+
+inline void check_square(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2 && t.size(-1) == t.size(-2), op, ": ", name,
+              " must be a batch of square matrices (*, k, k), got shape ", t.sizes());
+}
+
+/// value (*, k), loc (*, k) and a (*, k, k) matrix, ready for a kernel.
+struct MvnProblem {
+  BatchLayout layout;
+  int64_t k;
+  BatchedOperand value;
+  BatchedOperand loc;
+  BatchedOperand matrix;
+};
+
+inline MvnProblem prepare_mvn_problem(const char* op, const char* matrix_name, const at::Tensor& value,
+                                      const at::Tensor& loc, const at::Tensor& matrix) {
+  check_floating(op, "value", value);
+  check_same_dtype_and_device(op, "loc", loc, value);
+  check_same_dtype_and_device(op, matrix_name, matrix, value);
+  check_square(op, matrix_name, matrix);
+  const int64_t k = matrix.size(-1);
+  TORCH_CHECK(value.dim() >= 1 && loc.dim() >= 1, op,
+              ": value and loc must have an event dimension, got shapes ", value.sizes(), " and ",
+              loc.sizes());
+  TORCH_CHECK(value.size(-1) == k && loc.size(-1) == k, op, ": event sizes differ: value has ",
+              value.size(-1), ", loc has ", loc.size(-1), ", ", matrix_name, " is ", k, " x ", k);
+  BatchLayout layout = broadcast_batch({{&value, 1}, {&loc, 1}, {&matrix, 2}});
+  return {layout, k, batch_operand(value, 1, layout), batch_operand(loc, 1, layout),
+          batch_operand(matrix, 2, layout)};
+}
+
+}  // namespace fusedgauss

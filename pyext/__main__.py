@@ -1,0 +1,106 @@
+"""python -m fusedgauss info | check
+
+info   what was built, the versions, the devices and the backend each device gets
+check  runs every op on every available backend against the float64 reference, on a few
+       random shapes, and prints the largest errors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+
+from . import __version__, backends, ops, reference
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def info() -> None:
+    print(f"fusedgauss {__version__}")
+    print(f"  python {platform.python_version()}, torch {torch.__version__}, triton {_triton_version()}")
+    print(f"  torch built with CUDA: {torch.version.cuda or 'no'}")
+    extension = "loaded" if backends.EXTENSION_LOADED else f"not loaded: {backends.EXTENSION_ERROR}"
+    print(f"  compiled extension fusedgauss._C: {extension}")
+    print(f"    CPU kernels:  {'yes' if backends.COMPILED_CPU else 'no'}")
+    print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else 'no (built without nvcc or without a CUDA build of torch)'}")
+    print(f"  Triton kernels: {'yes' if backends.TRITON_KERNELS else 'no (none in this version)'}")
+    print("  devices:")
+    print(f"    cpu: {torch.get_num_threads()} threads")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            print(f"    cuda:{i}: {torch.cuda.get_device_name(i)}")
+    else:
+        print("    cuda: none available")
+    forced = backends.forced_backend()
+    env = os.environ.get("FUSEDGAUSS_BACKEND")
+    print(f"  forced backend: {forced or 'none'}" + (f" (FUSEDGAUSS_BACKEND={env})" if env else ""))
+    print("  backend per device (when none is forced):")
+    for device_type in ("cpu", "cuda"):
+        print(f"    {device_type}: {backends.default_backend(device_type)}")
+    print("  backends:")
+    for name in backends.BACKENDS:
+        reasons = {d: backends.unavailable_reason(name, d) for d in ("cpu", "cuda")}
+        runs_on = [d for d, r in reasons.items() if r is None]
+        limit = backends.MAX_EVENT_SIZE[name]
+        limit_text = "any event size" if limit is None else f"event sizes up to {limit}, larger go to torch"
+        if runs_on:
+            print(f"    {name}: runs {' and '.join(runs_on)} tensors; {limit_text}")
+        else:
+            print(f"    {name}: unavailable: {reasons['cpu'] if name != 'cuda' else reasons['cuda']}")
+
+
+def check() -> int:
+    """Largest relative error of each op and available backend against float64."""
+    torch.manual_seed(0)
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    worst = 0.0
+    for device_type in device_types:
+        for name in backends.BACKENDS:
+            if backends.unavailable_reason(name, device_type) is not None:
+                continue
+            for k in (1, 3, 17):
+                value = torch.randn(64, k, dtype=torch.float64, device=device_type)
+                loc = torch.randn(64, k, dtype=torch.float64, device=device_type)
+                A = torch.randn(64, k, k, dtype=torch.float64, device=device_type)
+                cov = A @ A.mT + k * torch.eye(k, dtype=torch.float64, device=device_type)
+                L = torch.linalg.cholesky(cov)
+                cases = {
+                    "mvn_tril_log_prob": (ops.mvn_tril_log_prob, reference.mvn_tril_log_prob, (value, loc, L)),
+                    "mvn_cov_log_prob": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob, (value, loc, cov)),
+                    "cholesky": (ops.cholesky, reference.cholesky, (cov,)),
+                }
+                for op_name, (op, ref, args) in cases.items():
+                    expected = ref(*args)
+                    with backends.use(name):
+                        got = op(*(a.float() for a in args)).double()
+                    error = float(((got - expected).abs() / (1 + expected.abs())).max())
+                    worst = max(worst, error)
+                    print(f"{device_type:5s} {name:7s} {op_name:18s} k={k:2d}  float32 error {error:.2e}")
+    ok = worst < 1e-4
+    print(f"largest error {worst:.2e}: {'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusedgauss", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("info", "check"))
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info()
+        return 0
+    return check()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Which implementation runs an op: "cuda", "triton", "cpu" or "torch".
+
+Per call, from the device of the inputs:
+
+- CUDA tensors: the compiled CUDA kernels if they were built, else the Triton kernels if
+  they exist, else "torch";
+- CPU tensors: the compiled CPU kernels if they were built, else "torch".
+
+"torch" is the plain-PyTorch implementation in :mod:`fusedgauss.reference`. A backend can be
+forced with the environment variable ``FUSEDGAUSS_BACKEND`` (read at import) or with
+:func:`use`; forcing one that cannot run the call is an error naming what is missing, never a
+silent swap. ``python -m fusedgauss info`` prints what is available.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was forced that cannot run the call."""
+
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the compiled kernels)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # a source checkout that was never built, or a broken build
+    EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fusedgauss::mvn_tril_log_prob", dispatch_key
+    )
+
+
+#: The compiled extension is loaded and its ops are registered.
+EXTENSION_LOADED = EXTENSION_ERROR is None
+#: Compiled CPU kernels are registered.
+COMPILED_CPU = _has_kernel("CPU")
+#: Compiled CUDA kernels are registered (fusedgauss was built with nvcc).
+COMPILED_CUDA = _has_kernel("CUDA")
+#: Triton kernels exist for the ops.
+TRITON_KERNELS = False
+
+#: Largest event size each backend's kernels handle; larger ones go to "torch"
+#: (None: no limit).
+MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": None, "triton": None, "cpu": None, "torch": None}
+
+
+def unavailable_reason(name: str, device_type: str) -> str | None:
+    """Why backend `name` cannot run ops on `device_type` tensors, or None if it can."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}; the backends are {', '.join(BACKENDS)}"
+    if name == "torch":
+        return None
+    if name == "triton" and not TRITON_KERNELS:
+        return "this version of fusedgauss has no Triton kernels"
+    if name in ("cpu", "cuda") and not EXTENSION_LOADED:
+        return f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})"
+    if name == "cuda" and not COMPILED_CUDA:
+        return "fusedgauss was built without CUDA kernels (no nvcc or no CUDA build of torch)"
+    if name == "cpu" and not COMPILED_CPU:
+        return "the compiled extension has no CPU kernels"
+    if name != "triton" and name != device_type:
+        return f"the {name} backend runs {name.upper()} tensors, but these are {device_type} tensors"
+    return None
+
+
+def default_backend(device_type: str, event_size: int | None = None) -> str:
+    """The backend chosen when none is forced."""
+    if device_type == "cuda":
+        candidates = ("cuda", "triton")
+    elif device_type == "cpu":
+        candidates = ("cpu",)
+    else:
+        candidates = ()
+    for name in candidates:
+        limit = MAX_EVENT_SIZE[name]
+        if unavailable_reason(name, device_type) is None and (
+            event_size is None or limit is None or event_size <= limit
+        ):
+            return name
+    return "torch"
+
+
+def _from_environment() -> str | None:
+    name = os.environ.get("FUSEDGAUSS_BACKEND", "").strip().lower()
+    return name or None
+
+
+# The forced backend, innermost `use` last; the first entry comes from FUSEDGAUSS_BACKEND.
+_forced: list[str | None] = [_from_environment()]
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use` or FUSEDGAUSS_BACKEND, or None."""
+    return _forced[-1]
+
+
+@contextlib.contextmanager
+def use(name: str | None) -> Iterator[None]:
+    """Force backend `name` inside the block (None: choose per call again)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown fusedgauss backend {name!r}; the backends are {', '.join(BACKENDS)}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def select(device_type: str, event_size: int) -> str:
+    """The backend that runs an op on `device_type` tensors with event size `event_size`."""
+    name = _forced[-1]
+    if name is None:
+        return default_backend(device_type, event_size)
+    reason = unavailable_reason(name, device_type)
+    if reason is None:
+        limit = MAX_EVENT_SIZE[name]
+        if limit is not None and event_size > limit:
+            reason = f"its kernels handle event sizes up to {limit}, got {event_size}"
+    if reason is not None:
+        raise BackendUnavailableError(f"fusedgauss backend {name!r} was forced but cannot run: {reason}")
+    return name

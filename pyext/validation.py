@@ -1,0 +1,88 @@
+"""Argument checks for the op surface: every backend sees the same errors.
+
+Errors name the op, the argument and the problem. Only metadata is read (shapes, dtypes,
+devices), so nothing here synchronises with a device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_tensor(op: str, name: str, t: object) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_one_device(op: str, named: dict[str, torch.Tensor]) -> None:
+    devices = {t.device for t in named.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in named.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {where}")
+
+
+def broadcast_batch_shape(op: str, named_batch_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The broadcast of the given batch shapes, or a ValueError naming them."""
+    shapes = list(named_batch_shapes.values())
+    ndim = max((len(s) for s in shapes), default=0)
+    result = []
+    for axis in range(-ndim, 0):
+        size = 1
+        for shape in shapes:
+            if -axis > len(shape) or shape[axis] == 1:
+                continue
+            if size != 1 and shape[axis] != size:
+                listed = ", ".join(f"{name} {tuple(s)}" for name, s in named_batch_shapes.items())
+                raise ValueError(f"{op}: batch shapes do not broadcast: {listed}")
+            size = shape[axis]
+        result.append(size)
+    return tuple(result)
+
+
+def _promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in tensors)
+
+
+def mvn_operands(
+    op: str, value: torch.Tensor, loc: torch.Tensor, matrix: torch.Tensor, matrix_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks value (*, k), loc (*, k) and a matrix (*, k, k) and promotes them to one dtype."""
+    named = {"value": value, "loc": loc, matrix_name: matrix}
+    for name, t in named.items():
+        _check_tensor(op, name, t)
+    _check_one_device(op, named)
+    if value.dim() < 1 or loc.dim() < 1:
+        raise ValueError(
+            f"{op}: value and loc need an event dimension, got shapes {tuple(value.shape)} "
+            f"and {tuple(loc.shape)}"
+        )
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"{op}: {matrix_name} must be a batch of square matrices (*, k, k), "
+            f"got shape {tuple(matrix.shape)}"
+        )
+    k = matrix.shape[-1]
+    if value.shape[-1] != k or loc.shape[-1] != k:
+        raise ValueError(
+            f"{op}: event sizes differ: value has {value.shape[-1]}, loc has {loc.shape[-1]}, "
+            f"{matrix_name} is {k} x {k}"
+        )
+    broadcast_batch_shape(
+        op,
+        {"value": value.shape[:-1], "loc": loc.shape[:-1], matrix_name: matrix.shape[:-2]},
+    )
+    return _promote(value, loc, matrix)
+
+
+def square_matrices(op: str, name: str, matrix: torch.Tensor) -> torch.Tensor:
+    _check_tensor(op, name, matrix)
+    if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
+        raise ValueError(
+            f"{op}: {name} must be a batch of square matrices (*, k, k), got shape {tuple(matrix.shape)}"
+        )
+    return matrix

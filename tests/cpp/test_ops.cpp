@@ -1,0 +1,70 @@
+// The registered ops, called through the dispatcher as a libtorch user would, against ATen.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cmath>
+
+#include "check.h"
+
+namespace {
+
+at::Tensor call_log_prob(const char* name, const at::Tensor& value, const at::Tensor& loc,
+                         const at::Tensor& matrix) {
+  static auto& dispatcher = c10::Dispatcher::singleton();
+  return dispatcher.findSchemaOrThrow(name, "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>()
+      .call(value, loc, matrix);
+}
+
+double max_abs_difference(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+void test_log_prob_ops(int64_t k) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor value = at::randn({5, 3, k}, options);
+  const at::Tensor loc = at::randn({3, k}, options);
+  const at::Tensor B = at::randn({5, 1, k, k}, options);
+  const at::Tensor cov = at::matmul(B, B.mT()) / k + 0.5 * at::eye(k, options);
+  const at::Tensor L = at::linalg_cholesky(cov).contiguous();
+  const at::Tensor diff = (value - loc).unsqueeze(-1);
+  const at::Tensor z = at::linalg_solve_triangular(L.expand({5, 3, k, k}), diff, /*upper=*/false).squeeze(-1);
+  const at::Tensor expected = -0.5 * z.pow(2).sum(-1) - L.diagonal(0, -2, -1).log().sum(-1) -
+                              0.5 * k * std::log(2 * M_PI);
+  CHECK(max_abs_difference(call_log_prob("fusedgauss::mvn_tril_log_prob", value, loc, L), expected) < 1e-10);
+  CHECK(max_abs_difference(call_log_prob("fusedgauss::mvn_cov_log_prob", value, loc, cov), expected) < 1e-10);
+}
+
+void test_cholesky_op(int64_t k) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor B = at::randn({4, k, k}, options);
+  const at::Tensor A = at::matmul(B, B.mT()) / k + 0.5 * at::eye(k, options);
+  const at::Tensor L = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("fusedgauss::cholesky", "")
+                           .typed<at::Tensor(const at::Tensor&)>()
+                           .call(A);
+  CHECK(max_abs_difference(L, at::linalg_cholesky(A)) < 1e-12);
+}
+
+void test_bad_input_is_rejected() {
+  bool threw = false;
+  try {
+    call_log_prob("fusedgauss::mvn_tril_log_prob", at::randn({3}), at::randn({4}), at::eye(3));
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("event sizes differ") != std::string::npos;
+  }
+  CHECK(threw);
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  for (int64_t k : {1, 2, 6, 17}) {
+    test_log_prob_ops(k);
+    test_cholesky_op(k);
+  }
+  test_bad_input_is_rejected();
+  std::printf("%s: %d failures\n", failures() ? "FAILED" : "ok", failures());
+  return failures();
+}

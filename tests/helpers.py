@@ -1,0 +1,44 @@
+"""Random inputs and oracles shared by the tests and the benchmarks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def random_spd(batch_shape, k, *, dtype=torch.float64, condition=None, generator=None):
+    """Random symmetric positive-definite matrices (*batch_shape, k, k).
+
+    With `condition`, the eigenvalues are spread log-uniformly over [1, condition], so each
+    matrix has exactly that condition number; otherwise A Aᵀ/k + I/2.
+    """
+    shape = tuple(batch_shape) + (k, k)
+    A = torch.randn(shape, dtype=torch.float64, generator=generator)
+    if condition is None:
+        spd = A @ A.mT / k + 0.5 * torch.eye(k, dtype=torch.float64)
+    else:
+        Q, _ = torch.linalg.qr(A)
+        eig = torch.logspace(0, math.log10(condition), k, dtype=torch.float64)
+        spd = (Q * eig) @ Q.mT
+        spd = 0.5 * (spd + spd.mT)
+    return spd.to(dtype)
+
+
+def random_scale_tril(batch_shape, k, *, dtype=torch.float64, condition=None, generator=None):
+    """Lower Cholesky factors (contiguous) of random_spd matrices."""
+    spd = random_spd(batch_shape, k, condition=condition, generator=generator)
+    return torch.linalg.cholesky(spd).contiguous().to(dtype)
+
+
+def torch_mvn_log_prob(value, loc, *, scale_tril=None, covariance_matrix=None):
+    """torch.distributions' log-prob, the drop-in target."""
+    dist = torch.distributions.MultivariateNormal(
+        loc, scale_tril=scale_tril, covariance_matrix=covariance_matrix, validate_args=False
+    )
+    return dist.log_prob(value)
+
+
+def symmetrise(X):
+    """X ↦ (X + Xᵀ)/2: lets gradcheck perturb a matrix argument that is read as symmetric."""
+    return 0.5 * (X + X.mT)

@@ -1,0 +1,138 @@
+"""fusedgauss.MultivariateNormal against torch.distributions.MultivariateNormal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributions as td
+from helpers import random_scale_tril, random_spd
+
+import fusedgauss
+from fusedgauss import backends
+
+from conftest import requires_compiled_cpu
+
+CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
+PARAMETERIZATIONS = ["scale_tril", "covariance_matrix", "precision_matrix"]
+
+
+def make_params(parameterization, batch_shape=(4,), k=3, shared=False):
+    loc = torch.randn(tuple(batch_shape) + (k,), dtype=torch.float64, requires_grad=True)
+    matrix_batch = () if shared else tuple(batch_shape)
+    if parameterization == "scale_tril":
+        matrix = random_scale_tril(matrix_batch, k)
+    else:
+        matrix = random_spd(matrix_batch, k)
+    return loc, {parameterization: matrix.requires_grad_()}
+
+
+def both(parameterization, **kwargs):
+    loc, params = make_params(parameterization, **kwargs)
+    ours = fusedgauss.MultivariateNormal(loc, **params)
+    theirs = td.MultivariateNormal(loc, **params)
+    return ours, theirs, [loc, *params.values()]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("parameterization", PARAMETERIZATIONS)
+@pytest.mark.parametrize("shared", [False, True])
+class TestSameAsTorch:
+    def test_is_a_torch_multivariate_normal(self, backend, parameterization, shared):
+        ours, theirs, _ = both(parameterization, shared=shared)
+        assert isinstance(ours, td.MultivariateNormal)
+        assert ours.batch_shape == theirs.batch_shape and ours.event_shape == theirs.event_shape
+
+    def test_log_prob_and_gradients(self, backend, parameterization, shared):
+        ours, theirs, leaves = both(parameterization, shared=shared)
+        value = torch.randn(5, 4, 3, dtype=torch.float64)
+        with backends.use(backend):
+            lp = ours.log_prob(value)
+            grads = torch.autograd.grad(lp.sum(), leaves)
+        expected = theirs.log_prob(value)
+        expected_grads = torch.autograd.grad(expected.sum(), leaves)
+        assert lp.shape == expected.shape == (5, 4)
+        torch.testing.assert_close(lp, expected)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e)
+
+    def test_properties(self, backend, parameterization, shared):
+        ours, theirs, _ = both(parameterization, shared=shared)
+        with backends.use(backend):
+            for name in ("mean", "mode", "variance", "stddev", "covariance_matrix",
+                         "precision_matrix", "scale_tril"):
+                torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), msg=name)
+                assert getattr(ours, name).shape == getattr(theirs, name).shape, name
+
+    def test_entropy(self, backend, parameterization, shared):
+        ours, theirs, leaves = both(parameterization, shared=shared)
+        with backends.use(backend):
+            h = ours.entropy()
+            grads = torch.autograd.grad(h.sum(), leaves[1:])
+        expected = theirs.entropy()
+        torch.testing.assert_close(h, expected)
+        torch.testing.assert_close(grads[0], torch.autograd.grad(expected.sum(), leaves[1:])[0])
+
+    def test_rsample_and_sample(self, backend, parameterization, shared):
+        ours, theirs, leaves = both(parameterization, shared=shared)
+        with backends.use(backend):
+            torch.manual_seed(1)
+            x = ours.rsample((6,))
+            torch.manual_seed(1)
+            y = ours.sample((2,))
+        torch.manual_seed(1)
+        x_expected = theirs.rsample((6,))
+        torch.manual_seed(1)
+        y_expected = theirs.sample((2,))
+        torch.testing.assert_close(x, x_expected)
+        torch.testing.assert_close(y, y_expected)
+        assert x.requires_grad and not y.requires_grad
+        g = torch.autograd.grad(x.sum(), leaves[1:])[0]
+        torch.testing.assert_close(g, torch.autograd.grad(x_expected.sum(), leaves[1:])[0])
+
+    def test_expand(self, backend, parameterization, shared):
+        ours, theirs, _ = both(parameterization, shared=shared)
+        big, big_expected = ours.expand((2, 4)), theirs.expand((2, 4))
+        assert type(big) is fusedgauss.MultivariateNormal
+        assert big.batch_shape == big_expected.batch_shape == (2, 4)
+        value = torch.randn(2, 4, 3, dtype=torch.float64)
+        with backends.use(backend):
+            torch.testing.assert_close(big.log_prob(value), big_expected.log_prob(value))
+            torch.testing.assert_close(big.scale_tril, big_expected.scale_tril)
+
+    def test_kl_divergence(self, backend, parameterization, shared):
+        ours_p, theirs_p, leaves = both(parameterization, shared=shared)
+        ours_q, theirs_q, _ = both("scale_tril")
+        with backends.use(backend):
+            kl = td.kl_divergence(ours_p, ours_q)
+            grads = torch.autograd.grad(kl.sum(), leaves)
+        expected = td.kl_divergence(theirs_p, theirs_q)
+        torch.testing.assert_close(kl, expected)
+        for g, e in zip(grads, torch.autograd.grad(expected.sum(), leaves)):
+            torch.testing.assert_close(g, e)
+        # A mixed pair falls back to torch's own formula, which reads our factor.
+        torch.testing.assert_close(td.kl_divergence(ours_p, theirs_q), expected)
+
+
+@requires_compiled_cpu
+def test_covariance_log_prob_does_not_form_the_factor():
+    loc, params = make_params("covariance_matrix")
+    dist = fusedgauss.MultivariateNormal(loc, **params)
+    dist.log_prob(torch.randn(4, 3, dtype=torch.float64))
+    assert "_cholesky_factor" not in dist.__dict__
+    dist.rsample()
+    assert "_cholesky_factor" in dist.__dict__
+
+
+def test_shared_scale_tril_gradient_has_its_own_shape():
+    loc = torch.randn(1000, 4, requires_grad=True)
+    L = random_scale_tril((), 4, dtype=torch.float32).requires_grad_()
+    fusedgauss.MultivariateNormal(loc, scale_tril=L).log_prob(torch.randn(1000, 4)).sum().backward()
+    assert L.grad.shape == (4, 4)
+
+
+@pytest.mark.parametrize("validate_args", [None, False])
+def test_validate_args_follows_torch(validate_args):
+    loc, params = make_params("scale_tril")
+    ours = fusedgauss.MultivariateNormal(loc, **params, validate_args=validate_args)
+    theirs = td.MultivariateNormal(loc, **params, validate_args=validate_args)
+    assert ours._validate_args == theirs._validate_args

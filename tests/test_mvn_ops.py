@@ -1,0 +1,299 @@
+"""mvn_tril_log_prob and mvn_cov_log_prob against the float64 reference and
+torch.distributions, on every backend that runs here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
+
+import fusedgauss
+from fusedgauss import backends, ops, reference
+
+from conftest import requires_compiled_cpu
+
+CPU_BACKENDS = [
+    pytest.param("cpu", marks=requires_compiled_cpu),
+    "torch",
+]
+EVENT_SIZES = [1, 2, 3, 6, 17, 32, 64]
+BATCH_SHAPES = [(), (7,), (4, 3)]
+# Which operands are shared by the whole batch, or broadcast only partly.
+LAYOUTS = ["per_sample", "shared_value", "shared_loc", "shared_matrix", "expanded_matrix", "partial"]
+
+
+def make_operands(layout, batch_shape, k, *, matrix, dtype=torch.float64, condition=None):
+    """value, loc and a scale_tril or covariance with the given layout, float64 leaves."""
+    batch_shape = tuple(batch_shape)
+    value_shape, loc_shape, matrix_shape = batch_shape, batch_shape, batch_shape
+    if layout == "shared_value":
+        value_shape = ()
+    elif layout == "shared_loc":
+        loc_shape = (1,) * len(batch_shape)
+    elif layout in ("shared_matrix", "expanded_matrix"):
+        matrix_shape = ()
+    elif layout == "partial":
+        if len(batch_shape) < 2:
+            pytest.skip("partial broadcasts need two batch dimensions")
+        loc_shape = batch_shape[1:]
+        matrix_shape = (batch_shape[0], 1)
+    value = torch.randn(value_shape + (k,), dtype=torch.float64)
+    loc = torch.randn(loc_shape + (k,), dtype=torch.float64)
+    make = random_scale_tril if matrix == "scale_tril" else random_spd
+    M = make(matrix_shape, k, condition=condition)
+    if layout == "expanded_matrix":
+        M = M.expand(batch_shape + (k, k))
+    return value.to(dtype), loc.to(dtype), M.to(dtype)
+
+
+OPS = {
+    "scale_tril": (ops.mvn_tril_log_prob, reference.mvn_tril_log_prob),
+    "covariance": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob),
+}
+
+
+def grads_of(fn, inputs, weights):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad((out * weights).sum(), inputs, allow_unused=True)
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+class TestAgainstReference:
+    """float64 results and gradients equal the float64 reference; float32 within rounding."""
+
+    def test_float64(self, backend, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        expected, expected_grads = grads_of(ref, inputs, torch.randn(batch_shape, dtype=torch.float64))
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        with backends.use(backend):
+            got, got_grads = grads_of(op, inputs, weights)
+        assert got.shape == expected.shape == torch.Size(batch_shape)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
+            assert g.shape == e.shape, name
+            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+    def test_float32(self, backend, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        with backends.use(backend):
+            got, got_grads = grads_of(op, [t.float() for t in inputs], weights.float())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
+        for g, e in zip(got_grads, expected_grads):
+            assert g.dtype == torch.float32
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("k", [1, 3, 17])
+def test_same_as_torch_distributions(backend, k):
+    value = torch.randn(5, k, dtype=torch.float64)
+    loc = torch.randn(5, k, dtype=torch.float64)
+    L = random_scale_tril((5,), k)
+    cov = L @ L.mT
+    with backends.use(backend):
+        torch.testing.assert_close(ops.mvn_tril_log_prob(value, loc, L), torch_mvn_log_prob(value, loc, scale_tril=L))
+        torch.testing.assert_close(
+            ops.mvn_cov_log_prob(value, loc, cov), torch_mvn_log_prob(value, loc, covariance_matrix=cov)
+        )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_half_precision_in_float32(backend, dtype, matrix):
+    """Half inputs are computed in float32 and returned in their dtype: the error is that of
+    rounding the inputs and the result, no more."""
+    op, ref = OPS[matrix]
+    inputs = [t.to(dtype) for t in make_operands("per_sample", (64,), 6, matrix=matrix)]
+    expected = ref(*(t.double() for t in inputs))
+    with backends.use(backend):
+        got, grads = grads_of(op, inputs, torch.ones(64, dtype=dtype))
+    assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), expected, rtol=2 * eps, atol=4 * eps * expected.abs().max().item())
+    _, expected_grads = grads_of(ref, [t.double() for t in inputs], torch.ones(64, dtype=torch.float64))
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.double(), e, rtol=4 * eps, atol=4 * eps * (1 + e.abs().max().item()))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("condition", [1e2, 1e4, 1e6])
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_ill_conditioned(backend, condition, matrix):
+    """At condition numbers up to 1e6: float64 agrees with the reference, and float32 is no
+    less accurate than torch.distributions in float32."""
+    op, ref = OPS[matrix]
+    k = 17
+    inputs = make_operands("per_sample", (256,), k, matrix=matrix, condition=condition)
+    expected = ref(*inputs)
+    with backends.use(backend):
+        torch.testing.assert_close(op(*inputs), expected, rtol=1e-9, atol=1e-9 * condition)
+        got32 = op(*(t.float() for t in inputs)).double()
+    value, loc, M = (t.float() for t in inputs)
+    kwargs = {"scale_tril": M} if matrix == "scale_tril" else {"covariance_matrix": M}
+    torch32 = torch_mvn_log_prob(value, loc, **kwargs).double()
+    our_error = (got32 - expected).abs().max().item()
+    torch_error = (torch32 - expected).abs().max().item()
+    assert math.isfinite(our_error)
+    assert our_error <= 2 * torch_error + 1e-4 * (1 + expected.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_non_contiguous_inputs(backend, matrix):
+    op, ref = OPS[matrix]
+    k, B = 5, 9
+    value = torch.randn(k, B, dtype=torch.float64).T
+    loc = torch.randn(B, 2 * k, dtype=torch.float64)[:, ::2]
+    M = make_operands("per_sample", (B,), k, matrix=matrix)[2].mT.contiguous().mT
+    assert not (value.is_contiguous() or loc.is_contiguous() or M.is_contiguous())
+    weights = torch.randn(B, dtype=torch.float64)
+    expected, expected_grads = grads_of(ref, (value, loc, M), weights)
+    with backends.use(backend):
+        got, got_grads = grads_of(op, (value, loc, M), weights)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+def test_zero_size_batch(backend, matrix, layout):
+    op, _ = OPS[matrix]
+    value, loc, M = make_operands(layout, (0,), 4, matrix=matrix)
+    with backends.use(backend):
+        out, grads = grads_of(op, (value, loc, M), torch.ones(0, dtype=torch.float64))
+    assert out.shape == (0,)
+    for g, t in zip(grads, (value, loc, M)):
+        assert g.shape == t.shape
+        assert torch.all(g == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_value", "shared_matrix", "partial"])
+def test_gradcheck(backend, matrix, layout):
+    """Analytic gradients (the fused backward ops) against finite differences, in float64."""
+    op, _ = OPS[matrix]
+    value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix)
+    value.requires_grad_()
+    loc.requires_grad_()
+    M.requires_grad_()
+    if matrix == "scale_tril":
+        fn = lambda v, m, L: op(v, m, L.tril())  # noqa: E731  (only the lower triangle is read)
+    else:
+        fn = lambda v, m, S: op(v, m, symmetrise(S))  # noqa: E731  (the gradient is symmetric)
+    with backends.use(backend):
+        assert torch.autograd.gradcheck(fn, (value, loc, M))
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix", "shared_loc", "partial"])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
+def test_backward_op(matrix, layout, mask):
+    """The explicit backward op returns, for each requested input, the gradient that
+    autograd computes through the reference; unrequested entries are empty."""
+    _, ref = OPS[matrix]
+    backward = getattr(torch.ops.fusedgauss, f"mvn_{'tril' if matrix == 'scale_tril' else 'cov'}_log_prob_backward")
+    inputs = make_operands(layout, (4, 3), 5, matrix=matrix)
+    grad = torch.randn(4, 3, dtype=torch.float64)
+    _, expected = grads_of(ref, inputs, grad)
+    got = backward(grad, *inputs, list(mask))
+    for g, e, wanted in zip(got, expected, mask):
+        if wanted:
+            torch.testing.assert_close(g, e)
+        else:
+            assert g.numel() == 0
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_shared_gradient_is_deterministic(matrix):
+    """Shared gradients are reduced in fixed chunks: the same bits at any thread count."""
+    op, _ = OPS[matrix]
+    value, loc, M = make_operands("shared_matrix", (20000,), 6, matrix=matrix, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads), 1):
+            torch.set_num_threads(n)
+            _, grads = grads_of(op, (value, loc, M), torch.ones(20000))
+            results.append(grads[2])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_not_positive_definite_poisons_its_samples_only(backend):
+    value, loc, cov = make_operands("per_sample", (5,), 3, matrix="covariance")
+    cov[2] = -cov[2]
+    cov.requires_grad_()
+    loc.requires_grad_()
+    with backends.use(backend):
+        out = ops.mvn_cov_log_prob(value, loc, cov)
+        out.sum().backward()
+    bad = torch.zeros(5, dtype=torch.bool)
+    bad[2] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.isfinite(loc.grad[~bad]).all() and torch.isfinite(cov.grad[~bad]).all()
+
+
+@requires_compiled_cpu
+def test_double_backward_raises_clearly():
+    value, loc, L = make_operands("per_sample", (3,), 2, matrix="scale_tril")
+    L.requires_grad_()
+    with backends.use("cpu"):
+        out = ops.mvn_tril_log_prob(value, loc, L).sum()
+        (g,) = torch.autograd.grad(out, L, create_graph=True)
+        with pytest.raises(NotImplementedError, match="second derivative"):
+            g.sum().backward()
+
+
+@requires_compiled_cpu
+class TestOpcheck:
+    """torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch."""
+
+    @staticmethod
+    def sample_inputs():
+        for matrix in ("scale_tril", "covariance"):
+            for layout in ("per_sample", "shared_matrix", "partial"):
+                value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
+                yield matrix, (value, loc.requires_grad_(), M.requires_grad_())
+
+    def test_log_prob_ops(self):
+        for matrix, args in self.sample_inputs():
+            name = "mvn_tril_log_prob" if matrix == "scale_tril" else "mvn_cov_log_prob"
+            torch.library.opcheck(getattr(torch.ops.fusedgauss, name).default, args)
+
+    def test_backward_ops(self):
+        for matrix, (value, loc, M) in self.sample_inputs():
+            name = "mvn_tril_log_prob_backward" if matrix == "scale_tril" else "mvn_cov_log_prob_backward"
+            grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2]))
+            for mask in ([True, True, True], [False, True, True]):
+                torch.library.opcheck(
+                    getattr(torch.ops.fusedgauss, name).default,
+                    (grad, value, loc.detach(), M.detach(), mask),
+                )
+
+
+def test_public_api():
+    assert fusedgauss.mvn_tril_log_prob is ops.mvn_tril_log_prob
+    assert fusedgauss.mvn_cov_log_prob is ops.mvn_cov_log_prob
