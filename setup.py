@@ -15,6 +15,7 @@ nvcc and a CUDA build of torch are both present. Switches:
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -79,10 +80,14 @@ def _extension():
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     debug = _truthy("FUSEDGAUSS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = [*opt, "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x030B0000"]
+    # ATen's inline at::parallel_for runs serially unless the extension itself is compiled
+    # with OpenMP; the library resolves to the libgomp that torch already loaded.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = [*opt, *openmp, "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x030B0000"]
     kwargs = dict(
         name="fusedgauss._C",
         include_dirs=[str(ROOT / "csrc")],
+        extra_link_args=openmp,
         py_limited_api=True,
     )
     if _use_cuda(cuda_sources):

@@ -62,7 +62,9 @@ def measure_copy_bandwidth(min_run_time: float) -> float:
     """Bytes per second of a large tensor copy (read + write) on this machine."""
     src = torch.randn(64 * 2**20)  # 256 MiB
     dst = torch.empty_like(src)
-    t = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src}).blocked_autorange(
+    t = benchmark.Timer(
+        "dst.copy_(src)", globals={"dst": dst, "src": src}, num_threads=torch.get_num_threads()
+    ).blocked_autorange(
         min_run_time=min_run_time
     )
     return 2 * src.numel() * src.element_size() / t.median
@@ -96,7 +98,8 @@ def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
 
 def timed(fn, min_run_time: float) -> float:
     fn()  # warm-up (and compilation) outside the measurement
-    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
@@ -176,13 +179,18 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads for every column (default: all of this machine's)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON, markdown, plot")
-    parser.add_argument("--name", default="cpu_ops", help="file name stem of the results")
+    parser.add_argument("--name", default=None, help="file name stem of the results (default: cpu_ops_<threads>t)")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch, args.k = [4096], [2, 6]
+    if args.name is None:
+        args.name = f"cpu_ops_{args.threads}t"
 
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 256
     bandwidth = measure_copy_bandwidth(args.min_run_time)
     meta = {

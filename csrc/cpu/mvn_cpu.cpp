@@ -3,7 +3,8 @@
 //   mvn_cov_log_prob(value, loc, covariance)    and its backward
 // One templated forward and one templated backward serve both: they differ only in where
 // the Cholesky factor comes from (the operand itself, or a factorisation in scratch that is
-// never written out) and in the formula of the matrix gradient.
+// never written out) and in the formula of the matrix gradient. Samples are computed in
+// blocks of kLanes, lane-minor (csrc/math), so the arithmetic vectorises across samples.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -12,12 +13,13 @@
 
 #include <array>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../math/gaussian_math.h"
 #include "chunked.h"
+#include "lanes.h"
+#include "outputs.h"
 
 namespace fusedgauss {
 namespace cpu {
@@ -29,62 +31,6 @@ constexpr const char* matrix_name(Param param) {
   return param == Param::kScaleTril ? "scale_tril" : "covariance";
 }
 
-/// The Cholesky factor L of each sample's matrix operand. For a scale_tril it is the operand
-/// itself; for a covariance it is factorised once when shared, otherwise per sample into
-/// caller scratch.
-template <Param kParam, typename scalar_t>
-class Factors {
- public:
-  using acc_t = at::opmath_type<scalar_t>;
-  using mat_t = std::conditional_t<kParam == Param::kScaleTril, scalar_t, acc_t>;
-
-  explicit Factors(const MvnProblem& p)
-      : k_(p.k), matrix_(p.matrix.data.const_data_ptr<scalar_t>()), stride_(p.matrix.batch_stride) {
-    if (!p.matrix.shared()) {
-      return;
-    }
-    if constexpr (kParam == Param::kScaleTril) {
-      shared_ = matrix_;
-    } else {
-      shared_storage_.resize(static_cast<size_t>(k_ * k_));
-      math::load_lower_triangle(k_, matrix_, shared_storage_.data());
-      if (math::cholesky_in_place(k_, shared_storage_.data())) {
-        shared_ = shared_storage_.data();
-      }
-    }
-    if (shared_ != nullptr) {
-      shared_log_det_ = math::sum_log_diagonal<acc_t>(k_, shared_);
-    }
-  }
-
-  bool shared() const { return stride_ == 0; }
-  /// The shared factor, or nullptr when a shared covariance is not positive-definite.
-  const mat_t* shared_factor() const { return shared_; }
-  acc_t shared_log_det() const { return shared_log_det_; }
-
-  /// Sample b's factor, or nullptr when its covariance is not positive-definite.
-  /// `scratch` holds k*k accumulators for a per-sample factorisation.
-  const mat_t* get(int64_t b, acc_t* scratch) const {
-    if (shared()) {
-      return shared_;
-    }
-    if constexpr (kParam == Param::kScaleTril) {
-      return matrix_ + b * stride_;
-    } else {
-      math::load_lower_triangle(k_, matrix_ + b * stride_, scratch);
-      return math::cholesky_in_place(k_, scratch) ? scratch : nullptr;
-    }
-  }
-
- private:
-  int64_t k_;
-  const scalar_t* matrix_;
-  int64_t stride_;
-  const mat_t* shared_ = nullptr;
-  acc_t shared_log_det_ = 0;
-  std::vector<acc_t> shared_storage_;
-};
-
 /// Multiply-adds per sample: a triangular solve, plus a factorisation for a per-sample
 /// covariance.
 template <Param kParam>
@@ -93,63 +39,122 @@ int64_t work_per_sample(const MvnProblem& p) {
   return p.k * p.k * (factorises ? p.k : 1);
 }
 
+/// The Cholesky factors of a block of samples, lane-minor. A shared matrix is factorised
+/// (covariance) and broadcast to every lane once; a per-sample one is gathered (and, for a
+/// covariance, factorised) block by block into this object's scratch.
+template <Param kParam, typename scalar_t>
+class BlockFactors {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int W = kLanes;
+
+  BlockFactors(const MvnProblem& p, bool need_log_det)
+      : k_(p.k),
+        matrix_(p.matrix.data.const_data_ptr<scalar_t>()),
+        stride_(p.matrix.batch_stride),
+        need_log_det_(need_log_det),
+        L_(static_cast<size_t>(p.k * p.k * W)) {
+    if (shared()) {
+      load(0, 1);
+    }
+  }
+
+  bool shared() const { return stride_ == 0; }
+
+  /// Loads the factors of samples [b0, b0 + count); a no-op for a shared matrix.
+  void load_block(int64_t b0, int count) {
+    if (!shared()) {
+      load(b0, count);
+    }
+  }
+
+  const acc_t* L() const { return L_.data(); }
+  const acc_t* log_det() const { return log_det_; }
+  /// Whether lane l's covariance was positive-definite (always true for a scale_tril).
+  bool ok(int l) const { return ok_[l]; }
+
+ private:
+  void load(int64_t b0, int count) {
+    gather_lower<W>(k_, matrix_ + b0 * stride_, stride_, count, L_.data());
+    if constexpr (kParam == Param::kCovariance) {
+      math::cholesky_in_place<W>(k_, L_.data(), ok_);
+    } else {
+      std::fill(ok_, ok_ + W, true);
+    }
+    if (need_log_det_) {
+      math::sum_log_diagonal<W>(k_, L_.data(), log_det_);
+    }
+  }
+
+  int64_t k_;
+  const scalar_t* matrix_;
+  int64_t stride_;
+  bool need_log_det_;
+  std::vector<acc_t> L_;
+  acc_t log_det_[W] = {};
+  bool ok_[W] = {};
+};
+
+/// value - loc for the block of samples [b0, b0 + count), lane-minor.
+template <typename scalar_t, typename acc_t>
+void load_differences(const MvnProblem& p, const scalar_t* value, const scalar_t* loc, int64_t b0, int count,
+                      acc_t* d) {
+  gather_differences<kLanes>(p.k, value + b0 * p.value.batch_stride, p.value.batch_stride,
+                             loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
+}
+
 template <Param kParam, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int W = kLanes;
   const int64_t k = p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const Factors<kParam, scalar_t> factors(p);
+  const BlockFactors<kParam, scalar_t> shared_factors(p, /*need_log_det=*/true);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
-    std::vector<acc_t> z(static_cast<size_t>(k));
-    std::vector<acc_t> scratch(kParam == Param::kCovariance ? static_cast<size_t>(k * k) : 0);
-    for (int64_t b = begin; b < end; ++b) {
-      const auto* L = factors.get(b, scratch.data());
-      if (L == nullptr) {
-        out[b] = std::numeric_limits<scalar_t>::quiet_NaN();
-        continue;
+    BlockFactors<kParam, scalar_t> factors = shared_factors;
+    std::vector<acc_t> z(static_cast<size_t>(k * W));
+    acc_t squared_norm[W];
+    for (int64_t b0 = begin; b0 < end; b0 += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
+      load_differences(p, value, loc, b0, count, z.data());
+      factors.load_block(b0, count);
+      math::whiten<W>(k, factors.L(), z.data(), squared_norm);
+      for (int l = 0; l < count; ++l) {
+        out[b0 + l] = factors.ok(l) ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm[l], factors.log_det()[l]))
+                                    : std::numeric_limits<scalar_t>::quiet_NaN();
       }
-      const acc_t squared_norm = math::whiten(k, value + b * p.value.batch_stride,
-                                              loc + b * p.loc.batch_stride, L, z.data());
-      const acc_t log_det =
-          factors.shared() ? factors.shared_log_det() : math::sum_log_diagonal<acc_t>(k, L);
-      out[b] = static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det));
     }
   });
 }
 
-/// Where one operand's gradient goes: nowhere (not requested), a per-sample row of the
-/// output, or per-chunk partial sums for a shared operand, reduced in chunk order.
+/// Where one operand's gradient goes: nowhere (not requested), rows of a per-sample output,
+/// or lane-minor block accumulators that are summed per chunk, then in chunk order.
 template <typename scalar_t>
 struct GradientSink {
   using acc_t = at::opmath_type<scalar_t>;
 
   GradientSink(bool requested, const BatchedOperand& operand, std::vector<int64_t> event_shape,
                const Chunks& chunks, int64_t batch_numel)
-      : shared(operand.reduces_gradient) {
-    if (!requested) {
-      return;
-    }
-    int64_t width = 1;
-    for (int64_t s : event_shape) {
-      width *= s;
-    }
-    if (shared) {
+      : requested(requested), reduces(requested && operand.reduces_gradient) {
+    width = 1;
+    for (int64_t s : event_shape) width *= s;
+    if (reduces) {
       // One extra slot per chunk for the sum of the upstream gradients.
       partials = ChunkPartials<acc_t>(chunks, width + 1);
-    } else {
+    } else if (requested) {
       event_shape.insert(event_shape.begin(), batch_numel);
-      per_sample = at::empty(event_shape, operand.data.options());
+      per_sample = empty_output(event_shape, operand.data.options());
     }
   }
 
-  /// The partial sums of chunk c, or nullptr when this sink takes per-sample rows or nothing.
-  acc_t* partial(bool requested, int64_t c) { return requested && shared ? partials.chunk(c) : nullptr; }
   /// The per-sample output, or nullptr when this sink reduces or takes nothing.
   scalar_t* rows() { return per_sample.defined() ? per_sample.data_ptr<scalar_t>() : nullptr; }
 
-  bool shared;
+  bool requested;
+  bool reduces;
+  int64_t width;
   at::Tensor per_sample;
   ChunkPartials<acc_t> partials;
 };
@@ -158,147 +163,158 @@ template <Param kParam, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  constexpr int W = kLanes;
+  constexpr bool kCovariance = kParam == Param::kCovariance;
   const int64_t k = p.k;
   const int64_t n = p.layout.batch_numel;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const Factors<kParam, scalar_t> factors(p);
+  const BlockFactors<kParam, scalar_t> shared_factors(p, /*need_log_det=*/false);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
   GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, {k, k}, chunks, n);
+  // The covariance gradient needs Sigma^{-1} per sample, unless the matrix is shared and its
+  // gradient reduced (then Sigma^{-1} enters once, at the end).
+  const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
 
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
-    std::vector<acc_t> z(static_cast<size_t>(k));
-    std::vector<acc_t> w(static_cast<size_t>(k));
-    constexpr bool kCovariance = kParam == Param::kCovariance;
-    std::vector<acc_t> scratch(kCovariance ? static_cast<size_t>(3 * k * k) : 0);
-    acc_t* factor_scratch = scratch.data();
-    acc_t* L_inv = kCovariance ? scratch.data() + k * k : nullptr;
-    acc_t* sigma_inv = kCovariance ? scratch.data() + 2 * k * k : nullptr;
-    acc_t* value_partial = value_sink.partial(mask[0], chunk);
-    acc_t* loc_partial = loc_sink.partial(mask[1], chunk);
-    acc_t* matrix_partial = matrix_sink.partial(mask[2], chunk);
+    BlockFactors<kParam, scalar_t> factors = shared_factors;
+    const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
+    std::vector<acc_t> z = block(k), w = block(k), gw = block(k);
+    std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
+    std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
+    // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
+    std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
+    std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
+    std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
+    std::vector<acc_t> z_row(static_cast<size_t>(k)), gw_row(static_cast<size_t>(k));
     scalar_t* value_out = value_sink.rows();
     scalar_t* loc_out = loc_sink.rows();
     scalar_t* matrix_out = matrix_sink.rows();
+    acc_t g[W];
 
-    for (int64_t b = begin; b < end; ++b) {
-      const acc_t g = static_cast<acc_t>(grad[b]);
-      const auto* L = factors.get(b, factor_scratch);
-      if (L != nullptr) {
-        math::whiten(k, value + b * p.value.batch_stride, loc + b * p.loc.batch_stride, L, z.data());
-        // w = L^{-T} z = Sigma^{-1} (value - loc): d log p / d value = -w, d/d loc = w.
-        for (int64_t i = 0; i < k; ++i) {
-          w[i] = z[i];
-        }
-        math::solve_lower_transposed(k, L, w.data());
-      } else {
-        // A covariance that is not positive-definite poisons its own gradients only.
-        for (int64_t i = 0; i < k; ++i) {
-          z[i] = w[i] = kNaN;
-        }
-      }
+    for (int64_t b0 = begin; b0 < end; b0 += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
+      // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
+      for (int l = 0; l < W; ++l) g[l] = l < count ? static_cast<acc_t>(grad[b0 + l]) : acc_t(0);
+      load_differences(p, value, loc, b0, count, z.data());
+      factors.load_block(b0, count);
+      const acc_t* L = factors.L();
+      math::solve_lower<W>(k, L, z.data());
+      // w = L^{-T} z = Sigma^{-1} (value - loc): d log p / d value = -w, d/d loc = w.
+      std::copy(z.begin(), z.end(), w.begin());
+      math::solve_lower_transposed<W>(k, L, w.data());
+
+      // g w, lane-minor: the gradient of loc, and minus that of value.
       for (int64_t i = 0; i < k; ++i) {
-        const acc_t gw = g * w[i];
-        if (value_partial != nullptr) value_partial[i] -= gw;
-        if (value_out != nullptr) value_out[b * k + i] = static_cast<scalar_t>(-gw);
-        if (loc_partial != nullptr) loc_partial[i] += gw;
-        if (loc_out != nullptr) loc_out[b * k + i] = static_cast<scalar_t>(gw);
+        for (int l = 0; l < W; ++l) gw[i * W + l] = g[l] * w[i * W + l];
       }
-      if (matrix_partial != nullptr) {
-        // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over
-        // the lower triangle and the sum of g; the parameter terms are added once at the end.
-        const acc_t* v = kParam == Param::kScaleTril ? z.data() : w.data();
+      if (value_sink.reduces) {
+        for (int64_t e = 0; e < k * W; ++e) value_acc[e] -= gw[e];
+      }
+      if (loc_sink.reduces) {
+        for (int64_t e = 0; e < k * W; ++e) loc_acc[e] += gw[e];
+      }
+      for (int l = 0; l < count; ++l) {
+        if (value_out != nullptr) {
+          for (int64_t i = 0; i < k; ++i) value_out[(b0 + l) * k + i] = static_cast<scalar_t>(-gw[i * W + l]);
+        }
+        if (loc_out != nullptr) {
+          for (int64_t i = 0; i < k; ++i) loc_out[(b0 + l) * k + i] = static_cast<scalar_t>(gw[i * W + l]);
+        }
+      }
+
+      if (matrix_sink.reduces) {
+        // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
+        // lower triangle, and the sum of g; the parameter terms are added once at the end.
+        const acc_t* v = kCovariance ? w.data() : z.data();
         for (int64_t i = 0; i < k; ++i) {
-          const acc_t gw = g * w[i];
-          acc_t* row = matrix_partial + i * k;
+          const acc_t* gw_i = gw.data() + i * W;
           for (int64_t j = 0; j <= i; ++j) {
-            row[j] += gw * v[j];
+            acc_t* acc = matrix_acc.data() + (i * k + j) * W;
+            const acc_t* v_j = v + j * W;
+            for (int l = 0; l < W; ++l) acc[l] += gw_i[l] * v_j[l];
           }
         }
-        matrix_partial[k * k] += g;
+        for (int l = 0; l < W; ++l) matrix_acc[k * k * W + l] += g[l];
       } else if (matrix_out != nullptr) {
-        scalar_t* out = matrix_out + b * k * k;
-        if constexpr (kParam == Param::kScaleTril) {
-          // d/dL = tril(w z^T) - diag(1/L_ii)
+        if (per_sample_inverse) {
+          math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
+        }
+        for (int l = 0; l < count; ++l) {
+          scalar_t* out = matrix_out + (b0 + l) * k * k;
           for (int64_t i = 0; i < k; ++i) {
-            const acc_t gw = g * w[i];
-            for (int64_t j = 0; j < i; ++j) {
-              out[i * k + j] = static_cast<scalar_t>(gw * z[j]);
-            }
-            const acc_t L_ii = L != nullptr ? static_cast<acc_t>(L[i * k + i]) : kNaN;
-            out[i * k + i] = static_cast<scalar_t>(gw * z[i] - g / L_ii);
-            for (int64_t j = i + 1; j < k; ++j) {
-              out[i * k + j] = scalar_t(0);
-            }
+            z_row[i] = z[i * W + l];
+            gw_row[i] = gw[i * W + l];
           }
-        } else {
-          // d/dSigma = 1/2 (w w^T - Sigma^{-1}), symmetric
-          if (L != nullptr) {
-            math::inverse_from_cholesky(k, L, L_inv, sigma_inv);
-          }
-          for (int64_t i = 0; i < k; ++i) {
-            for (int64_t j = 0; j <= i; ++j) {
-              const acc_t s = L != nullptr ? sigma_inv[i * k + j] : kNaN;
-              const auto gij = static_cast<scalar_t>(acc_t(0.5) * g * (w[i] * w[j] - s));
-              out[i * k + j] = gij;
-              out[j * k + i] = gij;
+          if constexpr (!kCovariance) {
+            // d/dL = tril(w z^T) - diag(1/L_ii)
+            for (int64_t i = 0; i < k; ++i) {
+              const acc_t gw = gw_row[i];
+              scalar_t* row = out + i * k;
+              for (int64_t j = 0; j < i; ++j) row[j] = static_cast<scalar_t>(gw * z_row[j]);
+              row[i] = static_cast<scalar_t>(gw * z_row[i] - g[l] / L[(i * k + i) * W + l]);
+              for (int64_t j = i + 1; j < k; ++j) row[j] = scalar_t(0);
+            }
+          } else {
+            // d/dSigma = 1/2 (w w^T - Sigma^{-1}), symmetric
+            for (int64_t i = 0; i < k; ++i) {
+              for (int64_t j = 0; j <= i; ++j) {
+                const acc_t s = sigma_inv[(i * k + j) * W + l];
+                const auto gij = static_cast<scalar_t>(acc_t(0.5) * (gw_row[i] * w[j * W + l] - g[l] * s));
+                out[i * k + j] = gij;
+                out[j * k + i] = gij;
+              }
             }
           }
         }
       }
     }
+    if (value_sink.reduces) add_lane_sums<W>(k, value_acc.data(), value_sink.partials.chunk(chunk));
+    if (loc_sink.reduces) add_lane_sums<W>(k, loc_acc.data(), loc_sink.partials.chunk(chunk));
+    if (matrix_sink.reduces) add_lane_sums<W>(k * k + 1, matrix_acc.data(), matrix_sink.partials.chunk(chunk));
   });
 
   const auto options = p.value.data.options();
-  // The reduced sum of a shared operand's gradient, in acc_t, and the sum of the upstream
-  // gradients kept in its last slot.
-  const auto reduce = [&](const GradientSink<scalar_t>& sink, int64_t width) {
+  // A reduced gradient in acc_t, and the sum of the upstream gradients from its last slot.
+  const auto reduce = [&](const GradientSink<scalar_t>& sink) {
     const std::vector<acc_t> total = sink.partials.total();
-    at::Tensor out = at::empty({width}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    std::copy(total.begin(), total.begin() + width, out.data_ptr<acc_t>());
-    return std::make_pair(out, total[width]);
+    at::Tensor out = at::empty({sink.width}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::copy(total.begin(), total.begin() + sink.width, out.data_ptr<acc_t>());
+    return std::make_pair(out, total[sink.width]);
   };
 
   std::array<at::Tensor, 3> grads;
-  if (mask[0]) {
-    grads[0] = value_sink.shared ? reduce(value_sink, k).first.to(options.dtype()) : value_sink.per_sample;
-  }
-  if (mask[1]) {
-    grads[1] = loc_sink.shared ? reduce(loc_sink, k).first.to(options.dtype()) : loc_sink.per_sample;
-  }
-  if (mask[2]) {
-    if (!matrix_sink.shared) {
-      grads[2] = matrix_sink.per_sample;
+  grads[0] = value_sink.reduces ? reduce(value_sink).first.to(options.dtype()) : value_sink.per_sample;
+  grads[1] = loc_sink.reduces ? reduce(loc_sink).first.to(options.dtype()) : loc_sink.per_sample;
+  if (!matrix_sink.reduces) {
+    grads[2] = matrix_sink.per_sample;
+  } else {
+    auto [acc, grad_sum] = reduce(matrix_sink);
+    acc_t* m = acc.template data_ptr<acc_t>();
+    // Lane 0 of the shared factor, as one sample (W = 1).
+    std::vector<acc_t> L(static_cast<size_t>(k * k), acc_t(0));
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j <= i; ++j) L[i * k + j] = shared_factors.L()[(i * k + j) * W];
+    }
+    if constexpr (!kCovariance) {
+      for (int64_t i = 0; i < k; ++i) {
+        m[i * k + i] -= grad_sum / L[i * k + i];
+        for (int64_t j = i + 1; j < k; ++j) m[i * k + j] = 0;
+      }
     } else {
-      auto [acc, grad_sum] = reduce(matrix_sink, k * k);
-      acc_t* m = acc.template data_ptr<acc_t>();
-      const auto* L = factors.shared_factor();
-      if constexpr (kParam == Param::kScaleTril) {
-        for (int64_t i = 0; i < k; ++i) {
-          m[i * k + i] -= grad_sum / static_cast<acc_t>(L[i * k + i]);
-          for (int64_t j = i + 1; j < k; ++j) {
-            m[i * k + j] = 0;
-          }
-        }
-      } else {
-        std::vector<acc_t> L_inv(static_cast<size_t>(k * k));
-        std::vector<acc_t> sigma_inv(static_cast<size_t>(k * k), kNaN);
-        if (L != nullptr) {
-          math::inverse_from_cholesky(k, L, L_inv.data(), sigma_inv.data());
-        }
-        for (int64_t i = 0; i < k; ++i) {
-          for (int64_t j = 0; j <= i; ++j) {
-            const acc_t gij = acc_t(0.5) * (m[i * k + j] - grad_sum * sigma_inv[i * k + j]);
-            m[i * k + j] = gij;
-            m[j * k + i] = gij;
-          }
+      std::vector<acc_t> L_inv(static_cast<size_t>(k * k)), sigma_inv(static_cast<size_t>(k * k));
+      math::inverse_from_cholesky<1>(k, L.data(), L_inv.data(), sigma_inv.data());
+      for (int64_t i = 0; i < k; ++i) {
+        for (int64_t j = 0; j <= i; ++j) {
+          const acc_t gij = acc_t(0.5) * (m[i * k + j] - grad_sum * sigma_inv[i * k + j]);
+          m[i * k + j] = gij;
+          m[j * k + i] = gij;
         }
       }
-      grads[2] = acc.view({k, k}).to(options.dtype());
     }
+    grads[2] = acc.view({k, k}).to(options.dtype());
   }
   return grads;
 }

@@ -1,20 +1,23 @@
 #pragma once
 // Per-sample math of the Gaussian ops, written once for every device.
 //
-// Every function here works on one sample: k-vectors and row-major k x k matrices
-// (leading dimension k) in caller-provided storage. They are C10_HOST_DEVICE templates so
-// the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda) run the same arithmetic.
-// `acc_t` is the accumulation type (float for half/bfloat16/float inputs, double for
-// double); `mat_t` is the element type of a matrix read straight from the input tensor,
-// which may be narrower than acc_t.
+// Every function works on a block of W samples in lock-step, stored lane-minor: entry i of
+// a k-vector is x[i * W + l] for lane (sample) l, and entry (i, j) of a row-major k x k
+// matrix is A[(i * k + j) * W + l]. With W = 1 this is the plain layout of one sample, as a
+// CUDA thread uses it; the CPU kernels use W > 1 so that the lane loops become SIMD
+// instructions and the W dependency chains of a triangular solve run side by side.
 //
-// Nothing here allocates, synchronises or throws: a failed factorisation is reported by
-// the return value so the caller can write NaN for that sample alone.
+// `acc_t` is the accumulation type (float for half/bfloat16/float inputs, double for double);
+// `mat_t` is the element type of a matrix read straight from an input, which may be narrower.
+// Nothing here allocates, synchronises or throws. A failed factorisation is reported per
+// lane; its lane carries NaN from then on and the other lanes are unaffected.
 
 #include <c10/macros/Macros.h>
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 
 namespace fusedgauss {
 namespace math {
@@ -24,46 +27,76 @@ constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 
 C10_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
 C10_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
-C10_HOST_DEVICE inline float log_(float x) { return ::logf(x); }
 C10_HOST_DEVICE inline double log_(double x) { return ::log(x); }
 
-/// Solves L x = b in place (forward substitution); `x` holds b on entry.
-/// x_i = (b_i - sum_{j<i} L_ij x_j) / L_ii
-template <typename acc_t, typename mat_t>
+/// Solves L x = b in place for each lane (forward substitution); `x` holds b on entry.
+///   x_i = (b_i - sum_{j<i} L_ij x_j) / L_ii
+template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE inline void solve_lower(int64_t k, const mat_t* L, acc_t* x) {
   for (int64_t i = 0; i < k; ++i) {
-    const mat_t* row = L + i * k;
-    acc_t s = x[i];
+    acc_t s[W];
+    for (int l = 0; l < W; ++l) s[l] = x[i * W + l];
     for (int64_t j = 0; j < i; ++j) {
-      s -= static_cast<acc_t>(row[j]) * x[j];
+      const mat_t* Lij = L + (i * k + j) * W;
+      const acc_t* xj = x + j * W;
+      for (int l = 0; l < W; ++l) s[l] -= static_cast<acc_t>(Lij[l]) * xj[l];
     }
-    x[i] = s / static_cast<acc_t>(row[i]);
+    const mat_t* Lii = L + (i * k + i) * W;
+    for (int l = 0; l < W; ++l) x[i * W + l] = s[l] / static_cast<acc_t>(Lii[l]);
   }
 }
 
-/// Solves L^T x = b in place (back substitution); `x` holds b on entry.
-/// Column-oriented so that it walks the rows of L, which are contiguous:
-/// once x_i is known, its contribution L_ij x_i is removed from every equation j < i.
-template <typename acc_t, typename mat_t>
+/// Solves L^T x = b in place for each lane (back substitution); `x` holds b on entry.
+/// Column-oriented so that it walks the rows of L: once x_i is known, its contribution
+/// L_ij x_i is removed from every equation j < i.
+template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE inline void solve_lower_transposed(int64_t k, const mat_t* L, acc_t* x) {
   for (int64_t i = k - 1; i >= 0; --i) {
-    const mat_t* row = L + i * k;
-    const acc_t xi = x[i] / static_cast<acc_t>(row[i]);
-    x[i] = xi;
+    const mat_t* Lii = L + (i * k + i) * W;
+    acc_t xi[W];
+    for (int l = 0; l < W; ++l) {
+      xi[l] = x[i * W + l] / static_cast<acc_t>(Lii[l]);
+      x[i * W + l] = xi[l];
+    }
     for (int64_t j = 0; j < i; ++j) {
-      x[j] -= static_cast<acc_t>(row[j]) * xi;
+      const mat_t* Lij = L + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) x[j * W + l] -= static_cast<acc_t>(Lij[l]) * xi[l];
     }
   }
 }
 
-/// sum_i log L_ii
-template <typename acc_t, typename mat_t>
-C10_HOST_DEVICE inline acc_t sum_log_diagonal(int64_t k, const mat_t* L) {
-  acc_t s = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    s += log_(static_cast<acc_t>(L[i * k + i]));
+/// out[l] = sum_i log L_ii for each lane, with one log per lane: the diagonal is multiplied
+/// in double and renormalised by frexp (an exact power-of-two scaling) as it goes, so that
+///   sum_i log L_ii = log m + e log 2   for   prod_i L_ii = m 2^e
+/// never overflows or underflows. Four float factors times a mantissa in [0.5, 1) stay well
+/// inside double's range, so float inputs are renormalised every four factors; double ones
+/// at every factor. A non-positive diagonal entry makes its lane NaN, as its log would.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE inline void sum_log_diagonal(int64_t k, const mat_t* L, acc_t* out) {
+  constexpr int64_t kGroup = std::is_same<acc_t, float>::value ? 4 : 1;
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  constexpr double kLog2 = 0.69314718055994530941723212145818;
+  double mantissa[W];
+  int exponent[W];
+  for (int l = 0; l < W; ++l) {
+    mantissa[l] = 1;
+    exponent[l] = 0;
   }
-  return s;
+  for (int64_t i0 = 0; i0 < k; i0 += kGroup) {
+    for (int64_t i = i0; i < i0 + kGroup && i < k; ++i) {
+      const mat_t* Lii = L + (i * k + i) * W;
+      for (int l = 0; l < W; ++l) {
+        const double d = static_cast<double>(static_cast<acc_t>(Lii[l]));
+        mantissa[l] *= d > 0 ? d : kNaN;
+      }
+    }
+    for (int l = 0; l < W; ++l) {
+      int e = 0;
+      mantissa[l] = ::frexp(mantissa[l], &e);
+      exponent[l] += e;
+    }
+  }
+  for (int l = 0; l < W; ++l) out[l] = static_cast<acc_t>(log_(mantissa[l]) + exponent[l] * kLog2);
 }
 
 /// log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (k/2) log(2 pi),
@@ -74,139 +107,124 @@ C10_HOST_DEVICE inline acc_t gaussian_log_prob(int64_t k, acc_t squared_norm, ac
          acc_t(0.5) * static_cast<acc_t>(k) * static_cast<acc_t>(kLog2Pi);
 }
 
-/// z = L^{-1} (value - loc), written to `z`; returns ||z||^2.
-template <typename acc_t, typename in_t, typename mat_t>
-C10_HOST_DEVICE inline acc_t whiten(int64_t k, const in_t* value, const in_t* loc, const mat_t* L,
-                                    acc_t* z) {
+/// z = L^{-1} d in place (`z` holds d = value - loc on entry); squared_norm[l] = ||z||^2.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE inline void whiten(int64_t k, const mat_t* L, acc_t* z, acc_t* squared_norm) {
+  solve_lower<W>(k, L, z);
+  for (int l = 0; l < W; ++l) squared_norm[l] = 0;
   for (int64_t i = 0; i < k; ++i) {
-    z[i] = static_cast<acc_t>(value[i]) - static_cast<acc_t>(loc[i]);
-  }
-  solve_lower(k, L, z);
-  acc_t squared_norm = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    squared_norm += z[i] * z[i];
-  }
-  return squared_norm;
-}
-
-/// Copies the lower triangle (diagonal included) of a k x k matrix, converting to acc_t.
-template <typename acc_t, typename mat_t>
-C10_HOST_DEVICE inline void load_lower_triangle(int64_t k, const mat_t* src, acc_t* dst) {
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j <= i; ++j) {
-      dst[i * k + j] = static_cast<acc_t>(src[i * k + j]);
-    }
+    for (int l = 0; l < W; ++l) squared_norm[l] += z[i * W + l] * z[i * W + l];
   }
 }
 
-/// Cholesky factor of the symmetric matrix whose lower triangle is in `A`, in place
-/// (Cholesky-Banachiewicz, row by row so every dot product walks contiguous rows):
+/// Cholesky factor of the symmetric matrix whose lower triangle is in `A`, in place, for each
+/// lane (Cholesky-Banachiewicz, row by row):
 ///   L_ij = (A_ij - sum_{m<j} L_im L_jm) / L_jj,   L_ii = sqrt(A_ii - sum_{m<i} L_im^2).
-/// Only the lower triangle is read or written. Returns false, leaving `A` partly
-/// overwritten, when a pivot is not positive (A is not positive-definite, or is NaN).
-template <typename acc_t>
-C10_HOST_DEVICE inline bool cholesky_in_place(int64_t k, acc_t* A) {
+/// Only the lower triangle is read or written. ok[l] becomes false when a pivot of lane l is
+/// not positive (A is not positive-definite, or NaN); that lane then holds NaN.
+template <int W, typename acc_t>
+C10_HOST_DEVICE inline void cholesky_in_place(int64_t k, acc_t* A, bool* ok) {
+  for (int l = 0; l < W; ++l) ok[l] = true;
   for (int64_t i = 0; i < k; ++i) {
-    acc_t* row_i = A + i * k;
     for (int64_t j = 0; j <= i; ++j) {
-      const acc_t* row_j = A + j * k;
-      acc_t s = row_i[j];
+      acc_t s[W];
+      for (int l = 0; l < W; ++l) s[l] = A[(i * k + j) * W + l];
       for (int64_t m = 0; m < j; ++m) {
-        s -= row_i[m] * row_j[m];
+        const acc_t* Aim = A + (i * k + m) * W;
+        const acc_t* Ajm = A + (j * k + m) * W;
+        for (int l = 0; l < W; ++l) s[l] -= Aim[l] * Ajm[l];
       }
       if (j < i) {
-        row_i[j] = s / row_j[j];
+        const acc_t* Ajj = A + (j * k + j) * W;
+        for (int l = 0; l < W; ++l) A[(i * k + j) * W + l] = s[l] / Ajj[l];
       } else {
-        if (!(s > acc_t(0))) {
-          return false;
+        for (int l = 0; l < W; ++l) {
+          ok[l] = ok[l] && s[l] > acc_t(0);
+          A[(i * k + i) * W + l] = sqrt_(s[l] > acc_t(0) ? s[l] : std::numeric_limits<acc_t>::quiet_NaN());
         }
-        row_i[i] = sqrt_(s);
       }
     }
   }
-  return true;
 }
 
-/// Lower triangle of Sigma^{-1} = L^{-T} L^{-1} for a Cholesky factor L.
-/// `L_inv` receives L^{-1} (lower triangle), `sigma_inv` the lower triangle of
-/// (Sigma^{-1})_ij = sum_{m >= i} (L^{-1})_mi (L^{-1})_mj  for i >= j.
-template <typename acc_t, typename mat_t>
-C10_HOST_DEVICE inline void inverse_from_cholesky(int64_t k, const mat_t* L, acc_t* L_inv,
-                                                  acc_t* sigma_inv) {
-  // Row i of L^{-1}: (L^{-1})_ii = 1/L_ii, (L^{-1})_ij = -(sum_{j<=m<i} L_im (L^{-1})_mj) / L_ii.
+/// Lower triangles of L^{-1} and of Sigma^{-1} = L^{-T} L^{-1}, for each lane:
+///   (L^{-1})_ii = 1/L_ii,  (L^{-1})_ij = -(sum_{j<=m<i} L_im (L^{-1})_mj) / L_ii,
+///   (Sigma^{-1})_ij = sum_{m >= i} (L^{-1})_mi (L^{-1})_mj   for i >= j.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE inline void inverse_from_cholesky(int64_t k, const mat_t* L, acc_t* L_inv, acc_t* sigma_inv) {
   for (int64_t i = 0; i < k; ++i) {
-    const mat_t* row = L + i * k;
-    const acc_t inv_diag = acc_t(1) / static_cast<acc_t>(row[i]);
+    acc_t inv_diag[W];
+    for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / static_cast<acc_t>(L[(i * k + i) * W + l]);
     for (int64_t j = 0; j < i; ++j) {
-      acc_t s = 0;
+      acc_t s[W] = {};
       for (int64_t m = j; m < i; ++m) {
-        s += static_cast<acc_t>(row[m]) * L_inv[m * k + j];
+        const mat_t* Lim = L + (i * k + m) * W;
+        const acc_t* Xmj = L_inv + (m * k + j) * W;
+        for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lim[l]) * Xmj[l];
       }
-      L_inv[i * k + j] = -s * inv_diag;
+      for (int l = 0; l < W; ++l) L_inv[(i * k + j) * W + l] = -s[l] * inv_diag[l];
     }
-    L_inv[i * k + i] = inv_diag;
+    for (int l = 0; l < W; ++l) L_inv[(i * k + i) * W + l] = inv_diag[l];
   }
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      acc_t s = 0;
+      acc_t s[W] = {};
       for (int64_t m = i; m < k; ++m) {
-        s += L_inv[m * k + i] * L_inv[m * k + j];
+        const acc_t* Xmi = L_inv + (m * k + i) * W;
+        const acc_t* Xmj = L_inv + (m * k + j) * W;
+        for (int l = 0; l < W; ++l) s[l] += Xmi[l] * Xmj[l];
       }
-      sigma_inv[i * k + j] = s;
+      for (int l = 0; l < W; ++l) sigma_inv[(i * k + j) * W + l] = s[l];
     }
   }
 }
 
-/// Gradient of a loss through A = L L^T -> L (the convention of torch.linalg.cholesky's
-/// backward, so the result is symmetric):
-///   P    = Phi(L^T G), the lower triangle of L^T G with its diagonal halved, made symmetric
-///          as P = (Phi + Phi^T) / 2,
-///   dA   = L^{-T} P L^{-1}.
-/// `grad_L` is read through its lower triangle only. `work` (k*k) receives dA, full and
-/// symmetric.
-template <typename acc_t, typename grad_t, typename mat_t>
-C10_HOST_DEVICE inline void cholesky_backward(int64_t k, const grad_t* grad_L, const mat_t* L,
-                                              acc_t* work) {
-  // work_ij = (L^T G)_ij = sum_{m >= i} L_mi G_mj for i >= j (both factors are lower).
+/// Gradient of a loss through A = L L^T -> L, for each lane (the convention of
+/// torch.linalg.cholesky's backward, so the result is symmetric):
+///   P  = Phi(L^T G) made symmetric, Phi = the lower triangle with its diagonal halved,
+///   dA = L^{-T} P L^{-1}.
+/// `grad_L` is read through its lower triangle only. `work` (k*k*W) receives dA, full and
+/// exactly symmetric.
+template <int W, typename acc_t, typename grad_t, typename mat_t>
+C10_HOST_DEVICE inline void cholesky_backward(int64_t k, const grad_t* grad_L, const mat_t* L, acc_t* work) {
+  // (L^T G)_ij = sum_{m >= i} L_mi G_mj for i >= j (both factors are lower).
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j <= i; ++j) {
-      acc_t s = 0;
+      acc_t s[W] = {};
       for (int64_t m = i; m < k; ++m) {
-        s += static_cast<acc_t>(L[m * k + i]) * static_cast<acc_t>(grad_L[m * k + j]);
+        const mat_t* Lmi = L + (m * k + i) * W;
+        const grad_t* Gmj = grad_L + (m * k + j) * W;
+        for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lmi[l]) * static_cast<acc_t>(Gmj[l]);
       }
-      work[i * k + j] = s;
+      // P_ij = P_ji = M_ij / 2 below the diagonal, P_ii = M_ii / 2 on it.
+      for (int l = 0; l < W; ++l) {
+        work[(i * k + j) * W + l] = acc_t(0.5) * s[l];
+        work[(j * k + i) * W + l] = acc_t(0.5) * s[l];
+      }
     }
   }
+  // Row r of P L^{-1} = (L^{-T} P_r)^T, since P is symmetric: solve L^T x = P_r per row.
+  for (int64_t r = 0; r < k; ++r) solve_lower_transposed<W>(k, L, work + r * k * W);
+  // Transposed, the columns of P L^{-1} become rows; L^{-T} applied to each gives the rows of
+  // L^{-T} P L^{-1}.
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < i; ++j) {
-      const acc_t half = acc_t(0.5) * work[i * k + j];
-      work[i * k + j] = half;
-      work[j * k + i] = half;
-    }
-    work[i * k + i] *= acc_t(0.5);
-  }
-  // Rows of P L^{-1} = (L^{-T} P)^T: each row r of P solves L^T x = P_r, since P is symmetric.
-  for (int64_t r = 0; r < k; ++r) {
-    solve_lower_transposed(k, L, work + r * k);
-  }
-  // Transpose so the columns of P L^{-1} become rows, then L^{-T} applied to each gives the
-  // rows of L^{-T} P L^{-1} (symmetric, so rows and columns agree up to rounding).
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j < i; ++j) {
-      const acc_t t = work[i * k + j];
-      work[i * k + j] = work[j * k + i];
-      work[j * k + i] = t;
+      for (int l = 0; l < W; ++l) {
+        const acc_t t = work[(i * k + j) * W + l];
+        work[(i * k + j) * W + l] = work[(j * k + i) * W + l];
+        work[(j * k + i) * W + l] = t;
+      }
     }
   }
-  for (int64_t r = 0; r < k; ++r) {
-    solve_lower_transposed(k, L, work + r * k);
-  }
-  // Symmetrise exactly, so the gradient has no rounding asymmetry.
+  for (int64_t r = 0; r < k; ++r) solve_lower_transposed<W>(k, L, work + r * k * W);
+  // Symmetrise exactly, so the gradient carries no rounding asymmetry.
   for (int64_t i = 0; i < k; ++i) {
     for (int64_t j = 0; j < i; ++j) {
-      const acc_t mean = acc_t(0.5) * (work[i * k + j] + work[j * k + i]);
-      work[i * k + j] = mean;
-      work[j * k + i] = mean;
+      for (int l = 0; l < W; ++l) {
+        const acc_t mean = acc_t(0.5) * (work[(i * k + j) * W + l] + work[(j * k + i) * W + l]);
+        work[(i * k + j) * W + l] = mean;
+        work[(j * k + i) * W + l] = mean;
+      }
     }
   }
 }

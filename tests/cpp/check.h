@@ -8,7 +8,7 @@ inline int& failures() {
   return count;
 }
 
-#define CHECK_CLOSE(actual, expected, tol)                                                   \
+#define EXPECT_CLOSE(actual, expected, tol)                                                   \
   do {                                                                                       \
     const double a_ = (actual), e_ = (expected);                                             \
     if (!(std::fabs(a_ - e_) <= (tol) * (1.0 + std::fabs(e_)))) {                            \
@@ -17,7 +17,7 @@ inline int& failures() {
     }                                                                                        \
   } while (0)
 
-#define CHECK(condition)                                                 \
+#define EXPECT_TRUE(condition)                                                 \
   do {                                                                   \
     if (!(condition)) {                                                  \
       std::printf("%s:%d: failed: %s\n", __FILE__, __LINE__, #condition); \

@@ -28,7 +28,9 @@ Matrix random_spd(int k) {
 
 Matrix lower_factor(int k, const Matrix& A) {
   Matrix L = A;
-  CHECK(cholesky_in_place(k, L.data()));
+  bool ok = false;
+  cholesky_in_place<1>(k, L.data(), &ok);
+  EXPECT_TRUE(ok);
   for (int i = 0; i < k; ++i)
     for (int j = i + 1; j < k; ++j) L[i * k + j] = 0;
   return L;
@@ -38,11 +40,11 @@ void test_cholesky_reconstructs(int k) {
   const Matrix A = random_spd(k);
   const Matrix L = lower_factor(k, A);
   for (int i = 0; i < k; ++i) {
-    CHECK(L[i * k + i] > 0);
+    EXPECT_TRUE(L[i * k + i] > 0);
     for (int j = 0; j < k; ++j) {
       double s = 0;
       for (int m = 0; m < k; ++m) s += L[i * k + m] * L[j * k + m];
-      CHECK_CLOSE(s, A[i * k + j], 1e-12);
+      EXPECT_CLOSE(s, A[i * k + j], 1e-12);
     }
   }
 }
@@ -50,7 +52,10 @@ void test_cholesky_reconstructs(int k) {
 void test_cholesky_rejects_indefinite(int k) {
   Matrix A = random_spd(k);
   A[(k - 1) * k + (k - 1)] = -1.0;
-  CHECK(!cholesky_in_place(k, A.data()));
+  bool ok = true;
+  cholesky_in_place<1>(k, A.data(), &ok);
+  EXPECT_TRUE(!ok);
+  EXPECT_TRUE(std::isnan(A[(k - 1) * k + (k - 1)]));
 }
 
 void test_solves(int k) {
@@ -58,17 +63,17 @@ void test_solves(int k) {
   std::vector<double> b(k), x(k), y(k);
   for (double& v : b) v = normal();
   x = b;
-  solve_lower(k, L.data(), x.data());
+  solve_lower<1>(k, L.data(), x.data());
   y = b;
-  solve_lower_transposed(k, L.data(), y.data());
+  solve_lower_transposed<1>(k, L.data(), y.data());
   for (int i = 0; i < k; ++i) {
     double lx = 0, lty = 0;
     for (int j = 0; j < k; ++j) {
       lx += L[i * k + j] * x[j];
       lty += L[j * k + i] * y[j];
     }
-    CHECK_CLOSE(lx, b[i], 1e-12);
-    CHECK_CLOSE(lty, b[i], 1e-12);
+    EXPECT_CLOSE(lx, b[i], 1e-12);
+    EXPECT_CLOSE(lty, b[i], 1e-12);
   }
 }
 
@@ -80,12 +85,15 @@ void test_log_prob(int k) {
     value[i] = normal();
     loc[i] = normal();
   }
-  const double squared_norm = whiten(k, value.data(), loc.data(), L.data(), z.data());
-  const double log_prob = gaussian_log_prob<double>(k, squared_norm, sum_log_diagonal<double>(k, L.data()));
+  for (int i = 0; i < k; ++i) z[i] = value[i] - loc[i];
+  double squared_norm = 0, log_det_half = 0;
+  whiten<1>(k, L.data(), z.data(), &squared_norm);
+  sum_log_diagonal<1>(k, L.data(), &log_det_half);
+  const double log_prob = gaussian_log_prob<double>(k, squared_norm, log_det_half);
   // Direct definition: -1/2 d^T A^{-1} d - 1/2 log det A - k/2 log 2 pi, with A^{-1} from
   // inverse_from_cholesky and det A = prod L_ii^2.
   Matrix L_inv(k * k), A_inv(k * k);
-  inverse_from_cholesky(k, L.data(), L_inv.data(), A_inv.data());
+  inverse_from_cholesky<1>(k, L.data(), L_inv.data(), A_inv.data());
   double quadratic = 0, log_det = 0;
   for (int i = 0; i < k; ++i) {
     log_det += std::log(L[i * k + i] * L[i * k + i]);
@@ -94,13 +102,13 @@ void test_log_prob(int k) {
       quadratic += (value[i] - loc[i]) * a_inv * (value[j] - loc[j]);
     }
   }
-  CHECK_CLOSE(log_prob, -0.5 * quadratic - 0.5 * log_det - 0.5 * k * kLog2Pi, 1e-12);
+  EXPECT_CLOSE(log_prob, -0.5 * quadratic - 0.5 * log_det - 0.5 * k * kLog2Pi, 1e-12);
   // inverse_from_cholesky: A A^{-1} = I.
   for (int i = 0; i < k; ++i)
     for (int j = 0; j < k; ++j) {
       double s = 0;
       for (int m = 0; m < k; ++m) s += A[i * k + m] * (m >= j ? A_inv[m * k + j] : A_inv[j * k + m]);
-      CHECK_CLOSE(s, i == j ? 1.0 : 0.0, 1e-10);
+      EXPECT_CLOSE(s, i == j ? 1.0 : 0.0, 1e-10);
     }
 }
 
@@ -111,7 +119,7 @@ void test_cholesky_backward_finite_differences(int k) {
   Matrix G(k * k);
   for (double& g : G) g = normal();
   Matrix grad(k * k);
-  cholesky_backward(k, G.data(), L.data(), grad.data());
+  cholesky_backward<1>(k, G.data(), L.data(), grad.data());
   auto f = [&](const Matrix& X) {
     const Matrix LX = lower_factor(k, X);
     double s = 0;
@@ -130,20 +138,71 @@ void test_cholesky_backward_finite_differences(int k) {
       }
       const double numeric = (f(plus) - f(minus)) / (2 * h);
       const double analytic = i == j ? grad[i * k + i] : grad[i * k + j] + grad[j * k + i];
-      CHECK_CLOSE(analytic, numeric, 1e-6);
-      CHECK_CLOSE(grad[i * k + j], grad[j * k + i], 1e-14);
+      EXPECT_CLOSE(analytic, numeric, 1e-6);
+      EXPECT_CLOSE(grad[i * k + j], grad[j * k + i], 1e-14);
     }
+}
+
+/// Lanes compute independently: W samples in lock-step give, lane by lane, the W = 1 result,
+/// and a failing lane does not disturb the others.
+void test_lanes_match_single_samples(int k) {
+  constexpr int W = 4;
+  Matrix A_lanes(k * k * W), L_single[W];
+  std::vector<double> b_lanes(k * W), x_single[W];
+  for (int l = 0; l < W; ++l) {
+    Matrix A = random_spd(k);
+    if (l == 2) A[0] = -1.0;  // lane 2 is not positive-definite
+    for (int e = 0; e < k * k; ++e) A_lanes[e * W + l] = A[e];
+    L_single[l] = A;
+    x_single[l].resize(k);
+    for (int i = 0; i < k; ++i) b_lanes[i * W + l] = x_single[l][i] = normal();
+  }
+  bool ok[W];
+  cholesky_in_place<W>(k, A_lanes.data(), ok);
+  solve_lower<W>(k, A_lanes.data(), b_lanes.data());
+  for (int l = 0; l < W; ++l) {
+    bool ok_single = false;
+    cholesky_in_place<1>(k, L_single[l].data(), &ok_single);
+    EXPECT_TRUE(ok[l] == ok_single && ok[l] == (l != 2));
+    if (!ok_single) {
+      EXPECT_TRUE(std::isnan(b_lanes[(k - 1) * W + l]));
+      continue;
+    }
+    solve_lower<1>(k, L_single[l].data(), x_single[l].data());
+    for (int i = 0; i < k; ++i) EXPECT_CLOSE(b_lanes[i * W + l], x_single[l][i], 0.0);
+  }
+}
+
+/// sum_log_diagonal renormalises its product: float diagonals spanning the whole float range
+/// give the sum of their logs, where a plain product would overflow or underflow.
+void test_log_det_over_the_float_range() {
+  const int k = 8;
+  std::vector<float> L(k * k, 0.0f);
+  const float diagonal[k] = {1e-38f, 1e-38f, 3e38f, 3e38f, 1e-45f, 2.5f, 1e30f, 1e-30f};
+  double expected = 0;
+  for (int i = 0; i < k; ++i) {
+    L[i * k + i] = diagonal[i];
+    expected += std::log(static_cast<double>(diagonal[i]));
+  }
+  float got = 0;
+  sum_log_diagonal<1>(k, L.data(), &got);
+  EXPECT_CLOSE(got, expected, 1e-6);
+  L[3 * k + 3] = -1.0f;
+  sum_log_diagonal<1>(k, L.data(), &got);
+  EXPECT_TRUE(std::isnan(got));
 }
 
 }  // namespace
 
 int main() {
+  test_log_det_over_the_float_range();
   for (int k : {1, 2, 3, 6, 17, 32}) {
     test_cholesky_reconstructs(k);
     test_cholesky_rejects_indefinite(k);
     test_solves(k);
     test_log_prob(k);
     test_cholesky_backward_finite_differences(k);
+    test_lanes_match_single_samples(k);
   }
   std::printf("%s: %d failures\n", failures() ? "FAILED" : "ok", failures());
   return failures();
