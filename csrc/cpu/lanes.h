@@ -15,7 +15,8 @@ constexpr int kLanes = 16;
 /// dst[i * W + l] = src[(l * stride) + i] for the k-vectors of `count` samples; lanes past
 /// `count` repeat the last sample, so they compute finite values that are never stored.
 template <int W, typename acc_t, typename src_t>
-inline void gather_vectors(int64_t k, const src_t* src, int64_t stride, int count, acc_t* dst) {
+inline void gather_vectors(int64_t k, const src_t* __restrict__ src, int64_t stride, int count,
+                           acc_t* __restrict__ dst) {
   for (int l = 0; l < W; ++l) {
     const src_t* s = src + std::min(l, count - 1) * stride;
     for (int64_t i = 0; i < k; ++i) dst[i * W + l] = static_cast<acc_t>(s[i]);
@@ -24,8 +25,9 @@ inline void gather_vectors(int64_t k, const src_t* src, int64_t stride, int coun
 
 /// dst[i * W + l] = a_l[i] - b_l[i] for the k-vectors of `count` samples, as gather_vectors.
 template <int W, typename acc_t, typename src_t>
-inline void gather_differences(int64_t k, const src_t* a, int64_t a_stride, const src_t* b, int64_t b_stride,
-                               int count, acc_t* dst) {
+inline void gather_differences(int64_t k, const src_t* __restrict__ a, int64_t a_stride,
+                               const src_t* __restrict__ b, int64_t b_stride, int count,
+                               acc_t* __restrict__ dst) {
   for (int l = 0; l < W; ++l) {
     const src_t* al = a + std::min(l, count - 1) * a_stride;
     const src_t* bl = b + std::min(l, count - 1) * b_stride;
@@ -35,7 +37,8 @@ inline void gather_differences(int64_t k, const src_t* a, int64_t a_stride, cons
 
 /// The lower triangles of `count` row-major k x k matrices, lane-minor, as gather_vectors.
 template <int W, typename acc_t, typename src_t>
-inline void gather_lower(int64_t k, const src_t* src, int64_t stride, int count, acc_t* dst) {
+inline void gather_lower(int64_t k, const src_t* __restrict__ src, int64_t stride, int count,
+                         acc_t* __restrict__ dst) {
   for (int l = 0; l < W; ++l) {
     const src_t* s = src + std::min(l, count - 1) * stride;
     for (int64_t i = 0; i < k; ++i) {

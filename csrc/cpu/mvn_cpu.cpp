@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -42,7 +43,7 @@ int64_t work_per_sample(const MvnProblem& p) {
 /// The Cholesky factors of a block of samples, lane-minor. A shared matrix is factorised
 /// (covariance) and broadcast to every lane once; a per-sample one is gathered (and, for a
 /// covariance, factorised) block by block into this object's scratch.
-template <Param kParam, typename scalar_t>
+template <Param kParam, int kK, typename scalar_t>
 class BlockFactors {
  public:
   using acc_t = at::opmath_type<scalar_t>;
@@ -74,15 +75,18 @@ class BlockFactors {
   bool ok(int l) const { return ok_[l]; }
 
  private:
+  /// The event size, a constant when kK > 0 so that the math unrolls.
+  int64_t k() const { return kK > 0 ? kK : k_; }
+
   void load(int64_t b0, int count) {
-    gather_lower<W>(k_, matrix_ + b0 * stride_, stride_, count, L_.data());
+    gather_lower<W>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
     if constexpr (kParam == Param::kCovariance) {
-      math::cholesky_in_place<W>(k_, L_.data(), ok_);
+      math::cholesky_in_place<W>(k(), L_.data(), ok_);
     } else {
       std::fill(ok_, ok_ + W, true);
     }
     if (need_log_det_) {
-      math::sum_log_diagonal<W>(k_, L_.data(), log_det_);
+      math::sum_log_diagonal<W>(k(), L_.data(), log_det_);
     }
   }
 
@@ -95,30 +99,23 @@ class BlockFactors {
   bool ok_[W] = {};
 };
 
-/// value - loc for the block of samples [b0, b0 + count), lane-minor.
-template <typename scalar_t, typename acc_t>
-void load_differences(const MvnProblem& p, const scalar_t* value, const scalar_t* loc, int64_t b0, int count,
-                      acc_t* d) {
-  gather_differences<kLanes>(p.k, value + b0 * p.value.batch_stride, p.value.batch_stride,
-                             loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
-}
-
-template <Param kParam, typename scalar_t>
+template <Param kParam, int kK, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = kLanes;
-  const int64_t k = p.k;
+  const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, scalar_t> shared_factors(p, /*need_log_det=*/true);
+  const BlockFactors<kParam, kK, scalar_t> shared_factors(p, /*need_log_det=*/true);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
-    BlockFactors<kParam, scalar_t> factors = shared_factors;
+    BlockFactors<kParam, kK, scalar_t> factors = shared_factors;
     std::vector<acc_t> z(static_cast<size_t>(k * W));
     acc_t squared_norm[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
-      load_differences(p, value, loc, b0, count, z.data());
+      gather_differences<W>(k, value + b0 * p.value.batch_stride, p.value.batch_stride,
+                            loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, z.data());
       factors.load_block(b0, count);
       math::whiten<W>(k, factors.L(), z.data(), squared_norm);
       for (int l = 0; l < count; ++l) {
@@ -159,17 +156,17 @@ struct GradientSink {
   ChunkPartials<acc_t> partials;
 };
 
-template <Param kParam, typename scalar_t>
+template <Param kParam, int kK, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int W = kLanes;
   constexpr bool kCovariance = kParam == Param::kCovariance;
-  const int64_t k = p.k;
+  const int64_t k = kK > 0 ? kK : p.k;
   const int64_t n = p.layout.batch_numel;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, scalar_t> shared_factors(p, /*need_log_det=*/false);
+  const BlockFactors<kParam, kK, scalar_t> shared_factors(p, /*need_log_det=*/false);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
@@ -179,7 +176,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
 
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
-    BlockFactors<kParam, scalar_t> factors = shared_factors;
+    BlockFactors<kParam, kK, scalar_t> factors = shared_factors;
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
     std::vector<acc_t> z = block(k), w = block(k), gw = block(k);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
@@ -198,7 +195,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
       for (int l = 0; l < W; ++l) g[l] = l < count ? static_cast<acc_t>(grad[b0 + l]) : acc_t(0);
-      load_differences(p, value, loc, b0, count, z.data());
+      gather_differences<W>(k, value + b0 * p.value.batch_stride, p.value.batch_stride,
+                            loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, z.data());
       factors.load_block(b0, count);
       const acc_t* L = factors.L();
       math::solve_lower<W>(k, L, z.data());
@@ -207,14 +205,18 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       math::solve_lower_transposed<W>(k, L, w.data());
 
       // g w, lane-minor: the gradient of loc, and minus that of value.
+      acc_t* FUSEDGAUSS_RESTRICT gw_block = gw.data();
+      const acc_t* FUSEDGAUSS_RESTRICT w_block = w.data();
       for (int64_t i = 0; i < k; ++i) {
-        for (int l = 0; l < W; ++l) gw[i * W + l] = g[l] * w[i * W + l];
+        for (int l = 0; l < W; ++l) gw_block[i * W + l] = g[l] * w_block[i * W + l];
       }
       if (value_sink.reduces) {
-        for (int64_t e = 0; e < k * W; ++e) value_acc[e] -= gw[e];
+        acc_t* FUSEDGAUSS_RESTRICT acc = value_acc.data();
+        for (int64_t e = 0; e < k * W; ++e) acc[e] -= gw_block[e];
       }
       if (loc_sink.reduces) {
-        for (int64_t e = 0; e < k * W; ++e) loc_acc[e] += gw[e];
+        acc_t* FUSEDGAUSS_RESTRICT acc = loc_acc.data();
+        for (int64_t e = 0; e < k * W; ++e) acc[e] += gw_block[e];
       }
       for (int l = 0; l < count; ++l) {
         if (value_out != nullptr) {
@@ -228,16 +230,14 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
         // lower triangle, and the sum of g; the parameter terms are added once at the end.
-        const acc_t* v = kCovariance ? w.data() : z.data();
+        const acc_t* FUSEDGAUSS_RESTRICT v = kCovariance ? w.data() : z.data();
+        acc_t* FUSEDGAUSS_RESTRICT acc = matrix_acc.data();
         for (int64_t i = 0; i < k; ++i) {
-          const acc_t* gw_i = gw.data() + i * W;
           for (int64_t j = 0; j <= i; ++j) {
-            acc_t* acc = matrix_acc.data() + (i * k + j) * W;
-            const acc_t* v_j = v + j * W;
-            for (int l = 0; l < W; ++l) acc[l] += gw_i[l] * v_j[l];
+            for (int l = 0; l < W; ++l) acc[(i * k + j) * W + l] += gw_block[i * W + l] * v[j * W + l];
           }
         }
-        for (int l = 0; l < W; ++l) matrix_acc[k * k * W + l] += g[l];
+        for (int l = 0; l < W; ++l) acc[k * k * W + l] += g[l];
       } else if (matrix_out != nullptr) {
         if (per_sample_inverse) {
           math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
@@ -319,13 +319,36 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   return grads;
 }
 
+/// Runs fn(std::integral_constant<int, K>{}) with K = k for the small event sizes of float
+/// inputs, where a compile-time k unrolls every loop of a sample's math (the common policy
+/// sizes, and the hot dtype); K = 0, a runtime k, otherwise.
+template <typename scalar_t, typename F>
+void with_event_size(int64_t k, const F& fn) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (k) {
+      case 1: return fn(std::integral_constant<int, 1>{});
+      case 2: return fn(std::integral_constant<int, 2>{});
+      case 3: return fn(std::integral_constant<int, 3>{});
+      case 4: return fn(std::integral_constant<int, 4>{});
+      case 5: return fn(std::integral_constant<int, 5>{});
+      case 6: return fn(std::integral_constant<int, 6>{});
+      case 7: return fn(std::integral_constant<int, 7>{});
+      case 8: return fn(std::integral_constant<int, 8>{});
+      default: break;
+    }
+  }
+  fn(std::integral_constant<int, 0>{});
+}
+
 template <Param kParam>
 at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
   constexpr const char* op = kParam == Param::kScaleTril ? "mvn_tril_log_prob" : "mvn_cov_log_prob";
   const MvnProblem p = prepare_mvn_problem(op, matrix_name(kParam), value, loc, matrix);
   at::Tensor out = at::empty(p.layout.batch_shape, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    log_prob_forward_kernel<kParam, scalar_t>(p, out.data_ptr<scalar_t>());
+    with_event_size<scalar_t>(p.k, [&](auto K) {
+      log_prob_forward_kernel<kParam, decltype(K)::value, scalar_t>(p, out.data_ptr<scalar_t>());
+    });
   });
   return out;
 }
@@ -345,7 +368,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tenso
   const at::Tensor grad_contiguous = grad.contiguous();
   std::array<at::Tensor, 3> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    grads = log_prob_backward_kernel<kParam, scalar_t>(p, grad_contiguous.const_data_ptr<scalar_t>(), mask);
+    with_event_size<scalar_t>(p.k, [&](auto K) {
+      grads = log_prob_backward_kernel<kParam, decltype(K)::value, scalar_t>(
+          p, grad_contiguous.const_data_ptr<scalar_t>(), mask);
+    });
   });
   const std::array<const at::Tensor*, 3> inputs{&value, &loc, &matrix};
   const std::array<const BatchedOperand*, 3> operands{&p.value, &p.loc, &p.matrix};
