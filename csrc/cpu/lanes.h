@@ -9,8 +9,12 @@ namespace fusedgauss {
 namespace cpu {
 
 /// Samples the CPU kernels compute in lock-step: enough independent dependency chains to
-/// fill the SIMD units, few enough that a block's scratch stays in L1 for k up to ~32.
+/// fill the SIMD units.
 constexpr int kLanes = 16;
+/// Lanes for kernels that mostly stream large per-sample matrices through a gather (a
+/// per-sample scale_tril with k > 16): a block of 16 32 x 32 factors would not fit in L1, and
+/// with little arithmetic per element there is nothing for more lanes to hide.
+constexpr int kStreamingLanes = 4;
 
 /// dst[i * W + l] = src[(l * stride) + i] for the k-vectors of `count` samples; lanes past
 /// `count` repeat the last sample, so they compute finite values that are never stored.

@@ -4,7 +4,7 @@
 // One templated forward and one templated backward serve both: they differ only in where
 // the Cholesky factor comes from (the operand itself, or a factorisation in scratch that is
 // never written out) and in the formula of the matrix gradient. Samples are computed in
-// blocks of kLanes, lane-minor (csrc/math), so the arithmetic vectorises across samples.
+// blocks of W lanes, lane-minor (csrc/math), so the arithmetic vectorises across samples.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,11 +43,10 @@ int64_t work_per_sample(const MvnProblem& p) {
 /// The Cholesky factors of a block of samples, lane-minor. A shared matrix is factorised
 /// (covariance) and broadcast to every lane once; a per-sample one is gathered (and, for a
 /// covariance, factorised) block by block into this object's scratch.
-template <Param kParam, int kK, typename scalar_t>
+template <Param kParam, int kK, int W, typename scalar_t>
 class BlockFactors {
  public:
   using acc_t = at::opmath_type<scalar_t>;
-  static constexpr int W = kLanes;
 
   BlockFactors(const MvnProblem& p, bool need_log_det)
       : k_(p.k),
@@ -99,17 +98,16 @@ class BlockFactors {
   bool ok_[W] = {};
 };
 
-template <Param kParam, int kK, typename scalar_t>
+template <Param kParam, int kK, int W, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int W = kLanes;
   const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, scalar_t> shared_factors(p, /*need_log_det=*/true);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
-    BlockFactors<kParam, kK, scalar_t> factors = shared_factors;
+    BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     std::vector<acc_t> z(static_cast<size_t>(k * W));
     acc_t squared_norm[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
@@ -156,17 +154,16 @@ struct GradientSink {
   ChunkPartials<acc_t> partials;
 };
 
-template <Param kParam, int kK, typename scalar_t>
+template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr int W = kLanes;
   constexpr bool kCovariance = kParam == Param::kCovariance;
   const int64_t k = kK > 0 ? kK : p.k;
   const int64_t n = p.layout.batch_numel;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, scalar_t> shared_factors(p, /*need_log_det=*/false);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
@@ -176,7 +173,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
 
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
-    BlockFactors<kParam, kK, scalar_t> factors = shared_factors;
+    BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
     std::vector<acc_t> z = block(k), w = block(k), gw = block(k);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
@@ -319,25 +316,31 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   return grads;
 }
 
-/// Runs fn(std::integral_constant<int, K>{}) with K = k for the small event sizes of float
+/// Runs fn(K, W) with std::integral_constants: K = k for the small event sizes of float
 /// inputs, where a compile-time k unrolls every loop of a sample's math (the common policy
-/// sizes, and the hot dtype); K = 0, a runtime k, otherwise.
-template <typename scalar_t, typename F>
-void with_event_size(int64_t k, const F& fn) {
+/// sizes, and the hot dtype), K = 0 (a runtime k) otherwise; W lanes, kStreamingLanes for a
+/// per-sample scale_tril with k > 16 and kLanes otherwise.
+template <Param kParam, typename scalar_t, typename F>
+void with_block_shape(const MvnProblem& p, const F& fn) {
+  using Lanes = std::integral_constant<int, kLanes>;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    switch (k) {
-      case 1: return fn(std::integral_constant<int, 1>{});
-      case 2: return fn(std::integral_constant<int, 2>{});
-      case 3: return fn(std::integral_constant<int, 3>{});
-      case 4: return fn(std::integral_constant<int, 4>{});
-      case 5: return fn(std::integral_constant<int, 5>{});
-      case 6: return fn(std::integral_constant<int, 6>{});
-      case 7: return fn(std::integral_constant<int, 7>{});
-      case 8: return fn(std::integral_constant<int, 8>{});
+    switch (p.k) {
+      case 1: return fn(std::integral_constant<int, 1>{}, Lanes{});
+      case 2: return fn(std::integral_constant<int, 2>{}, Lanes{});
+      case 3: return fn(std::integral_constant<int, 3>{}, Lanes{});
+      case 4: return fn(std::integral_constant<int, 4>{}, Lanes{});
+      case 5: return fn(std::integral_constant<int, 5>{}, Lanes{});
+      case 6: return fn(std::integral_constant<int, 6>{}, Lanes{});
+      case 7: return fn(std::integral_constant<int, 7>{}, Lanes{});
+      case 8: return fn(std::integral_constant<int, 8>{}, Lanes{});
       default: break;
     }
   }
-  fn(std::integral_constant<int, 0>{});
+  const bool streaming = kParam == Param::kScaleTril && !p.matrix.shared() && p.k > 16;
+  if (streaming) {
+    return fn(std::integral_constant<int, 0>{}, std::integral_constant<int, kStreamingLanes>{});
+  }
+  fn(std::integral_constant<int, 0>{}, Lanes{});
 }
 
 template <Param kParam>
@@ -346,8 +349,8 @@ at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, cons
   const MvnProblem p = prepare_mvn_problem(op, matrix_name(kParam), value, loc, matrix);
   at::Tensor out = at::empty(p.layout.batch_shape, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    with_event_size<scalar_t>(p.k, [&](auto K) {
-      log_prob_forward_kernel<kParam, decltype(K)::value, scalar_t>(p, out.data_ptr<scalar_t>());
+    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+      log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>());
     });
   });
   return out;
@@ -368,8 +371,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tenso
   const at::Tensor grad_contiguous = grad.contiguous();
   std::array<at::Tensor, 3> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    with_event_size<scalar_t>(p.k, [&](auto K) {
-      grads = log_prob_backward_kernel<kParam, decltype(K)::value, scalar_t>(
+    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+      grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
           p, grad_contiguous.const_data_ptr<scalar_t>(), mask);
     });
   });
