@@ -98,6 +98,14 @@ class BlockFactors {
   bool ok_[W] = {};
 };
 
+/// value - loc for the samples [b0, b0 + count), lane-minor.
+template <int W, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void load_differences(const MvnProblem& p, int64_t k, const scalar_t* value,
+                                        const scalar_t* loc, int64_t b0, int count, acc_t* d) {
+  gather_differences<W>(k, value + b0 * p.value.batch_stride, p.value.batch_stride,
+                        loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
+}
+
 template <Param kParam, int kK, int W, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -112,8 +120,7 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
     acc_t squared_norm[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
-      gather_differences<W>(k, value + b0 * p.value.batch_stride, p.value.batch_stride,
-                            loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, z.data());
+      load_differences<W>(p, k, value, loc, b0, count, z.data());
       factors.load_block(b0, count);
       math::whiten<W>(k, factors.L(), z.data(), squared_norm);
       for (int l = 0; l < count; ++l) {
@@ -192,8 +199,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
       for (int l = 0; l < W; ++l) g[l] = l < count ? static_cast<acc_t>(grad[b0 + l]) : acc_t(0);
-      gather_differences<W>(k, value + b0 * p.value.batch_stride, p.value.batch_stride,
-                            loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, z.data());
+      load_differences<W>(p, k, value, loc, b0, count, z.data());
       factors.load_block(b0, count);
       const acc_t* L = factors.L();
       math::solve_lower<W>(k, L, z.data());
