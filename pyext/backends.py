@@ -66,7 +66,7 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     if name in ("cpu", "cuda") and not EXTENSION_LOADED:
         return f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})"
     if name == "cuda" and not COMPILED_CUDA:
-        return "fusedgauss was built without CUDA kernels (no nvcc or no CUDA build of torch)"
+        return "this build of fusedgauss has no CUDA kernels (see `python -m fusedgauss info`)"
     if name == "cpu" and not COMPILED_CPU:
         return "the compiled extension has no CPU kernels"
     if name != "triton" and name != device_type:
