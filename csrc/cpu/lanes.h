@@ -16,18 +16,9 @@ constexpr int kLanes = 16;
 /// with little arithmetic per element there is nothing for more lanes to hide.
 constexpr int kStreamingLanes = 4;
 
-/// dst[i * W + l] = src[(l * stride) + i] for the k-vectors of `count` samples; lanes past
-/// `count` repeat the last sample, so they compute finite values that are never stored.
-template <int W, typename acc_t, typename src_t>
-inline void gather_vectors(int64_t k, const src_t* __restrict__ src, int64_t stride, int count,
-                           acc_t* __restrict__ dst) {
-  for (int l = 0; l < W; ++l) {
-    const src_t* s = src + std::min(l, count - 1) * stride;
-    for (int64_t i = 0; i < k; ++i) dst[i * W + l] = static_cast<acc_t>(s[i]);
-  }
-}
-
-/// dst[i * W + l] = a_l[i] - b_l[i] for the k-vectors of `count` samples, as gather_vectors.
+/// dst[i * W + l] = a_l[i] - b_l[i] for the k-vectors a_l = a + l * a_stride (and b_l) of
+/// `count` samples; lanes past `count` repeat the last sample, so they compute finite values
+/// that are never stored.
 template <int W, typename acc_t, typename src_t>
 inline void gather_differences(int64_t k, const src_t* __restrict__ a, int64_t a_stride,
                                const src_t* __restrict__ b, int64_t b_stride, int count,
@@ -39,7 +30,8 @@ inline void gather_differences(int64_t k, const src_t* __restrict__ a, int64_t a
   }
 }
 
-/// The lower triangles of `count` row-major k x k matrices, lane-minor, as gather_vectors.
+/// dst[(i * k + j) * W + l] for j <= i: the lower triangles of `count` row-major k x k
+/// matrices, lane-minor; lanes past `count` repeat the last matrix.
 template <int W, typename acc_t, typename src_t>
 inline void gather_lower(int64_t k, const src_t* __restrict__ src, int64_t stride, int count,
                          acc_t* __restrict__ dst) {
