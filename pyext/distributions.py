@@ -162,9 +162,8 @@ class MultivariateNormal(td.MultivariateNormal):
         new._unbroadcasted_loc = self._unbroadcasted_loc
         new._unbroadcasted_matrix = self._unbroadcasted_matrix
         new.loc = self.loc.expand(batch_shape + self.event_shape)
-        for cached in ("_cholesky_factor",):
-            if cached in self.__dict__:
-                new.__dict__[cached] = self.__dict__[cached]
+        if "_cholesky_factor" in self.__dict__:
+            new.__dict__["_cholesky_factor"] = self.__dict__["_cholesky_factor"]
         for name in _MATRIX_PARAMETERS:
             if name in self.__dict__:
                 setattr(new, name, self.__dict__[name].expand(matrix_shape))
