@@ -7,7 +7,8 @@ nvcc and a CUDA build of torch are both present. Switches:
   FUSEDGAUSS_FORCE_CUDA=1   compile the CUDA sources or fail, saying what is missing
   FUSEDGAUSS_SKIP_CUDA=1    CPU only, even where CUDA could be compiled
   FUSEDGAUSS_DEBUG=1        -O0 -g
-  TORCH_CUDA_ARCH_LIST      the GPU architectures, as for any torch extension
+  TORCH_CUDA_ARCH_LIST      the GPU architectures, as for any torch extension; where it is
+                            unset and no GPU is visible, 8.0 and 9.0 (A100, H100)
   CUDA_HOME                 the toolkit; without it, found from the nvcc on PATH, following
                             a wrapper script that execs the real nvcc
 """
@@ -91,6 +92,9 @@ def _extension():
         py_limited_api=True,
     )
     if _use_cuda(cuda_sources):
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # Without a GPU to detect, torch would compile for every architecture it knows.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         nvcc_flags = [*opt, "--expt-relaxed-constexpr", "-lineinfo"]
         return CUDAExtension(
             sources=cpu_sources + cuda_sources,

@@ -70,16 +70,27 @@ def measure_copy_bandwidth(min_run_time: float) -> float:
     return 2 * src.numel() * src.element_size() / t.median
 
 
-def make_inputs(case: str, batch: int, k: int):
+# Distinct random matrices per input; larger batches repeat them (in their own memory), since
+# the timings do not depend on the values and generating 2^20 large SPD matrices would take
+# longer than the benchmark.
+MATRIX_POOL = 2**14
+
+
+def make_inputs(case: str, batch: int, k: int, device: str = "cpu"):
     """value (data), loc and matrix (leaves that require grad), matrix keyword."""
-    value = torch.randn(batch, k, dtype=DTYPE)
-    loc = torch.randn(batch, k, dtype=DTYPE).requires_grad_()
+    value = torch.randn(batch, k, dtype=DTYPE, device=device)
+    loc = torch.randn(batch, k, dtype=DTYPE, device=device).requires_grad_()
+    distinct = min(batch, MATRIX_POOL)
     if case == "covariance":
-        matrix, keyword = random_spd((batch,), k, dtype=DTYPE), "covariance_matrix"
+        matrix, keyword = random_spd((distinct,), k, dtype=DTYPE), "covariance_matrix"
+    elif case == "shared_scale_tril":
+        matrix, keyword = random_scale_tril((), k, dtype=DTYPE), "scale_tril"
     else:
-        matrix_batch = () if case == "shared_scale_tril" else (batch,)
-        matrix, keyword = random_scale_tril(matrix_batch, k, dtype=DTYPE), "scale_tril"
-    return value, loc, matrix.requires_grad_(), keyword
+        matrix, keyword = random_scale_tril((distinct,), k, dtype=DTYPE), "scale_tril"
+    matrix = matrix.to(device)
+    if matrix.dim() == 3 and distinct < batch:
+        matrix = matrix.repeat(-(-batch // distinct), 1, 1)[:batch]
+    return value, loc, matrix.contiguous().requires_grad_(), keyword
 
 
 def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:

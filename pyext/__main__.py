@@ -32,7 +32,7 @@ def info() -> None:
     extension = "loaded" if backends.EXTENSION_LOADED else f"not loaded: {backends.EXTENSION_ERROR}"
     print(f"  compiled extension fusedgauss._C: {extension}")
     print(f"    CPU kernels:  {'yes' if backends.COMPILED_CPU else 'no'}")
-    cuda_missing = "no (csrc/cuda has none in this version, or the build lacked nvcc or a CUDA build of torch)"
+    cuda_missing = "no (the build lacked nvcc or a CUDA build of torch, or FUSEDGAUSS_SKIP_CUDA was set)"
     print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else cuda_missing}")
     print(f"  Triton kernels: {'yes' if backends.TRITON_KERNELS else 'no (none in this version)'}")
     print("  devices:")

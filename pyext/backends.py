@@ -51,8 +51,9 @@ COMPILED_CUDA = _has_kernel("CUDA")
 TRITON_KERNELS = False
 
 #: Largest event size each backend's kernels handle; larger ones go to "torch"
-#: (None: no limit).
-MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": None, "triton": None, "cpu": None, "torch": None}
+#: (None: no limit). The CUDA kernels keep a sample in one thread's private arrays, sized up to
+#: kMaxEventSize in csrc/cuda/launch.cuh.
+MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": None, "cpu": None, "torch": None}
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:

@@ -9,7 +9,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/op_wrappers.h"
 #include "../math/gaussian_math.h"
 #include "chunked.h"
 #include "lanes.h"
@@ -68,34 +68,24 @@ void cholesky_backward_kernel(int64_t n, int64_t k, const scalar_t* grad, const 
   });
 }
 
-int64_t batch_count(const at::Tensor& t) {
-  const int64_t k = t.size(-1);
-  return k == 0 ? 0 : t.numel() / (k * k);
-}
-
 at::Tensor cholesky(const at::Tensor& A) {
-  check_floating("cholesky", "A", A);
-  check_square("cholesky", "A", A);
+  check_cholesky_input(A);
   const at::Tensor input = A.contiguous();
   at::Tensor out = empty_output(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "cholesky", [&] {
-    cholesky_kernel<scalar_t>(batch_count(input), A.size(-1), input.const_data_ptr<scalar_t>(),
+    cholesky_kernel<scalar_t>(matrix_count(input), A.size(-1), input.const_data_ptr<scalar_t>(),
                               out.data_ptr<scalar_t>());
   });
   return out;
 }
 
 at::Tensor cholesky_backward(const at::Tensor& grad, const at::Tensor& L) {
-  check_floating("cholesky_backward", "L", L);
-  check_square("cholesky_backward", "L", L);
-  check_same_dtype_and_device("cholesky_backward", "grad", grad, L);
-  TORCH_CHECK(grad.sizes() == L.sizes(), "cholesky_backward: grad has shape ", grad.sizes(),
-              " but L has shape ", L.sizes());
+  check_cholesky_backward_inputs(grad, L);
   const at::Tensor grad_c = grad.contiguous();
   const at::Tensor L_c = L.contiguous();
   at::Tensor out = empty_output(L_c.sizes(), L_c.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, L.scalar_type(), "cholesky_backward", [&] {
-    cholesky_backward_kernel<scalar_t>(batch_count(L_c), L.size(-1), grad_c.const_data_ptr<scalar_t>(),
+    cholesky_backward_kernel<scalar_t>(matrix_count(L_c), L.size(-1), grad_c.const_data_ptr<scalar_t>(),
                                        L_c.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
   return out;

@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "../common/checks.h"
+#include "../common/op_wrappers.h"
 #include "../math/gaussian_math.h"
 #include "chunked.h"
 #include "lanes.h"
@@ -25,12 +25,6 @@
 namespace fusedgauss {
 namespace cpu {
 namespace {
-
-enum class Param { kScaleTril, kCovariance };
-
-constexpr const char* matrix_name(Param param) {
-  return param == Param::kScaleTril ? "scale_tril" : "covariance";
-}
 
 /// Multiply-adds per sample: a triangular solve, plus a factorisation for a per-sample
 /// covariance.
@@ -351,15 +345,13 @@ void with_block_shape(const MvnProblem& p, const F& fn) {
 
 template <Param kParam>
 at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
-  constexpr const char* op = kParam == Param::kScaleTril ? "mvn_tril_log_prob" : "mvn_cov_log_prob";
-  const MvnProblem p = prepare_mvn_problem(op, matrix_name(kParam), value, loc, matrix);
-  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
-      log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>());
+  return log_prob_forward_op<kParam>(value, loc, matrix, [](const MvnProblem& p, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
+      with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+        log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>());
+      });
     });
   });
-  return out;
 }
 
 template <Param kParam>
@@ -368,29 +360,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tenso
                                                                  const at::Tensor& loc,
                                                                  const at::Tensor& matrix,
                                                                  std::array<bool, 3> mask) {
-  constexpr const char* op =
-      kParam == Param::kScaleTril ? "mvn_tril_log_prob_backward" : "mvn_cov_log_prob_backward";
-  const MvnProblem p = prepare_mvn_problem(op, matrix_name(kParam), value, loc, matrix);
-  check_same_dtype_and_device(op, "grad", grad, value);
-  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(p.layout.batch_shape), op, ": grad has shape ",
-              grad.sizes(), " but the log-prob has shape ", c10::IntArrayRef(p.layout.batch_shape));
-  const at::Tensor grad_contiguous = grad.contiguous();
-  std::array<at::Tensor, 3> grads;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), op, [&] {
-    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
-      grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
-          p, grad_contiguous.const_data_ptr<scalar_t>(), mask);
+  const auto run = [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+    std::array<at::Tensor, 3> grads;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
+      with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+        grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
+            p, grad.const_data_ptr<scalar_t>(), mask);
+      });
     });
-  });
-  const std::array<const at::Tensor*, 3> inputs{&value, &loc, &matrix};
-  const std::array<const BatchedOperand*, 3> operands{&p.value, &p.loc, &p.matrix};
-  std::array<at::Tensor, 3> out;
-  for (size_t i = 0; i < 3; ++i) {
-    // Gradients that were not asked for are empty tensors: the schema has no optional outputs.
-    out[i] = mask[i] ? gradient_for(grads[i], *inputs[i], *operands[i], p.layout)
-                     : at::empty({0}, value.options());
-  }
-  return {out[0], out[1], out[2]};
+    return grads;
+  };
+  return log_prob_backward_op<kParam>(grad, value, loc, matrix, mask, run);
 }
 
 }  // namespace

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU validation on a machine with a GPU, in one or two calls: build fusedgauss with its CUDA
+# kernels, run the whole test suite (the GPU tests included), then the GPU benchmark. Logs,
+# the tests' JUnit XML, the environment and the benchmark's JSON and markdown go to OUT.
+#
+#   benchmarks/gpu_check.sh OUT                       build, test, benchmark
+#   benchmarks/gpu_check.sh OUT build|test|bench      one stage (a later stage needs the build)
+#   benchmarks/gpu_check.sh OUT bench --quick         arguments after the stage go to bench_gpu.py
+#
+# Environment: PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (that of the visible GPU).
+# Exits non-zero if any stage failed; every stage's log is kept either way.
+set -uo pipefail
+
+out=${1:?usage: benchmarks/gpu_check.sh OUT [all|build|test|bench] [bench_gpu.py arguments]}
+stage=${2:-all}
+shift $(($# >= 2 ? 2 : 1))
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+
+# run NAME COMMAND...: COMMAND's output to OUT/NAME.log, its end echoed here.
+run() {
+  local name=$1
+  shift
+  echo "== $name: $*"
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "== $name: exit $rc"
+  [[ $rc -eq 0 ]] || status=1
+  return $rc
+}
+
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  "$py" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  "$py" -c "import triton; print('triton', triton.__version__)" 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2
+} >"$out/environment.txt" 2>&1
+
+if [[ $stage == all || $stage == build ]]; then
+  arch=${TORCH_CUDA_ARCH_LIST:-$("$py" -c "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")}
+  MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=$arch FUSEDGAUSS_FORCE_CUDA=1 \
+    run build "$py" -m pip install --no-build-isolation --no-deps --no-cache-dir . || exit 1
+  run info "$py" -m fusedgauss info
+  run check "$py" -m fusedgauss check
+fi
+if [[ $stage == all || $stage == test ]]; then
+  run tests "$py" -m pytest -q -p no:cacheprovider -rs tests --junitxml="$out/tests.xml"
+fi
+if [[ $stage == all || $stage == bench ]]; then
+  run bench "$py" benchmarks/bench_gpu.py --out "$out" "$@"
+fi
+exit $status

@@ -1,0 +1,268 @@
+"""The CUDA kernels, on the CPU tests' cases: against the float64 reference (computed on the
+CPU) and torch.distributions, gradcheck, opcheck, CUDA-graph capture, 2^24 samples and half
+precision. Skipped where there is no GPU or fusedgauss was built without nvcc."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
+from test_mvn_ops import EVENT_SIZES, LAYOUT_SHAPES, OPS, grads_of, make_operands
+
+from fusedgauss import backends, ops, reference
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and backends.COMPILED_CUDA),
+    reason="needs a GPU and fusedgauss built with its CUDA kernels",
+)
+
+BACKWARD_OPS = {"scale_tril": "mvn_tril_log_prob_backward", "covariance": "mvn_cov_log_prob_backward"}
+FORWARD_OPS = {"scale_tril": "mvn_tril_log_prob", "covariance": "mvn_cov_log_prob"}
+
+
+def on_gpu(tensors):
+    return [t.cuda() for t in tensors]
+
+
+def cuda_grads(op, inputs, weights):
+    """Output and gradients of the CUDA op, brought back to the CPU."""
+    with backends.use("cuda"):
+        out, grads = grads_of(op, on_gpu(inputs), weights.cuda())
+    return out.cpu(), [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize(("layout", "batch_shape"), LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+class TestAgainstReference:
+    def test_float64(self, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        got, got_grads = cuda_grads(op, inputs, weights)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
+            assert g.shape == e.shape, name
+            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+    def test_float32(self, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        got, got_grads = cuda_grads(op, [t.float() for t in inputs], weights.float())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
+        for g, e in zip(got_grads, expected_grads):
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 17, 64])
+def test_same_as_torch_distributions(k):
+    value, loc = torch.randn(2, 300, k, dtype=torch.float64, device="cuda")
+    L = random_scale_tril((300,), k).cuda()
+    cov = L @ L.mT
+    with backends.use("cuda"):
+        torch.testing.assert_close(ops.mvn_tril_log_prob(value, loc, L), torch_mvn_log_prob(value, loc, scale_tril=L))
+        torch.testing.assert_close(
+            ops.mvn_cov_log_prob(value, loc, cov), torch_mvn_log_prob(value, loc, covariance_matrix=cov)
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+def test_half_precision_in_float32(dtype, matrix, layout):
+    op, ref = OPS[matrix]
+    inputs = [t.to(dtype) for t in make_operands(layout, (64,), 6, matrix=matrix)]
+    expected, expected_grads = grads_of(ref, [t.double() for t in inputs], torch.ones(64, dtype=torch.float64))
+    got, grads = cuda_grads(op, inputs, torch.ones(64, dtype=dtype))
+    assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), expected, rtol=2 * eps, atol=4 * eps * expected.abs().max().item())
+    for g, e in zip(grads, expected_grads):
+        # A shared gradient sums 64 samples' terms, each rounded once on output at most.
+        torch.testing.assert_close(g.double(), e, rtol=4 * eps, atol=8 * eps * (1 + e.abs().max().item()))
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_value", "shared_matrix", "partial"])
+def test_gradcheck(matrix, layout):
+    op, _ = OPS[matrix]
+    value, loc, M = (t.requires_grad_() for t in on_gpu(make_operands(layout, (2, 3), 3, matrix=matrix)))
+    fix = (lambda L: L.tril()) if matrix == "scale_tril" else symmetrise
+    with backends.use("cuda"):
+        assert torch.autograd.gradcheck(lambda v, m, A: op(v, m, fix(A)), (value, loc, M))
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix", "shared_loc", "partial"])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
+def test_backward_op(matrix, layout, mask):
+    _, ref = OPS[matrix]
+    inputs = make_operands(layout, (4, 3), 5, matrix=matrix)
+    grad = torch.randn(4, 3, dtype=torch.float64)
+    _, expected = grads_of(ref, inputs, grad)
+    got = getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix])(grad.cuda(), *on_gpu(inputs), list(mask))
+    for g, e, wanted in zip(got, expected, mask):
+        if wanted:
+            torch.testing.assert_close(g.cpu(), e)
+        else:
+            assert g.numel() == 0
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("k", [3, 17, 64])
+def test_shared_gradient_is_deterministic(matrix, k):
+    """Shared gradients are reduced per block in a fixed order: the same bits every run."""
+    op, _ = OPS[matrix]
+    inputs = on_gpu(make_operands("shared_matrix", (300_000,), k, matrix=matrix, dtype=torch.float32))
+    weights = torch.randn(300_000, device="cuda")
+    with backends.use("cuda"):
+        runs = [grads_of(op, inputs, weights)[1] for _ in range(3)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+def test_not_positive_definite_poisons_its_samples_only():
+    value, loc, cov = make_operands("per_sample", (5,), 3, matrix="covariance")
+    cov[2] = -cov[2]
+    value, loc, cov = on_gpu([value, loc, cov])
+    cov.requires_grad_()
+    loc.requires_grad_()
+    with backends.use("cuda"):
+        out = ops.mvn_cov_log_prob(value, loc, cov)
+        out.sum().backward()
+    bad = torch.zeros(5, dtype=torch.bool, device="cuda")
+    bad[2] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.isfinite(loc.grad[~bad]).all() and torch.isfinite(cov.grad[~bad]).all()
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_two_to_the_24_samples(matrix):
+    """Beyond the ~524k right-hand sides where torch's batched triangular solve fails on CUDA."""
+    n, k = 1 << 24, 2
+    op, ref = OPS[matrix]
+    value, loc = torch.randn(2, n, k, device="cuda")
+    M = (random_scale_tril if matrix == "scale_tril" else random_spd)((4096,), k).float().cuda()
+    M = M.repeat(n // 4096, 1, 1).requires_grad_()
+    with backends.use("cuda"):
+        out = op(value, loc, M)
+        (grad,) = torch.autograd.grad(out.sum(), M)
+    check = torch.randint(0, n, (4096,), device="cuda")
+    args = (value[check].double().cpu(), loc[check].double().cpu(), M[check].detach().double().cpu())
+    args = [a.requires_grad_() for a in args]
+    expected = ref(*args)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), args[2])
+    torch.testing.assert_close(out[check].double().cpu(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad[check].double().cpu(), expected_grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+def test_cuda_graph_capture_and_replay(matrix, layout):
+    """Forward and backward run without a host synchronisation, so a training step using them
+    can be captured in a CUDA graph; replays on new data give the eager results."""
+    op, _ = OPS[matrix]
+    value, loc, M = on_gpu(make_operands(layout, (1024,), 6, matrix=matrix, dtype=torch.float32))
+    loc.requires_grad_()
+    M.requires_grad_()
+
+    def step():
+        out = op(value, loc, M)
+        return (out, *torch.autograd.grad(out.sum(), (loc, M)))
+
+    with backends.use("cuda"):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up outside the capture, as torch.cuda.graphs asks
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        new_value, new_loc, new_M = on_gpu(make_operands(layout, (1024,), 6, matrix=matrix, dtype=torch.float32))
+        with torch.no_grad():
+            value.copy_(new_value)
+            loc.copy_(new_loc)
+            M.copy_(new_M)
+        graph.replay()
+        eager = step()
+    for got, expected in zip(captured, eager):
+        torch.testing.assert_close(got, expected)
+
+
+class TestCholesky:
+    @pytest.mark.parametrize("k", [1, 2, 3, 6, 17, 32, 64])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_against_torch_linalg(self, k, dtype):
+        A = random_spd((4, 3), k).to(dtype).cuda().requires_grad_()
+        G = torch.randn(4, 3, k, k, dtype=dtype, device="cuda")
+        with backends.use("cuda"):
+            L = ops.cholesky(A)
+            (grad,) = torch.autograd.grad((L * G).sum(), A)
+        expected = torch.linalg.cholesky(A)
+        (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * k)
+        torch.testing.assert_close(L, expected, **tol)
+        scale = 1 + expected_grad.abs().max()
+        torch.testing.assert_close(grad / scale, expected_grad / scale, **tol)
+
+    def test_gradcheck(self):
+        A = random_spd((2,), 4).cuda().requires_grad_()
+        with backends.use("cuda"):
+            assert torch.autograd.gradcheck(lambda X: ops.cholesky(symmetrise(X)), (A,))
+
+    def test_not_positive_definite_gives_nan_for_that_matrix_only(self):
+        A = random_spd((4,), 3)
+        A[1] = -A[1]
+        with backends.use("cuda"):
+            L = ops.cholesky(A.cuda()).cpu()
+        assert torch.isnan(L[1]).all() and torch.isfinite(L[[0, 2, 3]]).all()
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+    def test_half_precision(self, dtype):
+        A = random_spd((16,), 5).to(dtype)
+        with backends.use("cuda"):
+            L = ops.cholesky(A.cuda()).cpu()
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(L.double(), reference.cholesky(A.double()), rtol=8 * eps, atol=8 * eps)
+
+
+class TestOpcheck:
+    @staticmethod
+    def sample_inputs():
+        for matrix in ("scale_tril", "covariance"):
+            for layout in ("per_sample", "shared_matrix", "partial"):
+                value, loc, M = on_gpu(make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32))
+                yield matrix, (value, loc.requires_grad_(), M.requires_grad_())
+
+    def test_log_prob_ops(self):
+        for matrix, args in self.sample_inputs():
+            torch.library.opcheck(getattr(torch.ops.fusedgauss, FORWARD_OPS[matrix]).default, args)
+
+    def test_backward_ops(self):
+        for matrix, (value, loc, M) in self.sample_inputs():
+            grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2]), device="cuda")
+            for mask in ([True, True, True], [False, True, True]):
+                torch.library.opcheck(
+                    getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix]).default,
+                    (grad, value, loc.detach(), M.detach(), mask),
+                )
+
+    def test_cholesky_ops(self):
+        A = random_spd((2, 2), 4).float().cuda()
+        torch.library.opcheck(torch.ops.fusedgauss.cholesky.default, (A.requires_grad_(),))
+        L = torch.linalg.cholesky(A.detach()).contiguous()
+        torch.library.opcheck(torch.ops.fusedgauss.cholesky_backward.default, (torch.randn_like(L), L))
+
+
+def test_event_sizes_beyond_the_kernels_go_to_torch():
+    k = backends.MAX_EVENT_SIZE["cuda"] + 1
+    assert backends.select("cuda", k) == "torch"
+    with backends.use("cuda"), pytest.raises(backends.BackendUnavailableError, match="event sizes up to"):
+        ops.mvn_tril_log_prob(*on_gpu([torch.zeros(k), torch.zeros(k), torch.eye(k)]))
