@@ -34,7 +34,11 @@ def info() -> None:
     print(f"    CPU kernels:  {'yes' if backends.COMPILED_CPU else 'no'}")
     cuda_missing = "no (the build lacked nvcc or a CUDA build of torch, or FUSEDGAUSS_SKIP_CUDA was set)"
     print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else cuda_missing}")
-    print(f"  Triton kernels: {'yes' if backends.TRITON_KERNELS else 'no (none in this version)'}")
+    if backends.TRITON_KERNELS:
+        interpreter = "on: they also run CPU tensors" if backends.TRITON_INTERPRETING else "off"
+        print(f"  Triton kernels: yes (Triton's interpreter, TRITON_INTERPRET=1, is {interpreter})")
+    else:
+        print("  Triton kernels: no (triton is not installed)")
     print("  devices:")
     print(f"    cpu: {torch.get_num_threads()} threads")
     if torch.cuda.is_available():

@@ -15,6 +15,7 @@ silent swap. ``python -m fusedgauss info`` prints what is available.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 
@@ -47,13 +48,16 @@ EXTENSION_LOADED = EXTENSION_ERROR is None
 COMPILED_CPU = _has_kernel("CPU")
 #: Compiled CUDA kernels are registered (fusedgauss was built with nvcc).
 COMPILED_CUDA = _has_kernel("CUDA")
-#: Triton kernels exist for the ops.
-TRITON_KERNELS = False
+#: Triton is installed, so the Triton kernels (fusedgauss.triton_ops) can run on GPUs.
+TRITON_KERNELS = importlib.util.find_spec("triton") is not None
+#: Triton's interpreter is on (TRITON_INTERPRET=1), so the Triton kernels run on CPU tensors.
+TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: Largest event size each backend's kernels handle; larger ones go to "torch"
 #: (None: no limit). The CUDA kernels keep a sample in one thread's private arrays, sized up to
 #: kMaxEventSize in csrc/cuda/launch.cuh.
-MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": None, "cpu": None, "torch": None}
+#: The Triton kernels hold a block of k x k tiles in registers (fusedgauss/triton_ops.py).
+MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": 32, "cpu": None, "torch": None}
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
@@ -63,7 +67,11 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     if name == "torch":
         return None
     if name == "triton" and not TRITON_KERNELS:
-        return "this version of fusedgauss has no Triton kernels"
+        return "triton is not installed"
+    if name == "triton" and device_type not in ("cpu", "cuda"):
+        return f"the Triton kernels run CUDA tensors, but these are {device_type} tensors"
+    if name == "triton" and device_type == "cpu" and not TRITON_INTERPRETING:
+        return "the Triton kernels run CPU tensors only through Triton's interpreter (TRITON_INTERPRET=1)"
     if name in ("cpu", "cuda") and not EXTENSION_LOADED:
         return f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})"
     if name == "cuda" and not COMPILED_CUDA:

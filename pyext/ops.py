@@ -19,6 +19,18 @@ import torch
 from . import backends, reference, validation
 
 
+def _implementation(name: str, like: torch.Tensor):
+    """The function that runs op `name` for inputs like `like` (device, event size)."""
+    backend = backends.select(like.device.type, like.shape[-1])
+    if backend == "torch":
+        return getattr(reference, name)
+    if backend == "triton":
+        from . import triton_ops  # noqa: F401  (importing it registers the ops; it imports triton)
+
+        return getattr(torch.ops.fusedgauss_triton, name)
+    return getattr(torch.ops.fusedgauss, name)
+
+
 def mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
     r"""log N(value; loc, scale_tril scale_trilᵀ), batched.
 
@@ -29,9 +41,7 @@ def mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.
     value, loc, scale_tril = validation.mvn_operands(
         "mvn_tril_log_prob", value, loc, scale_tril, "scale_tril"
     )
-    if backends.select(value.device.type, value.shape[-1]) == "torch":
-        return reference.mvn_tril_log_prob(value, loc, scale_tril)
-    return torch.ops.fusedgauss.mvn_tril_log_prob(value, loc, scale_tril)
+    return _implementation("mvn_tril_log_prob", value)(value, loc, scale_tril)
 
 
 def mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -43,9 +53,7 @@ def mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.T
     value, loc, covariance = validation.mvn_operands(
         "mvn_cov_log_prob", value, loc, covariance, "covariance"
     )
-    if backends.select(value.device.type, value.shape[-1]) == "torch":
-        return reference.mvn_cov_log_prob(value, loc, covariance)
-    return torch.ops.fusedgauss.mvn_cov_log_prob(value, loc, covariance)
+    return _implementation("mvn_cov_log_prob", value)(value, loc, covariance)
 
 
 def cholesky(A: torch.Tensor) -> torch.Tensor:
@@ -56,9 +64,7 @@ def cholesky(A: torch.Tensor) -> torch.Tensor:
     symmetric, as torch.linalg.cholesky's.
     """
     A = validation.square_matrices("cholesky", "A", A)
-    if backends.select(A.device.type, A.shape[-1]) == "torch":
-        return reference.cholesky(A)
-    return torch.ops.fusedgauss.cholesky(A)
+    return _implementation("cholesky", A)(A)
 
 
 # --- registration of the compiled ops: fake implementations and autograd --------------------
@@ -99,9 +105,12 @@ def _save_output(ctx, inputs, output) -> None:
     ctx.save_for_backward(output)
 
 
-def _cholesky_autograd(ctx, grad):
-    (L,) = ctx.saved_tensors
-    return torch.ops.fusedgauss.cholesky_backward(grad, L)
+def _cholesky_autograd(backward_op):
+    def backward(ctx, grad):
+        (L,) = ctx.saved_tensors
+        return backward_op(grad, L)
+
+    return backward
 
 
 def _no_double_backward(op_name: str):
@@ -114,23 +123,33 @@ def _no_double_backward(op_name: str):
     return backward
 
 
-def _register() -> None:
+def register_autograd(namespace: str) -> None:
+    """Attaches autograd to the ops of `namespace` (the compiled "fusedgauss" ops, or the
+    Triton ones): each forward op's gradient is its backward op, whose own gradient raises."""
+    ops = getattr(torch.ops, namespace)
+    for name in ("mvn_tril_log_prob", "mvn_cov_log_prob"):
+        backward_op = getattr(ops, name + "_backward").default
+        torch.library.register_autograd(
+            f"{namespace}::{name}", _mvn_log_prob_autograd(backward_op), setup_context=_save_inputs
+        )
+    torch.library.register_autograd(
+        f"{namespace}::cholesky", _cholesky_autograd(ops.cholesky_backward.default), setup_context=_save_output
+    )
+    for name in ("mvn_tril_log_prob_backward", "mvn_cov_log_prob_backward", "cholesky_backward"):
+        torch.library.register_autograd(
+            f"{namespace}::{name}", _no_double_backward(name), setup_context=lambda ctx, inputs, output: None
+        )
+
+
+def _register_compiled() -> None:
     lib = "fusedgauss::"
     for name in ("mvn_tril_log_prob", "mvn_cov_log_prob"):
         torch.library.register_fake(lib + name, _fake_mvn_log_prob)
         torch.library.register_fake(lib + name + "_backward", _fake_mvn_log_prob_backward)
-        backward_op = getattr(torch.ops.fusedgauss, name + "_backward").default
-        torch.library.register_autograd(
-            lib + name, _mvn_log_prob_autograd(backward_op), setup_context=_save_inputs
-        )
     torch.library.register_fake(lib + "cholesky", lambda A: torch.empty_like(A))
     torch.library.register_fake(lib + "cholesky_backward", lambda grad, L: torch.empty_like(L))
-    torch.library.register_autograd(lib + "cholesky", _cholesky_autograd, setup_context=_save_output)
-    for name in ("mvn_tril_log_prob_backward", "mvn_cov_log_prob_backward", "cholesky_backward"):
-        torch.library.register_autograd(
-            lib + name, _no_double_backward(name), setup_context=lambda ctx, inputs, output: None
-        )
+    register_autograd("fusedgauss")
 
 
 if backends.EXTENSION_LOADED:
-    _register()
+    _register_compiled()

@@ -6,6 +6,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU, the Triton kernels are tested through Triton's interpreter, which must be
+# switched on before triton is imported (fusedgauss imports it on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import fusedgauss  # noqa: E402
 
 
@@ -13,7 +18,7 @@ def pytest_report_header(config):
     b = fusedgauss.backends
     return (
         f"fusedgauss {fusedgauss.__version__}: compiled CPU kernels {b.COMPILED_CPU}, "
-        f"CUDA kernels {b.COMPILED_CUDA}, Triton kernels {b.TRITON_KERNELS}; torch {torch.__version__}"
+        f"CUDA kernels {b.COMPILED_CUDA}, Triton kernels {b.TRITON_KERNELS} (interpreter {b.TRITON_INTERPRETING}); torch {torch.__version__}"
     )
 
 

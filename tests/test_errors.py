@@ -100,8 +100,14 @@ class TestDistributionErrors:
 
 
 class TestBackendErrors:
-    def test_forcing_triton_without_kernels(self):
-        with backends.use("triton"), pytest.raises(backends.BackendUnavailableError, match="'triton' was forced but cannot run: .*no Triton kernels"):
+    def test_forcing_triton_on_cpu_tensors_without_the_interpreter(self, monkeypatch):
+        monkeypatch.setattr(backends, "TRITON_INTERPRETING", False)
+        with backends.use("triton"), pytest.raises(backends.BackendUnavailableError, match="'triton' was forced but cannot run: .*interpreter"):
+            ops.mvn_tril_log_prob(torch.randn(2), torch.randn(2), torch.eye(2))
+
+    def test_forcing_triton_without_triton(self, monkeypatch):
+        monkeypatch.setattr(backends, "TRITON_KERNELS", False)
+        with backends.use("triton"), pytest.raises(backends.BackendUnavailableError, match="triton is not installed"):
             ops.mvn_tril_log_prob(torch.randn(2), torch.randn(2), torch.eye(2))
 
     def test_forcing_cuda_on_cpu_tensors(self):

@@ -1,0 +1,254 @@
+"""The Triton backend: every op as a ``torch.library.triton_op`` in the namespace
+``fusedgauss_triton``, so that ``torch.compile`` sees into the kernels, with the same autograd
+as the compiled ops (:mod:`fusedgauss.ops`).
+
+Each op also has a CPU kernel. With ``TRITON_INTERPRET=1`` (set before triton is imported) it
+runs the Triton kernels on CPU tensors through Triton's interpreter, which is how the kernels
+are tested without a GPU; otherwise it is the compiled CPU op. ``torch.compile`` and
+``torch.library.opcheck`` of these ops need a GPU: under the interpreter, fake tensors have no
+data for the kernels to touch.
+
+The batch layout of the operands is the one of ``csrc/common/batching.h``: an operand whose
+batch is broadcast is passed once, with stride 0, and one with a single batch element has its
+gradient summed over the batch (per program in the kernel, then over programs here, in a fixed
+order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import backends
+from .triton_kernels import cholesky as cholesky_kernels
+from .triton_kernels import mvn as mvn_kernels
+
+NAMESPACE = "fusedgauss_triton"
+#: Whether the kernels run through Triton's interpreter (TRITON_INTERPRET=1).
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Largest event size of the kernels (a program holds a block of k x k tiles in registers).
+MAX_EVENT_SIZE = 32
+
+
+def _launchable(kernel):
+    # wrap_triton makes the launch visible to torch.compile; the interpreter's kernels are not
+    # JITFunctions, which it requires, and torch.compile cannot run under the interpreter.
+    return kernel if INTERPRETING else wrap_triton(kernel)
+
+
+def _tile(k: int, dtype: torch.dtype) -> dict:
+    """Constexprs of a launch: the event size, its power-of-two padding KP, a block of samples
+    holding about 4096 matrix entries (the interpreter, which pays per tile operation rather
+    than per register, takes 64 samples at a time), and the accumulation type."""
+    KP = triton.next_power_of_2(max(k, 1))
+    return {
+        "K": k,
+        "KP": KP,
+        "BLOCK": 64 if INTERPRETING else max(1, min(128, 4096 // (KP * KP))),
+        "ACC": tl.float64 if dtype == torch.float64 else tl.float32,
+    }
+
+
+def _check_event_size(op: str, k: int) -> None:
+    if k > MAX_EVENT_SIZE:
+        raise ValueError(
+            f"{op}: the Triton kernels handle event sizes up to {MAX_EVENT_SIZE}, got {k} "
+            "(the torch backend handles any)"
+        )
+
+
+@dataclass
+class _Operand:
+    data: torch.Tensor  # (*event) when shared, (B, *event) contiguous otherwise
+    stride: int  # elements between samples; 0 when shared
+    reduces: bool  # a single batch element: its gradient is summed over the batch
+
+
+def _operand(t: torch.Tensor, event_dims: int, batch_shape: torch.Size, n: int) -> _Operand:
+    batch_dims = t.dim() - event_dims
+    event = t.shape[batch_dims:]
+    if all(size == 1 or stride == 0 for size, stride in zip(t.shape[:batch_dims], t.stride()[:batch_dims])):
+        return _Operand(t[(0,) * batch_dims].contiguous(), 0, math.prod(t.shape[:batch_dims]) == 1)
+    full = t.expand(*batch_shape, *event).contiguous().view(n, *event)
+    return _Operand(full, math.prod(event), False)
+
+
+def _layout(value, loc, matrix):
+    batch_shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], matrix.shape[:-2])
+    n = math.prod(batch_shape)
+    operands = (_operand(value, 1, batch_shape, n), _operand(loc, 1, batch_shape, n), _operand(matrix, 2, batch_shape, n))
+    return batch_shape, n, operands
+
+
+def _gradient_for(grad: torch.Tensor, t: torch.Tensor, operand: _Operand, batch_shape) -> torch.Tensor:
+    if operand.reduces:
+        return grad.view(t.shape)
+    full = grad.view(*batch_shape, *grad.shape[1:])
+    return full if full.shape == t.shape else full.sum_to_size(t.shape)
+
+
+def _log_prob_forward(kernel, value, loc, matrix, op: str):
+    k = matrix.shape[-1]
+    _check_event_size(op, k)
+    batch_shape, n, (v, m, M) = _layout(value, loc, matrix)
+    out = value.new_empty(batch_shape)
+    if n > 0:
+        tile = _tile(k, value.dtype)
+        grid = (triton.cdiv(n, tile["BLOCK"]),)
+        _launchable(kernel)[grid](v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, **tile)
+    return out
+
+
+def _reduced_matrix_gradient(outer, grad_sum, matrix, covariance: bool):
+    """The gradient of a shared matrix from the batch sums of its per-sample terms:
+    scale_tril: tril(outer) - (sum g) diag(1/L_ii); covariance: 1/2 (outer - (sum g) Sigma^{-1})."""
+    if not covariance:
+        return outer.tril() - torch.diag(grad_sum / matrix.diagonal())
+    L = _cholesky(matrix)  # NaN when not positive-definite, as for the per-sample gradient
+    L_inv = torch.linalg.solve_triangular(L, torch.eye(L.shape[-1], dtype=L.dtype, device=L.device), upper=False)
+    sigma_inv = L_inv.mT @ L_inv
+    sigma_inv = sigma_inv.tril() + sigma_inv.tril(-1).mT
+    return 0.5 * (outer - grad_sum * sigma_inv)
+
+
+def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str):
+    k = matrix.shape[-1]
+    _check_event_size(op, k)
+    batch_shape, n, operands = _layout(value, loc, matrix)
+    inputs = (value, loc, matrix)
+    events = ((k,), (k,), (k, k))
+    rows = [
+        value.new_empty((n, *event)) if wanted and not operand.reduces else None
+        for wanted, operand, event in zip(output_mask, operands, events)
+    ]
+    reduces = any(wanted and operand.reduces for wanted, operand in zip(output_mask, operands))
+    acc_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
+    tile = _tile(k, value.dtype)
+    programs = triton.cdiv(n, tile["BLOCK"])
+    partials = value.new_empty((programs, k + k * k + 1), dtype=acc_dtype) if reduces else None
+    if n > 0:
+        # Unused pointers (their constexpr switch is off) still need a tensor.
+        placeholder = grad
+        v, m, M = operands
+        _launchable(kernel)[(programs,)](
+            grad.contiguous(), v.data, v.stride, m.data, m.stride, M.data, M.stride,
+            *(r if r is not None else placeholder for r in rows),
+            partials if reduces else placeholder, n,
+            int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces), **tile,
+        )
+    grads = list(rows)
+    if reduces:
+        total = partials.sum(0) if n > 0 else partials.new_zeros(k + k * k + 1)
+        sum_gw, outer, grad_sum = total[:k], total[k : k + k * k].view(k, k), total[-1]
+        reduced = (-sum_gw, sum_gw, None)
+        for i, (wanted, operand) in enumerate(zip(output_mask, operands)):
+            if wanted and operand.reduces:
+                if i == 2:
+                    reduced_grad = _reduced_matrix_gradient(outer, grad_sum, operand.data.to(acc_dtype), covariance)
+                else:
+                    reduced_grad = reduced[i]
+                grads[i] = reduced_grad.to(value.dtype)
+    return tuple(
+        _gradient_for(g, t, operand, batch_shape) if wanted else value.new_empty((0,))
+        for g, t, operand, wanted in zip(grads, inputs, operands, output_mask)
+    )
+
+
+def _cholesky(A: torch.Tensor) -> torch.Tensor:
+    k = A.shape[-1]
+    _check_event_size("cholesky", k)
+    A = A.contiguous()
+    out = torch.empty_like(A)
+    n = A.numel() // (k * k) if k > 0 else 0
+    if n > 0:
+        tile = _tile(k, A.dtype)
+        _launchable(cholesky_kernels._cholesky_forward_kernel)[(triton.cdiv(n, tile["BLOCK"]),)](A, out, n, **tile)
+    return out
+
+
+def _cholesky_backward(grad: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    k = L.shape[-1]
+    _check_event_size("cholesky_backward", k)
+    L = L.contiguous()
+    out = torch.empty_like(L)
+    n = L.numel() // (k * k) if k > 0 else 0
+    if n > 0:
+        tile = _tile(k, L.dtype)
+        _launchable(cholesky_kernels._cholesky_backward_kernel)[(triton.cdiv(n, tile["BLOCK"]),)](
+            grad.contiguous(), L, out, n, **tile
+        )
+    return out
+
+
+# --- the ops ----------------------------------------------------------------------------------
+
+
+def _mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+    return _log_prob_forward(mvn_kernels._mvn_tril_log_prob_forward_kernel, value, loc, scale_tril, "mvn_tril_log_prob")
+
+
+def _mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
+    return _log_prob_forward(mvn_kernels._mvn_cov_log_prob_forward_kernel, value, loc, covariance, "mvn_cov_log_prob")
+
+
+def _mvn_tril_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, output_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _log_prob_backward(
+        mvn_kernels._mvn_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
+        "mvn_tril_log_prob_backward",
+    )
+
+
+def _mvn_cov_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor, output_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _log_prob_backward(
+        mvn_kernels._mvn_cov_log_prob_backward_kernel, True, grad, value, loc, covariance, output_mask,
+        "mvn_cov_log_prob_backward",
+    )
+
+
+def _cpu_kernel(name: str, launcher):
+    """The CPU implementation of triton op `name`: the kernels through the interpreter, or the
+    compiled CPU op."""
+
+    def run(*args):
+        if INTERPRETING:
+            return launcher(*args)
+        if not backends.COMPILED_CPU:
+            raise backends.BackendUnavailableError(
+                f"{NAMESPACE}::{name} on CPU tensors runs the Triton kernels only under TRITON_INTERPRET=1, "
+                "and otherwise the compiled CPU op, which this build lacks"
+            )
+        return getattr(torch.ops.fusedgauss, name)(*args)
+
+    return run
+
+
+LAUNCHERS = {
+    "mvn_tril_log_prob": _mvn_tril_log_prob,
+    "mvn_tril_log_prob_backward": _mvn_tril_log_prob_backward,
+    "mvn_cov_log_prob": _mvn_cov_log_prob,
+    "mvn_cov_log_prob_backward": _mvn_cov_log_prob_backward,
+    "cholesky": _cholesky,
+    "cholesky_backward": _cholesky_backward,
+}
+
+
+def _register() -> None:
+    from .ops import register_autograd
+
+    for name, launcher in LAUNCHERS.items():
+        op = triton_op(f"{NAMESPACE}::{name}", mutates_args=())(launcher)
+        op.register_kernel("cpu")(_cpu_kernel(name, launcher))
+    register_autograd(NAMESPACE)
+
+
+_register()

@@ -1,0 +1,235 @@
+"""The Triton kernels against the float64 reference, gradients included.
+
+Without a GPU they run on CPU tensors through Triton's interpreter (conftest.py sets
+TRITON_INTERPRET=1 before triton is imported), on small shapes: the interpreter runs every
+tile operation in numpy. With a GPU they run on CUDA tensors, and opcheck and torch.compile
+are checked too (both need real kernels: under the interpreter, fake tensors have no data).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import random_spd, symmetrise
+from test_mvn_ops import OPS, grads_of, make_operands
+
+from fusedgauss import backends, ops, reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    backends.unavailable_reason("triton", DEVICE) is not None,
+    reason=f"the triton backend cannot run {DEVICE} tensors here: {backends.unavailable_reason('triton', DEVICE)}",
+)
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="opcheck and torch.compile of a triton_op need a GPU")
+
+# On a GPU every (event size, dtype) compiles each kernel, for tens of seconds: fewer sizes
+# there, where the interpreter has already checked the numbers of all of them.
+EVENT_SIZES = [2, 6, 17] if ON_GPU else [1, 2, 3, 6, 17]
+# (layout, batch shape): per-sample and shared operands, broadcasts, a partial broadcast.
+LAYOUT_SHAPES = [
+    ("per_sample", (37,)),
+    ("per_sample", (4, 3)),
+    ("shared_value", (9,)),
+    ("shared_loc", (5, 2)),
+    ("shared_matrix", (40,)),
+    ("expanded_matrix", (6,)),
+    ("partial", (3, 4)),
+    # several programs, so shared gradients add partial sums across them
+    ("per_sample", (200,)),
+    ("shared_matrix", (300,)),
+]
+
+
+def triton_grads(op, inputs, weights):
+    with backends.use("triton"):
+        out, grads = grads_of(op, [t.to(DEVICE) for t in inputs], weights.to(DEVICE))
+    return out.cpu(), [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize(("layout", "batch_shape"), LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+class TestLogProbAgainstReference:
+    def test_float64(self, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        got, got_grads = triton_grads(op, inputs, weights)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
+            assert g.shape == e.shape, name
+            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+    def test_float32(self, matrix, layout, batch_shape, k):
+        op, ref = OPS[matrix]
+        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+        weights = torch.randn(batch_shape, dtype=torch.float64)
+        expected, expected_grads = grads_of(ref, inputs, weights)
+        got, got_grads = triton_grads(op, [t.float() for t in inputs], weights.float())
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
+        for g, e in zip(got_grads, expected_grads):
+            assert g.dtype == torch.float32
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_non_contiguous_inputs(matrix):
+    op, ref = OPS[matrix]
+    k, B = 5, 9
+    value = torch.randn(k, B, dtype=torch.float64).T
+    loc = torch.randn(B, 2 * k, dtype=torch.float64)[:, ::2]
+    M = make_operands("per_sample", (B,), k, matrix=matrix)[2].mT.contiguous().mT
+    weights = torch.randn(B, dtype=torch.float64)
+    expected, expected_grads = grads_of(ref, (value, loc, M), weights)
+    with backends.use("triton"):
+        got, got_grads = grads_of(op, (value.to(DEVICE), loc.to(DEVICE), M.to(DEVICE)), weights.to(DEVICE))
+    torch.testing.assert_close(got.cpu(), expected)
+    for g, e in zip(got_grads, expected_grads):
+        torch.testing.assert_close(g.cpu(), e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_float32(dtype):
+    op, ref = OPS["scale_tril"]
+    inputs = [t.to(dtype) for t in make_operands("per_sample", (32,), 6, matrix="scale_tril")]
+    expected = ref(*(t.double() for t in inputs))
+    got, grads = triton_grads(op, inputs, torch.ones(32, dtype=dtype))
+    assert got.dtype == dtype and all(g.dtype == dtype for g in grads)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got.double(), expected, rtol=2 * eps, atol=4 * eps * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+def test_zero_size_batch(matrix, layout):
+    op, _ = OPS[matrix]
+    inputs = make_operands(layout, (0,), 4, matrix=matrix)
+    out, grads = triton_grads(op, inputs, torch.ones(0, dtype=torch.float64))
+    assert out.shape == (0,)
+    for g, t in zip(grads, inputs):
+        assert g.shape == t.shape and torch.all(g == 0)
+
+
+def test_not_positive_definite_poisons_its_samples_only():
+    value, loc, cov = make_operands("per_sample", (5,), 3, matrix="covariance")
+    cov[2] = -cov[2]
+    out, (_, loc_grad, cov_grad) = triton_grads(ops.mvn_cov_log_prob, (value, loc, cov), torch.ones(5, dtype=torch.float64))
+    bad = torch.tensor([False, False, True, False, False])
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.isfinite(loc_grad[~bad]).all() and torch.isfinite(cov_grad[~bad]).all()
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (False, False, True)])
+def test_backward_op(matrix, mask):
+    _, ref = OPS[matrix]
+    name = "mvn_tril_log_prob_backward" if matrix == "scale_tril" else "mvn_cov_log_prob_backward"
+    inputs = make_operands("shared_matrix", (4, 3), 3, matrix=matrix)
+    grad = torch.randn(4, 3, dtype=torch.float64)
+    _, expected = grads_of(ref, inputs, grad)
+    got = getattr(torch.ops.fusedgauss_triton, name)(grad.to(DEVICE), *(t.to(DEVICE) for t in inputs), list(mask))
+    for g, e, wanted in zip(got, expected, mask):
+        if wanted:
+            torch.testing.assert_close(g.cpu(), e)
+        else:
+            assert g.numel() == 0
+
+
+class TestCholesky:
+    @pytest.mark.parametrize("k", EVENT_SIZES)
+    @pytest.mark.parametrize("batch_shape", [(), (7,), (4, 3)], ids=str)
+    def test_against_torch_linalg(self, k, batch_shape):
+        A = random_spd(batch_shape, k).requires_grad_()
+        G = torch.randn(batch_shape + (k, k), dtype=torch.float64)
+        with backends.use("triton"):
+            A_dev = A.to(DEVICE)
+            L = ops.cholesky(A_dev)
+            (grad,) = torch.autograd.grad((L * G.to(DEVICE)).sum(), A)
+        expected = torch.linalg.cholesky(A)
+        (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
+        torch.testing.assert_close(L.cpu(), expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8)
+        torch.testing.assert_close(grad, grad.mT)
+
+    def test_not_positive_definite_gives_nan_for_that_matrix_only(self):
+        A = random_spd((4,), 3)
+        A[1] = -A[1]
+        with backends.use("triton"):
+            L = ops.cholesky(A.to(DEVICE)).cpu()
+        assert torch.isnan(L[1]).all() and torch.isfinite(L[[0, 2, 3]]).all()
+
+    def test_reads_the_lower_triangle_only(self):
+        A = random_spd((3,), 4)
+        with backends.use("triton"):
+            L = ops.cholesky((A + torch.randn(3, 4, 4, dtype=torch.float64).triu(1)).to(DEVICE))
+        torch.testing.assert_close(L.cpu(), reference.cholesky(A))
+
+
+def test_event_sizes_beyond_the_kernels():
+    k = backends.MAX_EVENT_SIZE["triton"] + 1
+    with backends.use("triton"), pytest.raises(backends.BackendUnavailableError, match="event sizes up to"):
+        ops.mvn_tril_log_prob(torch.zeros(k), torch.zeros(k), torch.eye(k))
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every test above compiles the kernels")
+def test_kernels_compile_for_a_gpu():
+    """The interpreter runs the kernels' numbers but not Triton's compiler, whose checks
+    (types, constexpr globals, shapes) a kernel must pass to run on a GPU: compile each one for
+    sm_90 (in a process without the interpreter)."""
+    script = Path(__file__).with_name("compile_triton_kernels.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, str(script), "--k", "6"], capture_output=True, text=True, env=env, timeout=1800)
+    assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-4000:]
+    assert out.stdout.count("ok ") == 12, out.stdout  # 6 kernels, float32 and float64
+
+
+@requires_gpu
+class TestOnGpu:
+    """What the interpreter cannot check: opcheck, gradcheck and torch.compile of the ops."""
+
+    @staticmethod
+    def sample_inputs():
+        for matrix in ("scale_tril", "covariance"):
+            for layout in ("per_sample", "shared_matrix", "partial"):
+                value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
+                yield matrix, (value.cuda(), loc.cuda().requires_grad_(), M.cuda().requires_grad_())
+
+    def test_opcheck(self):
+        for matrix, args in self.sample_inputs():
+            name = "mvn_tril_log_prob" if matrix == "scale_tril" else "mvn_cov_log_prob"
+            torch.library.opcheck(getattr(torch.ops.fusedgauss_triton, name).default, args)
+        A = random_spd((2, 2), 4).float().cuda()
+        torch.library.opcheck(torch.ops.fusedgauss_triton.cholesky.default, (A.requires_grad_(),))
+
+    @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+    def test_gradcheck(self, matrix):
+        op, _ = OPS[matrix]
+        value, loc, M = (t.cuda().requires_grad_() for t in make_operands("shared_value", (2, 3), 3, matrix=matrix))
+        fix = (lambda L: L.tril()) if matrix == "scale_tril" else symmetrise
+        with backends.use("triton"):
+            assert torch.autograd.gradcheck(lambda v, m, A: op(v, m, fix(A)), (value, loc, M))
+
+    @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+    def test_torch_compile_fullgraph(self, matrix):
+        op, _ = OPS[matrix]
+        value, loc, M = (t.cuda() for t in make_operands("per_sample", (64,), 6, matrix=matrix, dtype=torch.float32))
+        loc.requires_grad_()
+
+        def loss(value, loc, M):
+            return op(value, loc, M).sum()
+
+        with backends.use("triton"):
+            expected = torch.autograd.grad(loss(value, loc, M), loc)
+            got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(value, loc, M), loc)
+        torch.testing.assert_close(got, expected)

@@ -1,0 +1,169 @@
+"""Triton kernels of the full-covariance Gaussian log-prob ops and their backward ops.
+
+Each program takes BLOCK samples; operands are rows ``stride`` apart, or shared by the batch
+(stride 0: every sample of the block reads the same matrix). A covariance is factorised in
+registers (``_cholesky``) and never written out. Gradients of shared operands are summed per
+program into one row of ``partials``; the launcher adds the rows in a second, deterministic
+pass and applies the parameter terms.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .linalg import (
+    _cholesky,
+    _diagonal,
+    _load_lower,
+    _load_vectors,
+    _solve_lower,
+    _solve_lower_transposed,
+    _solve_lower_transposed_columns,
+    _store_matrices,
+    _store_vectors,
+    _sum_log_diagonal,
+    _transpose,
+)
+
+LOG_2PI = tl.constexpr(1.8378770664093454835606594728112)
+# Integer arguments Triton would otherwise specialise on (== 1, divisible by 16), each value
+# a separate compilation of kernels that take tens of seconds to compile: the batch size, the
+# strides (0 for a shared operand) and the backward's output switches.
+FORWARD_RUNTIME_INTEGERS = ["n", "value_stride", "loc_stride", "matrix_stride"]
+BACKWARD_RUNTIME_INTEGERS = FORWARD_RUNTIME_INTEGERS + ["VALUE_ROWS", "LOC_ROWS", "MATRIX_ROWS", "REDUCE"]
+
+
+@triton.jit
+def _block_rows(n, BLOCK: tl.constexpr):
+    """This program's sample indices (int64, so that row * stride cannot overflow) and which
+    of them are in the batch."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return rows, rows < n
+
+
+@triton.jit
+def _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE: tl.constexpr, K: tl.constexpr,
+                  KP: tl.constexpr, ACC: tl.constexpr):
+    """The block's Cholesky factors (a scale_tril as read, a covariance factorised) and
+    whether each is valid. Samples past the batch get the identity, so that they compute
+    finite values that are never stored."""
+    idx = tl.arange(0, KP)
+    eye = (idx[None, :, None] == idx[None, None, :]).to(ACC)
+    M = _load_lower(matrix_ptr, matrix_stride, rows, active, K, KP, ACC)
+    M = tl.where(active[:, None, None], M, eye)
+    if COVARIANCE:
+        L, ok = _cholesky(M, K, KP)
+    else:
+        L = M
+        ok = active | ~active
+    return L, ok
+
+
+@triton.jit
+def _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          COVARIANCE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                          ACC: tl.constexpr):
+    rows, active = _block_rows(n, BLOCK)
+    d = _load_vectors(value_ptr, value_stride, rows, active, K, KP, ACC)
+    d -= _load_vectors(loc_ptr, loc_stride, rows, active, K, KP, ACC)
+    L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
+    z = _solve_lower(L, d, K, KP)
+    log_prob = -0.5 * tl.sum(z * z, axis=1) - _sum_log_diagonal(L, K, KP) - 0.5 * K * LOG_2PI
+    log_prob = tl.where(ok, log_prob, float("nan"))
+    tl.store(out_ptr + rows, log_prob.to(out_ptr.dtype.element_ty), mask=active)
+
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
+def _mvn_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                                      out_ptr, n, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                                      ACC: tl.constexpr):
+    """log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (K/2) log 2 pi,  z = L^{-1}(x - mu)."""
+    _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          False, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
+def _mvn_cov_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                                     out_ptr, n, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                                     ACC: tl.constexpr):
+    """log N(x; mu, Sigma) with L = chol(Sigma) computed in registers; NaN for a sample whose
+    Sigma is not positive-definite."""
+    _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          True, K, KP, BLOCK, ACC)
+
+
+@triton.jit
+def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n,
+                           COVARIANCE: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, K: tl.constexpr,
+                           KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    idx = tl.arange(0, KP)
+    i = idx[None, :, None]
+    j = idx[None, None, :]
+    rows, active = _block_rows(n, BLOCK)
+    g = tl.load(grad_ptr + rows, mask=active, other=0.0).to(ACC)
+    d = _load_vectors(value_ptr, value_stride, rows, active, K, KP, ACC)
+    d -= _load_vectors(loc_ptr, loc_stride, rows, active, K, KP, ACC)
+    L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
+    g = tl.where(ok, g, float("nan"))
+    z = _solve_lower(L, d, K, KP)
+    w = _solve_lower_transposed(L, z, K, KP)
+    gw = tl.where(active[:, None], g[:, None] * w, 0.0)
+    if VALUE_ROWS:
+        _store_vectors(value_grad_ptr, rows, active, -gw, K, KP)
+    if LOC_ROWS:
+        _store_vectors(loc_grad_ptr, rows, active, gw, K, KP)
+    # The per-sample term of the matrix gradient, without its parameter term:
+    # tril(g w z^T) for scale_tril, g w w^T (exactly symmetric) for a covariance.
+    if COVARIANCE:
+        outer = g[:, None, None] * (w[:, :, None] * w[:, None, :])
+    else:
+        outer = tl.where(j <= i, gw[:, :, None] * z[:, None, :], 0.0)
+    outer = tl.where(active[:, None, None], outer, 0.0)
+    if MATRIX_ROWS:
+        if COVARIANCE:
+            # Sigma^{-1} = L^{-T} L^{-1}: L^{-T} = L^{-T} I, then L^{-T} (L^{-T})^T.
+            eye = tl.where(active[:, None, None], (i == j).to(ACC), 0.0)
+            inverse_transposed = _solve_lower_transposed_columns(L, eye, K, KP)
+            sigma_inv = _solve_lower_transposed_columns(L, _transpose(inverse_transposed, KP), K, KP)
+            sigma_inv = tl.where(j <= i, sigma_inv, _transpose(sigma_inv, KP))
+            grad_matrix = 0.5 * (outer - g[:, None, None] * sigma_inv)
+        else:
+            diag = tl.where(idx[None, :] < K, _diagonal(L, KP), 1.0)
+            grad_matrix = outer - tl.where(i == j, (g[:, None] / diag)[:, :, None], 0.0)
+        _store_matrices(matrix_grad_ptr, rows, active, grad_matrix, K, KP)
+    if REDUCE:
+        # Row of this program: sum g w (K), the sum of the per-sample matrix terms (K * K),
+        # and sum g.
+        row = partials_ptr + tl.program_id(0).to(tl.int64) * (K + K * K + 1)
+        tl.store(row + idx, tl.sum(gw, axis=0), mask=idx < K)
+        matrix_mask = (idx[:, None] < K) & (idx[None, :] < K)
+        tl.store(row + K + idx[:, None] * K + idx[None, :], tl.sum(outer, axis=0), mask=matrix_mask)
+        tl.store(row + K + K * K, tl.sum(tl.where(active, g, 0.0), axis=0))
+
+
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
+def _mvn_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                       matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
+                                       n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, K: tl.constexpr, KP: tl.constexpr,
+                                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """With z = L^{-1}(x - mu), w = L^{-T} z and upstream gradient g:
+    d/dx = -g w,  d/dmu = g w,  d/dL = g (tril(w z^T) - diag(1/L_ii)).
+    VALUE_ROWS, LOC_ROWS, MATRIX_ROWS: write that gradient per sample; REDUCE: write this
+    program's sums of the per-sample terms to its row of partials."""
+    _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, False, VALUE_ROWS,
+                           LOC_ROWS, MATRIX_ROWS, REDUCE, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
+def _mvn_cov_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                      matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
+                                      n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, K: tl.constexpr, KP: tl.constexpr,
+                                      BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """With L = chol(Sigma), w = Sigma^{-1}(x - mu) and upstream gradient g:
+    d/dx = -g w,  d/dmu = g w,  d/dSigma = g/2 (w w^T - Sigma^{-1}), symmetric."""
+    _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, True, VALUE_ROWS,
+                           LOC_ROWS, MATRIX_ROWS, REDUCE, K, KP, BLOCK, ACC)
