@@ -30,14 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributions as td
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fusedgauss  # noqa: E402
-from bench_ops import CASES, bytes_moved, make_inputs  # noqa: E402
+from bench_ops import CASES, bytes_moved, log_prob_steps  # noqa: E402
 
 FUSED_BACKENDS = ("cuda", "triton")
 
@@ -91,29 +90,16 @@ def columns(compile_torch: bool) -> list[str]:
 
 def run_cell(case, batch, k, passes, names, bandwidth) -> Row:
     row = Row(case=case, k=k, batch=batch, passes=passes, bytes_moved=bytes_moved(case, batch, k, passes))
-    value, loc, matrix, keyword = make_inputs(case, batch, k, device="cuda")
-
-    def torch_log_prob(loc, matrix, value):
-        return td.MultivariateNormal(loc, validate_args=False, **{keyword: matrix}).log_prob(value)
-
-    def fused_log_prob(loc, matrix, value):
-        return fusedgauss.MultivariateNormal(loc, validate_args=False, **{keyword: matrix}).log_prob(value)
-
-    def as_step(log_prob):
-        if passes == "forward":
-            return lambda: log_prob(loc, matrix, value)
-        return lambda: torch.autograd.grad(log_prob(loc, matrix, value).sum(), (loc, matrix))
-
+    torch_step, compiled_step, fused_step = log_prob_steps(case, batch, k, passes, device="cuda")
     for name in names:
         try:
             if name == "torch":
-                row.ms[name] = time_ms(as_step(torch_log_prob))
+                row.ms[name] = time_ms(torch_step)
             elif name == "torch.compile":
-                torch._dynamo.reset()
-                row.ms[name] = time_ms(as_step(torch.compile(torch_log_prob, dynamic=False)))
+                row.ms[name] = time_ms(compiled_step())
             else:
                 with fusedgauss.backends.use(name):
-                    row.ms[name] = time_ms(as_step(fused_log_prob))
+                    row.ms[name] = time_ms(fused_step)
         except (RuntimeError, torch.OutOfMemoryError) as error:  # noqa: PERF203
             row.ms[name] = None
             row.errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"

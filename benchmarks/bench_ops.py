@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
@@ -113,8 +112,11 @@ def timed(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def run_cell(case, batch, k, passes, compile_torch, min_run_time):
-    value, loc, matrix, keyword = make_inputs(case, batch, k)
+def log_prob_steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
+    """Zero-argument steps over fresh inputs: torch.distributions eager, a function that
+    returns the same step under torch.compile (compiling on its first call), and fusedgauss
+    (on whichever backend is chosen when it runs)."""
+    value, loc, matrix, keyword = make_inputs(case, batch, k, device)
 
     def torch_log_prob(loc, matrix, value):
         return td.MultivariateNormal(loc, validate_args=False, **{keyword: matrix}).log_prob(value)
@@ -127,15 +129,19 @@ def run_cell(case, batch, k, passes, compile_torch, min_run_time):
             return lambda: log_prob(loc, matrix, value)
         return lambda: torch.autograd.grad(log_prob(loc, matrix, value).sum(), (loc, matrix))
 
-    torch_ms = timed(as_step(torch_log_prob), min_run_time) * 1e3
-    fused_ms = timed(as_step(fused_log_prob), min_run_time) * 1e3
-    compile_ms = None
-    if compile_torch:
+    def compiled_step():
         torch._dynamo.reset()
-        compiled = torch.compile(torch_log_prob, dynamic=False)
-        compile_ms = timed(as_step(compiled), min_run_time) * 1e3
-    moved = bytes_moved(case, batch, k, passes)
-    return torch_ms, compile_ms, fused_ms, moved
+        return as_step(torch.compile(torch_log_prob, dynamic=False))
+
+    return as_step(torch_log_prob), compiled_step, as_step(fused_log_prob)
+
+
+def run_cell(case, batch, k, passes, compile_torch, min_run_time):
+    torch_step, compiled_step, fused_step = log_prob_steps(case, batch, k, passes)
+    torch_ms = timed(torch_step, min_run_time) * 1e3
+    fused_ms = timed(fused_step, min_run_time) * 1e3
+    compile_ms = timed(compiled_step(), min_run_time) * 1e3 if compile_torch else None
+    return torch_ms, compile_ms, fused_ms, bytes_moved(case, batch, k, passes)
 
 
 def to_markdown(rows: list[Row], meta: dict) -> str:

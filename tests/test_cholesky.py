@@ -13,23 +13,28 @@ from conftest import requires_compiled_cpu
 CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
 
 
+def check_against_torch_linalg(backend, k, batch_shape, dtype, device="cpu"):
+    """The factor and its gradient equal torch.linalg.cholesky's; the gradient is symmetric."""
+    A = random_spd(batch_shape, k).to(dtype).requires_grad_()
+    G = torch.randn(batch_shape + (k, k), dtype=dtype)
+    with backends.use(backend):
+        L = ops.cholesky(A.to(device))
+        (grad,) = torch.autograd.grad((L * G.to(device)).sum(), A)
+    expected = torch.linalg.cholesky(A)
+    (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * k)
+    torch.testing.assert_close(L.cpu(), expected, **tol)
+    scale = 1 + expected_grad.abs().max()
+    torch.testing.assert_close(grad / scale, expected_grad / scale, **tol)
+    torch.testing.assert_close(grad, grad.mT)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("k", [1, 2, 3, 6, 17, 32, 64])
 @pytest.mark.parametrize("batch_shape", [(), (7,), (4, 3)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_against_torch_linalg(backend, k, batch_shape, dtype):
-    A = random_spd(batch_shape, k).to(dtype).requires_grad_()
-    G = torch.randn(batch_shape + (k, k), dtype=dtype)
-    with backends.use(backend):
-        L = ops.cholesky(A)
-        (grad,) = torch.autograd.grad((L * G).sum(), A)
-    expected = torch.linalg.cholesky(A)
-    (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * k)
-    torch.testing.assert_close(L, expected, **tol)
-    scale = 1 + expected_grad.abs().max()
-    torch.testing.assert_close(grad / scale, expected_grad / scale, **tol)
-    torch.testing.assert_close(grad, grad.mT)
+    check_against_torch_linalg(backend, k, batch_shape, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

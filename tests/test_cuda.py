@@ -7,7 +7,18 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
-from test_mvn_ops import EVENT_SIZES, LAYOUT_SHAPES, OPS, grads_of, make_operands
+from test_cholesky import check_against_torch_linalg
+from test_mvn_ops import (
+    EVENT_SIZES,
+    LAYOUT_SHAPES,
+    OPS,
+    check_float32,
+    check_float64,
+    grads_of,
+    make_operands,
+    opcheck_inputs,
+    run_on,
+)
 
 from fusedgauss import backends, ops, reference
 
@@ -24,11 +35,7 @@ def on_gpu(tensors):
     return [t.cuda() for t in tensors]
 
 
-def cuda_grads(op, inputs, weights):
-    """Output and gradients of the CUDA op, brought back to the CPU."""
-    with backends.use("cuda"):
-        out, grads = grads_of(op, on_gpu(inputs), weights.cuda())
-    return out.cpu(), [g.cpu() for g in grads]
+cuda_grads = run_on("cuda", "cuda")
 
 
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
@@ -36,27 +43,10 @@ def cuda_grads(op, inputs, weights):
 @pytest.mark.parametrize("k", EVENT_SIZES)
 class TestAgainstReference:
     def test_float64(self, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        got, got_grads = cuda_grads(op, inputs, weights)
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
-            assert g.shape == e.shape, name
-            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        check_float64(cuda_grads, matrix, layout, batch_shape, k)
 
     def test_float32(self, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        got, got_grads = cuda_grads(op, [t.float() for t in inputs], weights.float())
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
-        for g, e in zip(got_grads, expected_grads):
-            scale = 1 + e.abs().max()
-            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+        check_float32(cuda_grads, matrix, layout, batch_shape, k)
 
 
 @pytest.mark.parametrize("k", [1, 3, 17, 64])
@@ -200,17 +190,7 @@ class TestCholesky:
     @pytest.mark.parametrize("k", [1, 2, 3, 6, 17, 32, 64])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_against_torch_linalg(self, k, dtype):
-        A = random_spd((4, 3), k).to(dtype).cuda().requires_grad_()
-        G = torch.randn(4, 3, k, k, dtype=dtype, device="cuda")
-        with backends.use("cuda"):
-            L = ops.cholesky(A)
-            (grad,) = torch.autograd.grad((L * G).sum(), A)
-        expected = torch.linalg.cholesky(A)
-        (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
-        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4 * k)
-        torch.testing.assert_close(L, expected, **tol)
-        scale = 1 + expected_grad.abs().max()
-        torch.testing.assert_close(grad / scale, expected_grad / scale, **tol)
+        check_against_torch_linalg("cuda", k, (4, 3), dtype, device="cuda")
 
     def test_gradcheck(self):
         A = random_spd((2,), 4).cuda().requires_grad_()
@@ -236,10 +216,7 @@ class TestCholesky:
 class TestOpcheck:
     @staticmethod
     def sample_inputs():
-        for matrix in ("scale_tril", "covariance"):
-            for layout in ("per_sample", "shared_matrix", "partial"):
-                value, loc, M = on_gpu(make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32))
-                yield matrix, (value, loc.requires_grad_(), M.requires_grad_())
+        return opcheck_inputs("cuda")
 
     def test_log_prob_ops(self):
         for matrix, args in self.sample_inputs():

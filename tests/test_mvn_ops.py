@@ -66,39 +66,57 @@ LAYOUT_SHAPES = [
 ]
 
 
+def run_on(backend, device="cpu"):
+    """fn(op, inputs, weights) -> (output, gradients): the op on `backend`, the inputs moved
+    to `device`, the results brought back to the CPU."""
+
+    def run(op, inputs, weights):
+        with backends.use(backend):
+            out, grads = grads_of(op, [t.to(device) for t in inputs], weights.to(device))
+        return out.cpu(), [g.cpu() for g in grads]
+
+    return run
+
+
+def check_float64(run, matrix, layout, batch_shape, k):
+    """float64 results and gradients equal the float64 reference."""
+    op, ref = OPS[matrix]
+    inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+    weights = torch.randn(batch_shape, dtype=torch.float64)
+    expected, expected_grads = grads_of(ref, inputs, weights)
+    got, got_grads = run(op, inputs, weights)
+    assert got.shape == expected.shape == torch.Size(batch_shape)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
+        assert g.shape == e.shape, name
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def check_float32(run, matrix, layout, batch_shape, k):
+    """float32 results and gradients equal the float64 reference within rounding."""
+    op, ref = OPS[matrix]
+    inputs = make_operands(layout, batch_shape, k, matrix=matrix)
+    weights = torch.randn(batch_shape, dtype=torch.float64)
+    expected, expected_grads = grads_of(ref, inputs, weights)
+    got, got_grads = run(op, [t.float() for t in inputs], weights.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
+    for g, e in zip(got_grads, expected_grads):
+        assert g.dtype == torch.float32
+        scale = 1 + e.abs().max()
+        torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
 @pytest.mark.parametrize(("layout", "batch_shape"), LAYOUT_SHAPES, ids=str)
 @pytest.mark.parametrize("k", EVENT_SIZES)
 class TestAgainstReference:
-    """float64 results and gradients equal the float64 reference; float32 within rounding."""
-
     def test_float64(self, backend, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        with backends.use(backend):
-            got, got_grads = grads_of(op, inputs, weights)
-        assert got.shape == expected.shape == torch.Size(batch_shape)
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
-            assert g.shape == e.shape, name
-            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        check_float64(run_on(backend), matrix, layout, batch_shape, k)
 
     def test_float32(self, backend, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        with backends.use(backend):
-            got, got_grads = grads_of(op, [t.float() for t in inputs], weights.float())
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
-        for g, e in zip(got_grads, expected_grads):
-            assert g.dtype == torch.float32
-            scale = 1 + e.abs().max()
-            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+        check_float32(run_on(backend), matrix, layout, batch_shape, k)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -270,16 +288,21 @@ def test_double_backward_raises_clearly():
             g.sum().backward()
 
 
+def opcheck_inputs(device="cpu"):
+    """(matrix, (value, loc, matrix)) for opcheck: per-sample, shared and partly broadcast."""
+    for matrix in ("scale_tril", "covariance"):
+        for layout in ("per_sample", "shared_matrix", "partial"):
+            value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
+            yield matrix, (value.to(device), loc.to(device).requires_grad_(), M.to(device).requires_grad_())
+
+
 @requires_compiled_cpu
 class TestOpcheck:
     """torch.library.opcheck: schema, autograd registration, fake tensors, AOT dispatch."""
 
     @staticmethod
     def sample_inputs():
-        for matrix in ("scale_tril", "covariance"):
-            for layout in ("per_sample", "shared_matrix", "partial"):
-                value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
-                yield matrix, (value, loc.requires_grad_(), M.requires_grad_())
+        return opcheck_inputs()
 
     def test_log_prob_ops(self):
         for matrix, args in self.sample_inputs():

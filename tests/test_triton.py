@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import random_spd, symmetrise
-from test_mvn_ops import OPS, grads_of, make_operands
+from test_cholesky import check_against_torch_linalg
+from test_mvn_ops import OPS, check_float32, check_float64, grads_of, make_operands, opcheck_inputs, run_on
 
 from fusedgauss import backends, ops, reference
 
@@ -47,10 +48,7 @@ LAYOUT_SHAPES = [
 ]
 
 
-def triton_grads(op, inputs, weights):
-    with backends.use("triton"):
-        out, grads = grads_of(op, [t.to(DEVICE) for t in inputs], weights.to(DEVICE))
-    return out.cpu(), [g.cpu() for g in grads]
+triton_grads = run_on("triton", DEVICE)
 
 
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
@@ -58,29 +56,10 @@ def triton_grads(op, inputs, weights):
 @pytest.mark.parametrize("k", EVENT_SIZES)
 class TestLogProbAgainstReference:
     def test_float64(self, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        got, got_grads = triton_grads(op, inputs, weights)
-        assert got.shape == expected.shape
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for name, g, e in zip(("value", "loc", matrix), got_grads, expected_grads):
-            assert g.shape == e.shape, name
-            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+        check_float64(triton_grads, matrix, layout, batch_shape, k)
 
     def test_float32(self, matrix, layout, batch_shape, k):
-        op, ref = OPS[matrix]
-        inputs = make_operands(layout, batch_shape, k, matrix=matrix)
-        weights = torch.randn(batch_shape, dtype=torch.float64)
-        expected, expected_grads = grads_of(ref, inputs, weights)
-        got, got_grads = triton_grads(op, [t.float() for t in inputs], weights.float())
-        assert got.dtype == torch.float32
-        torch.testing.assert_close(got.double(), expected, rtol=2e-5 * k, atol=2e-5 * k)
-        for g, e in zip(got_grads, expected_grads):
-            assert g.dtype == torch.float32
-            scale = 1 + e.abs().max()
-            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+        check_float32(triton_grads, matrix, layout, batch_shape, k)
 
 
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
@@ -150,17 +129,7 @@ class TestCholesky:
     @pytest.mark.parametrize("k", EVENT_SIZES)
     @pytest.mark.parametrize("batch_shape", [(), (7,), (4, 3)], ids=str)
     def test_against_torch_linalg(self, k, batch_shape):
-        A = random_spd(batch_shape, k).requires_grad_()
-        G = torch.randn(batch_shape + (k, k), dtype=torch.float64)
-        with backends.use("triton"):
-            A_dev = A.to(DEVICE)
-            L = ops.cholesky(A_dev)
-            (grad,) = torch.autograd.grad((L * G.to(DEVICE)).sum(), A)
-        expected = torch.linalg.cholesky(A)
-        (expected_grad,) = torch.autograd.grad((expected * G).sum(), A)
-        torch.testing.assert_close(L.cpu(), expected, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-8)
-        torch.testing.assert_close(grad, grad.mT)
+        check_against_torch_linalg("triton", k, batch_shape, torch.float64, device=DEVICE)
 
     def test_not_positive_definite_gives_nan_for_that_matrix_only(self):
         A = random_spd((4,), 3)
@@ -198,15 +167,8 @@ def test_kernels_compile_for_a_gpu():
 class TestOnGpu:
     """What the interpreter cannot check: opcheck, gradcheck and torch.compile of the ops."""
 
-    @staticmethod
-    def sample_inputs():
-        for matrix in ("scale_tril", "covariance"):
-            for layout in ("per_sample", "shared_matrix", "partial"):
-                value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
-                yield matrix, (value.cuda(), loc.cuda().requires_grad_(), M.cuda().requires_grad_())
-
     def test_opcheck(self):
-        for matrix, args in self.sample_inputs():
+        for matrix, args in opcheck_inputs("cuda"):
             name = "mvn_tril_log_prob" if matrix == "scale_tril" else "mvn_cov_log_prob"
             torch.library.opcheck(getattr(torch.ops.fusedgauss_triton, name).default, args)
         A = random_spd((2, 2), 4).float().cuda()
