@@ -53,10 +53,10 @@ TRITON_KERNELS = importlib.util.find_spec("triton") is not None
 #: Triton's interpreter is on (TRITON_INTERPRET=1), so the Triton kernels run on CPU tensors.
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-#: Largest event size each backend's kernels handle; larger ones go to "torch"
-#: (None: no limit). The CUDA kernels keep a sample in one thread's private arrays, sized up to
-#: kMaxEventSize in csrc/cuda/launch.cuh.
-#: The Triton kernels hold a block of k x k tiles in registers (fusedgauss/triton_ops.py).
+#: Largest event size each backend's kernels handle; larger ones go to "torch" (None: no
+#: limit). A CUDA thread keeps its sample in private arrays sized up to kMaxEventSize
+#: (csrc/cuda/launch.cuh); a Triton program holds a block of k x k tiles in registers
+#: (fusedgauss/triton_ops.py).
 MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": 32, "cpu": None, "torch": None}
 
 

@@ -1,10 +1,12 @@
 """The op surface: the one door to every fusedgauss op, whatever the backend.
 
 Each public function checks its arguments (:mod:`fusedgauss.validation`), asks
-:mod:`fusedgauss.backends` which implementation runs, and calls either the registered custom
-op ``torch.ops.fusedgauss.<op>`` or the plain-PyTorch reference. This module also attaches
-to each registered op its fake (meta) implementation, so ``torch.compile`` traces through
-it, and its autograd formula, which calls the op's explicit backward op.
+:mod:`fusedgauss.backends` which implementation runs, and calls the compiled custom op
+``torch.ops.fusedgauss.<op>`` (cpu, cuda), the Triton op ``torch.ops.fusedgauss_triton.<op>``
+(:mod:`fusedgauss.triton_ops`, imported on first use) or the plain-PyTorch reference. This
+module also attaches to each compiled op its fake (meta) implementation, so ``torch.compile``
+traces through it, and to both kinds of op their autograd formula, which calls the op's
+explicit backward op.
 
 Second derivatives through the fused backward ops are not implemented: differentiating one
 raises an error that says so (force the "torch" backend for higher-order gradients).
