@@ -5,13 +5,18 @@
 #
 #   benchmarks/gpu_check.sh OUT                       build, test, benchmark
 #   benchmarks/gpu_check.sh OUT build|test|bench      one stage (a later stage needs the build)
-#   benchmarks/gpu_check.sh OUT bench --quick         arguments after the stage go to bench_gpu.py
+#   benchmarks/gpu_check.sh OUT test tests/test_cuda.py    arguments after the stage go to
+#   benchmarks/gpu_check.sh OUT bench --quick              pytest (test) or bench_gpu.py (bench)
+#
+# The Triton kernels compile for tens of seconds per event size and dtype on first use; their
+# cache is kept in build/triton-cache, so that a later call on the same machine reuses it
+# (split the test stage by file where one call has too little time).
 #
 # Environment: PYTHON (python3), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (that of the visible GPU).
 # Exits non-zero if any stage failed; every stage's log is kept either way.
 set -uo pipefail
 
-out=${1:?usage: benchmarks/gpu_check.sh OUT [all|build|test|bench] [bench_gpu.py arguments]}
+out=${1:?usage: benchmarks/gpu_check.sh OUT [all|build|test|bench] [pytest or bench_gpu.py arguments]}
 stage=${2:-all}
 shift $(($# >= 2 ? 2 : 1))
 mkdir -p "$out"
@@ -19,6 +24,7 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/build/triton-cache}
 status=0
 
 # run NAME COMMAND...: COMMAND's output to OUT/NAME.log, its end echoed here.
@@ -50,7 +56,7 @@ if [[ $stage == all || $stage == build ]]; then
   run check "$py" -m fusedgauss check
 fi
 if [[ $stage == all || $stage == test ]]; then
-  run tests "$py" -m pytest -q -p no:cacheprovider -rs tests --junitxml="$out/tests.xml"
+  run tests "$py" -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" "${@:-tests}"
 fi
 if [[ $stage == all || $stage == bench ]]; then
   run bench "$py" benchmarks/bench_gpu.py --out "$out" "$@"
