@@ -146,7 +146,7 @@ def run_cell(case, batch, k, passes, compile_torch, min_run_time):
 
 def to_markdown(rows: list[Row], meta: dict) -> str:
     lines = [
-        f"# CPU benchmark: fusedgauss vs torch.distributions ({meta['date']})",
+        f"# {meta['title']} ({meta['date']})",
         "",
         f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']}; "
         f"float32; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s. Medians of torch.utils.benchmark.",
@@ -173,7 +173,7 @@ def plot(rows: list[Row], path: Path) -> None:
     largest = max(r.batch for r in rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, passes in zip(axes, ("forward", "forward+backward")):
-        for case in CASES:
+        for case in dict.fromkeys(r.case for r in rows):
             sel = [r for r in rows if r.case == case and r.passes == passes and r.batch == largest]
             if sel:
                 ax.plot([r.k for r in sel], [r.speedup_vs_torch for r in sel], marker="o", label=case)
@@ -188,29 +188,32 @@ def plot(rows: list[Row], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="B=4096, k in {2, 6}")
+def add_grid_arguments(parser: argparse.ArgumentParser, cases, ks, name_stem: str) -> None:
+    """The command line every CPU benchmark shares."""
     parser.add_argument("--batch", type=int, nargs="+", default=[4096, 65536])
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 6, 17, 32])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--k", type=int, nargs="+", default=ks)
+    parser.add_argument("--cases", nargs="+", default=list(cases), choices=cases)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="intra-op threads for every column (default: all of this machine's)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON, markdown, plot")
-    parser.add_argument("--name", default=None, help="file name stem of the results (default: cpu_ops_<threads>t)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.batch, args.k = [4096], [2, 6]
-    if args.name is None:
-        args.name = f"cpu_ops_{args.threads}t"
+    parser.add_argument("--name", default=None, help=f"file name stem of the results (default: {name_stem}_<threads>t)")
+    parser.set_defaults(name_stem=name_stem)
 
+
+def run_grid(args, title: str, run_cell) -> list[Row]:
+    """Times every (case, B, k, passes) cell with run_cell(case, batch, k, passes, compile,
+    min_run_time) -> (torch ms, compile ms, fusedgauss ms, bytes), prints the table and writes
+    JSON, markdown and a plot named after args.name."""
+    if args.name is None:
+        args.name = f"{args.name_stem}_{args.threads}t"
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     torch._dynamo.config.cache_size_limit = 256
     bandwidth = measure_copy_bandwidth(args.min_run_time)
     meta = {
+        "title": title,
         "date": datetime.date.today().isoformat(),
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -248,6 +251,17 @@ def main(argv=None) -> None:
     (args.out / f"{args.name}.md").write_text(markdown)
     plot(rows, args.out / f"{args.name}.png")
     print(f"wrote {args.out / args.name}.json, .md and .png")
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B=4096, k in {2, 6}")
+    add_grid_arguments(parser, CASES, [2, 6, 17, 32], "cpu_ops")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.k = [4096], [2, 6]
+    run_grid(args, "CPU benchmark: fusedgauss vs torch.distributions", run_cell)
 
 
 if __name__ == "__main__":

@@ -20,4 +20,43 @@ TORCH_LIBRARY(fusedgauss, m) {
   // Lower Cholesky factor of each matrix in A (*, k, k), read through its lower triangle.
   m.def("cholesky(Tensor A) -> Tensor");
   m.def("cholesky_backward(Tensor grad, Tensor L) -> Tensor");
+
+  // log N(value; loc, diag(scale)^2) summed over the event: value, loc, scale (*, k).
+  m.def("diag_normal_log_prob(Tensor value, Tensor loc, Tensor scale) -> Tensor");
+  m.def(
+      "diag_normal_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // log|d tanh(u) / du| = log(1 - tanh(u)^2), elementwise, in the stable form.
+  m.def("tanh_log_abs_det_jacobian(Tensor u) -> Tensor");
+  m.def("tanh_log_abs_det_jacobian_backward(Tensor grad, Tensor u) -> Tensor");
+  // log-prob of a = tanh(u), u ~ a Gaussian with a diagonal or scale_tril base, given the
+  // action a (value_is_pre_tanh false: u = atanh of a clamped to the dtype's open interval)
+  // or u itself: base log-prob of u minus sum_i log(1 - tanh(u_i)^2).
+  m.def("squashed_diag_log_prob(Tensor value, Tensor loc, Tensor scale, bool value_is_pre_tanh) -> Tensor");
+  m.def(
+      "squashed_diag_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale, "
+      "bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "squashed_tril_log_prob(Tensor value, Tensor loc, Tensor scale_tril, bool value_is_pre_tanh) "
+      "-> Tensor");
+  m.def(
+      "squashed_tril_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale_tril, "
+      "bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // A reparameterised squashed sample from standard-normal noise eps (*, k):
+  // u = loc + scale * eps (or scale_tril @ eps), action = tanh(u), and its log-prob, with no
+  // solve and no atanh. Backward takes the gradients of the three outputs (absent: zero).
+  m.def(
+      "squashed_diag_rsample_log_prob(Tensor loc, Tensor scale, Tensor eps) "
+      "-> (Tensor action, Tensor pre_tanh, Tensor log_prob)");
+  m.def(
+      "squashed_diag_rsample_log_prob_backward(Tensor? grad_action, Tensor? grad_pre_tanh, "
+      "Tensor? grad_log_prob, Tensor loc, Tensor scale, Tensor eps, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "squashed_tril_rsample_log_prob(Tensor loc, Tensor scale_tril, Tensor eps) "
+      "-> (Tensor action, Tensor pre_tanh, Tensor log_prob)");
+  m.def(
+      "squashed_tril_rsample_log_prob_backward(Tensor? grad_action, Tensor? grad_pre_tanh, "
+      "Tensor? grad_log_prob, Tensor loc, Tensor scale_tril, Tensor eps, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -36,10 +36,22 @@ except ImportError as error:  # a source checkout that was never built, or a bro
     EXTENSION_ERROR = f"{type(error).__name__}: {error}"
 
 
-def _has_kernel(dispatch_key: str) -> bool:
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fusedgauss::mvn_tril_log_prob", dispatch_key
+def _ops_with_kernels(dispatch_key: str) -> frozenset[str]:
+    """The compiled ops registered for `dispatch_key`, looked up once: the per-call backend
+    choice must be plain Python for torch.compile to trace through it."""
+    if EXTENSION_ERROR is not None:
+        return frozenset()
+    names = (n for n in torch._C._dispatch_get_all_op_names() if n.startswith("fusedgauss::"))
+    return frozenset(
+        n.split("::", 1)[1] for n in names if torch._C._dispatch_has_kernel_for_dispatch_key(n, dispatch_key)
     )
+
+
+_COMPILED_OPS = {"cpu": _ops_with_kernels("CPU"), "cuda": _ops_with_kernels("CUDA")}
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return "mvn_tril_log_prob" in _COMPILED_OPS[dispatch_key.lower()]
 
 
 #: The compiled extension is loaded and its ops are registered.
@@ -52,6 +64,18 @@ COMPILED_CUDA = _has_kernel("CUDA")
 TRITON_KERNELS = importlib.util.find_spec("triton") is not None
 #: Triton's interpreter is on (TRITON_INTERPRET=1), so the Triton kernels run on CPU tensors.
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: The ops of the Triton backend (fusedgauss.triton_ops); the others run on the next backend.
+TRITON_OPS = frozenset({"mvn_tril_log_prob", "mvn_cov_log_prob", "cholesky"})
+
+
+def missing_op_reason(name: str, op: str | None) -> str | None:
+    """Why backend `name` has no kernel for `op` (None: it has one, or no op was named)."""
+    if op is None or name == "torch":
+        return None
+    has = op in (TRITON_OPS if name == "triton" else _COMPILED_OPS[name])
+    return None if has else f"it has no kernel for {op}"
+
 
 #: Largest event size each backend's kernels handle; larger ones go to "torch" (None: no
 #: limit). A CUDA thread keeps its sample in private arrays sized up to kMaxEventSize
@@ -83,8 +107,8 @@ def unavailable_reason(name: str, device_type: str) -> str | None:
     return None
 
 
-def default_backend(device_type: str, event_size: int | None = None) -> str:
-    """The backend chosen when none is forced."""
+def default_backend(device_type: str, event_size: int | None = None, op: str | None = None) -> str:
+    """The backend chosen when none is forced (for `op`, when one is named)."""
     if device_type == "cuda":
         candidates = ("cuda", "triton")
     elif device_type == "cpu":
@@ -93,8 +117,10 @@ def default_backend(device_type: str, event_size: int | None = None) -> str:
         candidates = ()
     for name in candidates:
         limit = MAX_EVENT_SIZE[name]
-        if unavailable_reason(name, device_type) is None and (
-            event_size is None or limit is None or event_size <= limit
+        if (
+            unavailable_reason(name, device_type) is None
+            and missing_op_reason(name, op) is None
+            and (event_size is None or limit is None or event_size <= limit)
         ):
             return name
     return "torch"
@@ -126,12 +152,12 @@ def use(name: str | None) -> Iterator[None]:
         _forced.pop()
 
 
-def select(device_type: str, event_size: int) -> str:
-    """The backend that runs an op on `device_type` tensors with event size `event_size`."""
+def select(device_type: str, event_size: int, op: str | None = None) -> str:
+    """The backend that runs `op` on `device_type` tensors with event size `event_size`."""
     name = _forced[-1]
     if name is None:
-        return default_backend(device_type, event_size)
-    reason = unavailable_reason(name, device_type)
+        return default_backend(device_type, event_size, op)
+    reason = unavailable_reason(name, device_type) or missing_op_reason(name, op)
     if reason is None:
         limit = MAX_EVENT_SIZE[name]
         if limit is not None and event_size > limit:

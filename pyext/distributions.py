@@ -9,8 +9,9 @@ import torch.distributions as td
 from torch.distributions.kl import register_kl
 
 from . import ops
+from .transforms import StableTanhTransform
 
-__all__ = ["MultivariateNormal"]
+__all__ = ["DiagNormal", "MultivariateNormal", "TanhMultivariateNormal", "TanhNormal"]
 
 _MATRIX_PARAMETERS = ("covariance_matrix", "precision_matrix", "scale_tril")
 
@@ -51,6 +52,13 @@ def _check_lower_cholesky(scale_tril: torch.Tensor) -> None:
             f"scale_tril must have a positive diagonal, but at batch index {index} its diagonal "
             f"is {diagonal[index].tolist()}"
         )
+
+
+def _with_batch_shape(log_prob: torch.Tensor, value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """A log-prob computed from unbroadcast parameters, broadcast to the shape PyTorch gives:
+    value's batch dimensions against the distribution's (which expand() may have grown)."""
+    shape = torch.broadcast_shapes(value.shape[:-1], batch_shape)
+    return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
 
 class MultivariateNormal(td.MultivariateNormal):
@@ -175,8 +183,10 @@ class MultivariateNormal(td.MultivariateNormal):
         if self._validate_args:
             self._validate_sample(value)
         if self._parameterization == "covariance_matrix":
-            return ops.mvn_cov_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix)
-        return ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril)
+            log_prob = ops.mvn_cov_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix)
+        else:
+            log_prob = ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril)
+        return _with_batch_shape(log_prob, value, self.batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
@@ -205,3 +215,232 @@ def _kl_multivariate_normal(p: MultivariateNormal, q: MultivariateNormal) -> tor
     entropy_p = 0.5 * k * (1.0 + math.log(2 * math.pi)) + L_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     kl = 0.5 * M.pow(2).sum((-2, -1)) - entropy_p - log_q_of_p_mean
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
+
+
+class DiagNormal(td.Independent):
+    r"""Gaussian with diagonal covariance over the last dimension; a drop-in for
+    ``Independent(Normal(loc, scale), 1)``, which it subclasses (so ``isinstance`` checks and
+    the KL registry keep working: KL between two of them is PyTorch's Independent/Normal
+    formula).
+
+    :meth:`log_prob` runs the fused ``diag_normal_log_prob`` on the unbroadcast parameters,
+    so a ``scale`` shared by the batch (a state-independent log-std) is read once and its
+    gradient reduced in the kernel. Sampling, entropy, mean, mode, variance and stddev are
+    the Normal's.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None) -> None:
+        super().__init__(td.Normal(loc, scale, validate_args=validate_args), 1, validate_args=validate_args)
+        # Numbers become tensors in the Normal; take its (broadcast) ones then.
+        self._unbroadcasted_loc = loc if isinstance(loc, torch.Tensor) else self.base_dist.loc
+        self._unbroadcasted_scale = scale if isinstance(scale, torch.Tensor) else self.base_dist.scale
+
+    @property
+    def loc(self) -> torch.Tensor:
+        return self.base_dist.loc
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.base_dist.scale
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(DiagNormal, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.base_dist = self.base_dist.expand(batch_shape + self.event_shape)
+        new.reinterpreted_batch_ndims = self.reinterpreted_batch_ndims
+        new._unbroadcasted_loc = self._unbroadcasted_loc
+        new._unbroadcasted_scale = self._unbroadcasted_scale
+        td.Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        log_prob = ops.diag_normal_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale)
+        return _with_batch_shape(log_prob, value, self.batch_shape)
+
+
+class _TanhSquashedGaussian(td.TransformedDistribution):
+    r"""a = center + half_range · tanh(u), u ~ a Gaussian base: the shared machinery of
+    :class:`TanhNormal` and :class:`TanhMultivariateNormal`.
+
+    Subclasses give the base distribution and its fused ops (``_log_prob_op(value, pre_tanh)``
+    and ``_rsample_op(eps)``). With the default bounds (-1, 1) there is no affine step.
+    """
+
+    def _init_squash(self, base: td.Distribution, low, high, validate_args: bool | None) -> None:
+        self._squash = StableTanhTransform()
+        transforms: list[td.Transform] = [self._squash]
+        self._rescale: td.AffineTransform | None = None
+        self._low, self._high = low, high
+        if not (_is_number(low, -1.0) and _is_number(high, 1.0)):
+            low_t, high_t = (torch.as_tensor(b, dtype=base.mean.dtype, device=base.mean.device) for b in (low, high))
+            self._rescale = td.AffineTransform(loc=(high_t + low_t) / 2, scale=(high_t - low_t) / 2, event_dim=1, cache_size=1)
+            transforms.append(self._rescale)
+        super().__init__(base, transforms, validate_args=validate_args)
+
+    def _log_prob_op(self, value: torch.Tensor, value_is_pre_tanh: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rsample_op(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _log_half_range(self) -> torch.Tensor | float:
+        """Σᵢ log((highᵢ - lowᵢ)/2): the log-Jacobian of the affine step (0 without one)."""
+        if self._rescale is None:
+            return 0.0
+        return self._rescale.scale.log().expand(self.event_shape).sum(-1)
+
+    def _validate_action(self, value: torch.Tensor) -> None:
+        low = -1.0 if self._rescale is None else self._rescale.loc - self._rescale.scale
+        high = 1.0 if self._rescale is None else self._rescale.loc + self._rescale.scale
+        outside = ((value < low) | (value > high) | value.isnan()).any(-1)
+        if bool(outside.any()):
+            index = _first_index(outside)
+            raise ValueError(
+                f"{type(self).__name__}.log_prob: the action at batch index {index} lies outside "
+                f"[low, high] = [{self._low}, {self._high}]: {value[index].tolist()}"
+            )
+
+    def _noise(self, sample_shape) -> torch.Tensor:
+        """Standard-normal noise for a sample, drawn as torch.distributions draws it, so that a
+        seed gives PyTorch's samples."""
+        mean = self.base_dist.mean
+        return td.utils._standard_normal(self._extended_shape(sample_shape), dtype=mean.dtype, device=mean.device)
+
+    def _set_cache(self, pre_tanh: torch.Tensor, squashed: torch.Tensor) -> torch.Tensor:
+        """Caches a sample as the transforms would when applied to it; returns the action."""
+        self._squash.remember(pre_tanh, squashed)
+        return squashed if self._rescale is None else self._rescale(squashed)
+
+    def log_prob(self, value: torch.Tensor, pre_tanh: torch.Tensor | None = None) -> torch.Tensor:
+        r"""log-prob of the action `value`, in one fused pass.
+
+        - With ``pre_tanh`` (the u the action came from): no atanh at all. This is the way to
+          score stored actions in a policy gradient: pass the stored u, detached like the
+          action, and gradients reach the parameters only.
+        - Without it: the transforms' cache (as PyTorch's, by object identity) supplies u when
+          `value` is the very tensor the last sample returned. Otherwise
+          u = atanh(clamp(y, -1 + ε, 1 - ε)) with ε the epsilon of the action's dtype, inside
+          the kernel, so an action at exactly ±1 gets a finite (clamped) log-prob.
+        """
+        if self._validate_args:
+            self._validate_action(value)
+        if pre_tanh is None:
+            squashed = value
+            if self._rescale is not None:
+                squashed = self._rescale.inv(value)  # cached for the sample itself, else (a - c)/h
+            pre_tanh = self._squash.cached_inverse(squashed)
+            if pre_tanh is None:
+                self._squash.forget()
+                log_prob = self._log_prob_op(squashed, False)
+            else:
+                log_prob = self._log_prob_op(pre_tanh, True)
+        else:
+            log_prob = self._log_prob_op(pre_tanh, True)
+        return _with_batch_shape(log_prob, value, self.batch_shape) - self._log_half_range()
+
+    def rsample_log_prob(self, sample_shape=torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""A reparameterised action and its log-prob, from one fused pass over standard-normal
+        noise ε: u = base(ε), action = squash(u), log-prob with no solve and no atanh. Gradients
+        are the total derivatives through u (SAC's actor loss, entropy terms). The transforms'
+        cache holds the sample, as after :meth:`rsample`."""
+        squashed, pre_tanh, log_prob = self._rsample_op(self._noise(sample_shape))
+        return self._set_cache(pre_tanh, squashed), log_prob - self._log_half_range()
+
+    def sample_log_prob(self, sample_shape=torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""An action, detached, and its log-prob for a policy gradient: the log-prob is taken
+        at the detached pre-tanh value, so gradients reach the parameters only, never through
+        the action (the undetached pitfall cannot happen)."""
+        with torch.no_grad():
+            squashed, pre_tanh, _ = self._rsample_op(self._noise(sample_shape))
+            action = self._set_cache(pre_tanh, squashed)
+        return action, self._log_prob_op(pre_tanh, True) - self._log_half_range()
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return self.rsample_log_prob(sample_shape)[0]
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    @property
+    def deterministic_action(self) -> torch.Tensor:
+        """The base distribution's mean pushed through the squash: center + half_range ·
+        tanh(mean). The usual evaluation action; it is not the mode (nor the mean) of the
+        squashed distribution."""
+        squashed = torch.tanh(self.base_dist.mean)
+        return squashed if self._rescale is None else self._rescale(squashed)
+
+    def entropy(self) -> torch.Tensor:
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form entropy (PyTorch's TransformedDistribution "
+            "raises too); estimate it as -rsample_log_prob()[1], averaged over samples"
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.base_dist = self.base_dist.expand(batch_shape)
+        # The transforms (and their caches) are shared, as PyTorch's expand shares them.
+        new._squash, new._rescale = self._squash, self._rescale
+        new._low, new._high = self._low, self._high
+        new.transforms = self.transforms
+        td.Distribution.__init__(new, batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+
+def _is_number(bound, value: float) -> bool:
+    return isinstance(bound, (int, float)) and float(bound) == value
+
+
+class TanhNormal(_TanhSquashedGaussian):
+    r"""a = center + half_range · tanh(u), u ~ N(loc, diag(scale)²), with center and
+    half_range from [low, high]: SAC's squashed Gaussian policy, as
+    ``TransformedDistribution(Independent(Normal(loc, scale), 1), [TanhTransform(cache_size=1),
+    AffineTransform(...)])`` with fused, saturation-safe kernels.
+
+    - ``log_prob(a, pre_tanh=None)``: see :meth:`_TanhSquashedGaussian.log_prob`.
+    - ``rsample_log_prob()``: the SAC path, one fused pass, reparameterised.
+    - ``sample_log_prob()``: a detached action and its policy-gradient log-prob.
+    - ``deterministic_action``: center + half_range · tanh(loc).
+    - ``entropy()`` raises, as PyTorch's TransformedDistribution does.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, low=-1.0, high=1.0,
+                 validate_args: bool | None = None) -> None:
+        self._init_squash(DiagNormal(loc, scale, validate_args=validate_args), low, high, validate_args)
+
+    def _log_prob_op(self, value: torch.Tensor, value_is_pre_tanh: bool) -> torch.Tensor:
+        base = self.base_dist
+        return ops.squashed_diag_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_scale, value_is_pre_tanh)
+
+    def _rsample_op(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        base = self.base_dist
+        return ops.squashed_diag_rsample_log_prob(base._unbroadcasted_loc, base._unbroadcasted_scale, eps)
+
+
+class TanhMultivariateNormal(_TanhSquashedGaussian):
+    r"""a = center + half_range · tanh(u), u ~ N(loc, Σ) with a full covariance given as
+    ``scale_tril`` or ``covariance_matrix``: the squashed full-covariance policy, with the
+    same methods as :class:`TanhNormal`. Built from a covariance, its Cholesky factor comes
+    from the fused ``cholesky``, once.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale_tril: torch.Tensor | None = None,
+                 covariance_matrix: torch.Tensor | None = None, low=-1.0, high=1.0,
+                 validate_args: bool | None = None) -> None:
+        base = MultivariateNormal(loc, covariance_matrix=covariance_matrix, scale_tril=scale_tril,
+                                  validate_args=validate_args)
+        self._init_squash(base, low, high, validate_args)
+
+    def _log_prob_op(self, value: torch.Tensor, value_is_pre_tanh: bool) -> torch.Tensor:
+        base = self.base_dist
+        return ops.squashed_tril_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_scale_tril,
+                                          value_is_pre_tanh)
+
+    def _rsample_op(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        base = self.base_dist
+        return ops.squashed_tril_rsample_log_prob(base._unbroadcasted_loc, base._unbroadcasted_scale_tril, eps)

@@ -14,16 +14,15 @@ raises an error that says so (force the "torch" backend for higher-order gradien
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from . import backends, reference, validation
 
 
-def _implementation(name: str, like: torch.Tensor):
-    """The function that runs op `name` for inputs like `like` (device, event size)."""
-    backend = backends.select(like.device.type, like.shape[-1])
+def _implementation(name: str, like: torch.Tensor, event_size: int | None = None):
+    """The function that runs op `name` for inputs like `like` (device, and event size unless
+    given: an elementwise op has none that limits a backend)."""
+    backend = backends.select(like.device.type, like.shape[-1] if event_size is None else event_size, name)
     if backend == "torch":
         return getattr(reference, name)
     if backend == "triton":
@@ -69,25 +68,105 @@ def cholesky(A: torch.Tensor) -> torch.Tensor:
     return _implementation("cholesky", A)(A)
 
 
+def diag_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    r"""Σᵢ log N(valueᵢ; locᵢ, scaleᵢ²): a Gaussian with diagonal covariance, as
+    ``Independent(Normal(loc, scale), 1).log_prob``. value, loc and scale (*, k) broadcast
+    over their batch dimensions."""
+    value, loc, scale = validation.rows_operands(
+        "diag_normal_log_prob", {"value": value, "loc": loc, "scale": scale}
+    )
+    return _implementation("diag_normal_log_prob", value)(value, loc, scale)
+
+
+def tanh_log_abs_det_jacobian(u: torch.Tensor) -> torch.Tensor:
+    r"""log|d tanh(u)/du| = log(1 - tanh(u)²) = 2(log 2 - u - softplus(-2u)), elementwise,
+    finite for every u (it is about -2|u| where tanh(u) rounds to ±1)."""
+    u = validation.single_operand("tanh_log_abs_det_jacobian", "u", u)
+    return _implementation("tanh_log_abs_det_jacobian", u, event_size=1)(u)
+
+
+def squashed_diag_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    r"""log-prob of the action a = tanh(u) with u ~ N(loc, diag(scale)²), in one pass:
+    ``Σᵢ log N(uᵢ; locᵢ, scaleᵢ²) - Σᵢ log(1 - tanh(uᵢ)²)``.
+
+    With ``value_is_pre_tanh`` the value is u itself (the policy-gradient path: no atanh).
+    Otherwise it is the action, and u = atanh(clamp(a, -1 + ε, 1 - ε)) with ε the epsilon of
+    the action's dtype, so an action that rounded to ±1 gives a finite log-prob.
+    """
+    value, loc, scale = validation.rows_operands(
+        "squashed_diag_log_prob", {"value": value, "loc": loc, "scale": scale}
+    )
+    return _implementation("squashed_diag_log_prob", value)(value, loc, scale, bool(value_is_pre_tanh))
+
+
+def squashed_tril_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    r"""log-prob of a = tanh(u) with u ~ N(loc, L Lᵀ), in one pass: the full-covariance
+    log-prob of u minus ``Σᵢ log(1 - tanh(uᵢ)²)``; u as in :func:`squashed_diag_log_prob`."""
+    value, loc, scale_tril = validation.mvn_operands(
+        "squashed_tril_log_prob", value, loc, scale_tril, "scale_tril"
+    )
+    return _implementation("squashed_tril_log_prob", value)(value, loc, scale_tril, bool(value_is_pre_tanh))
+
+
+def squashed_diag_rsample_log_prob(
+    loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""A reparameterised squashed sample from standard-normal noise eps (*, k), in one pass:
+    ``u = loc + scale·eps``, returns ``(tanh(u), u, log_prob)`` with
+    ``log_prob = Σᵢ [-½ epsᵢ² - log scaleᵢ - ½ log 2π - log(1 - tanh(uᵢ)²)]``.
+
+    No division and no atanh: the Gaussian part is exact at (u - loc)/scale = eps, and the
+    gradients are the total derivatives through u (SAC's actor and entropy terms).
+    """
+    loc, scale, eps = validation.rows_operands(
+        "squashed_diag_rsample_log_prob", {"loc": loc, "scale": scale, "eps": eps}
+    )
+    return _implementation("squashed_diag_rsample_log_prob", loc)(loc, scale, eps)
+
+
+def squashed_tril_rsample_log_prob(
+    loc: torch.Tensor, scale_tril: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""As :func:`squashed_diag_rsample_log_prob` with ``u = loc + L eps``: the Gaussian part is
+    ``-½‖eps‖² - Σᵢ log Lᵢᵢ - (k/2) log 2π``, with no triangular solve."""
+    eps, loc, scale_tril = validation.mvn_operands(
+        "squashed_tril_rsample_log_prob", eps, loc, scale_tril, "scale_tril", value_name="eps"
+    )
+    return _implementation("squashed_tril_rsample_log_prob", loc)(loc, scale_tril, eps)
+
+
 # --- registration of the compiled ops: fake implementations and autograd --------------------
 
 
-def _fake_mvn_log_prob(value: torch.Tensor, loc: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    batch = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], matrix.shape[:-2])
-    return value.new_empty(batch)
+def _fake_log_prob(parameter_dims: int):
+    """The fake of a log-prob op whose third operand has `parameter_dims` event dimensions
+    (2: a matrix, 1: a diagonal scale)."""
+
+    def fake(value: torch.Tensor, loc: torch.Tensor, parameter: torch.Tensor, *flags) -> torch.Tensor:
+        batch = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], parameter.shape[:-parameter_dims])
+        return value.new_empty(batch)
+
+    return fake
 
 
-def _fake_mvn_log_prob_backward(
-    grad: torch.Tensor,
-    value: torch.Tensor,
-    loc: torch.Tensor,
-    matrix: torch.Tensor,
-    output_mask: Sequence[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(  # type: ignore[return-value]
-        t.new_empty(t.shape) if wanted else t.new_empty((0,))
-        for t, wanted in zip((value, loc, matrix), output_mask)
-    )
+def _fake_gradients(*inputs_then_mask) -> tuple[torch.Tensor, ...]:
+    """The fake of a backward op: gradients shaped like its three inputs, empty where the mask
+    (its last argument) is false."""
+    *tensors, output_mask = inputs_then_mask
+    return tuple(t.new_empty(t.shape) if wanted else t.new_empty((0,)) for t, wanted in zip(tensors, output_mask))
+
+
+def _fake_rsample(parameter_dims: int):
+    def fake(loc: torch.Tensor, parameter: torch.Tensor, eps: torch.Tensor):
+        batch = torch.broadcast_shapes(loc.shape[:-1], parameter.shape[:-parameter_dims], eps.shape[:-1])
+        rows = batch + loc.shape[-1:]
+        return loc.new_empty(rows), loc.new_empty(rows), loc.new_empty(batch)
+
+    return fake
 
 
 def _save_inputs(ctx, inputs, output) -> None:
@@ -125,29 +204,92 @@ def _no_double_backward(op_name: str):
     return backward
 
 
+def _squashed_log_prob_autograd(backward_op):
+    def backward(ctx, grad):
+        value, loc, matrix = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        grads = backward_op(grad, value, loc, matrix, ctx.value_is_pre_tanh, mask)
+        return (*(g if wanted else None for g, wanted in zip(grads, mask)), None)
+
+    return backward
+
+
+def _save_squashed_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.value_is_pre_tanh = inputs[3]
+
+
+def _rsample_autograd(backward_op):
+    def backward(ctx, grad_action, grad_pre_tanh, grad_log_prob):
+        mask = list(ctx.needs_input_grad)
+        grads = backward_op(grad_action, grad_pre_tanh, grad_log_prob, *ctx.saved_tensors, mask)
+        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+    return backward
+
+
+def _tanh_log_abs_det_jacobian_autograd(backward_op):
+    def backward(ctx, grad):
+        (u,) = ctx.saved_tensors
+        return backward_op(grad, u)
+
+    return backward
+
+
+#: Each op's backward op, by the kind of autograd formula that calls it.
+_LOG_PROB_OPS = ("mvn_tril_log_prob", "mvn_cov_log_prob", "diag_normal_log_prob")
+_SQUASHED_LOG_PROB_OPS = ("squashed_diag_log_prob", "squashed_tril_log_prob")
+_RSAMPLE_OPS = ("squashed_diag_rsample_log_prob", "squashed_tril_rsample_log_prob")
+OPS = (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, "tanh_log_abs_det_jacobian", "cholesky")
+
+
 def register_autograd(namespace: str) -> None:
     """Attaches autograd to the ops of `namespace` (the compiled "fusedgauss" ops, or the
     Triton ones): each forward op's gradient is its backward op, whose own gradient raises."""
     ops = getattr(torch.ops, namespace)
-    for name in ("mvn_tril_log_prob", "mvn_cov_log_prob"):
+    names = [name for name in OPS if hasattr(ops, name)]
+    formulas = {
+        **{name: (_mvn_log_prob_autograd, _save_inputs) for name in _LOG_PROB_OPS},
+        **{name: (_squashed_log_prob_autograd, _save_squashed_inputs) for name in _SQUASHED_LOG_PROB_OPS},
+        **{name: (_rsample_autograd, _save_inputs) for name in _RSAMPLE_OPS},
+        "tanh_log_abs_det_jacobian": (_tanh_log_abs_det_jacobian_autograd, _save_inputs),
+        "cholesky": (_cholesky_autograd, _save_output),
+    }
+    for name in names:
+        formula, setup_context = formulas[name]
         backward_op = getattr(ops, name + "_backward").default
+        torch.library.register_autograd(f"{namespace}::{name}", formula(backward_op), setup_context=setup_context)
         torch.library.register_autograd(
-            f"{namespace}::{name}", _mvn_log_prob_autograd(backward_op), setup_context=_save_inputs
+            f"{namespace}::{name}_backward",
+            _no_double_backward(name + "_backward"),
+            setup_context=lambda ctx, inputs, output: None,
         )
-    torch.library.register_autograd(
-        f"{namespace}::cholesky", _cholesky_autograd(ops.cholesky_backward.default), setup_context=_save_output
-    )
-    for name in ("mvn_tril_log_prob_backward", "mvn_cov_log_prob_backward", "cholesky_backward"):
-        torch.library.register_autograd(
-            f"{namespace}::{name}", _no_double_backward(name), setup_context=lambda ctx, inputs, output: None
-        )
+
+
+#: Event dimensions of each op's parameter operand (its third input; second for rsample ops).
+_PARAMETER_DIMS = {
+    "mvn_tril_log_prob": 2,
+    "mvn_cov_log_prob": 2,
+    "diag_normal_log_prob": 1,
+    "squashed_diag_log_prob": 1,
+    "squashed_tril_log_prob": 2,
+    "squashed_diag_rsample_log_prob": 1,
+    "squashed_tril_rsample_log_prob": 2,
+}
 
 
 def _register_compiled() -> None:
     lib = "fusedgauss::"
-    for name in ("mvn_tril_log_prob", "mvn_cov_log_prob"):
-        torch.library.register_fake(lib + name, _fake_mvn_log_prob)
-        torch.library.register_fake(lib + name + "_backward", _fake_mvn_log_prob_backward)
+    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS):
+        torch.library.register_fake(lib + name, _fake_log_prob(_PARAMETER_DIMS[name]))
+        torch.library.register_fake(
+            lib + name + "_backward", lambda grad, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1])
+        )
+    for name in _RSAMPLE_OPS:
+        torch.library.register_fake(lib + name, _fake_rsample(_PARAMETER_DIMS[name]))
+        torch.library.register_fake(lib + name + "_backward", lambda ga, gu, glp, *inputs: _fake_gradients(*inputs))
+    torch.library.register_fake(lib + "tanh_log_abs_det_jacobian", lambda u: torch.empty_like(u))
+    torch.library.register_fake(lib + "tanh_log_abs_det_jacobian_backward", lambda grad, u: torch.empty_like(u))
     torch.library.register_fake(lib + "cholesky", lambda A: torch.empty_like(A))
     torch.library.register_fake(lib + "cholesky_backward", lambda grad, L: torch.empty_like(L))
     register_autograd("fusedgauss")

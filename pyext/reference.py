@@ -54,3 +54,95 @@ def mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.T
 def cholesky(A: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor of each matrix, read through its lower triangle."""
     return _cholesky_or_nan(A.to(_compute_dtype(A.dtype))).to(A.dtype)
+
+
+# --- diagonal and tanh-squashed Gaussians ----------------------------------------------------
+
+
+def action_epsilon(dtype: torch.dtype) -> float:
+    """The clamp of an action before atanh: the epsilon of the action's own dtype."""
+    return torch.finfo(dtype).eps
+
+
+def atanh_clamped(action: torch.Tensor, eps: float) -> torch.Tensor:
+    """atanh(clamp(action, -1 + eps, 1 - eps)): an action that rounded to ±1 keeps a finite
+    pre-tanh value."""
+    return torch.atanh(action.clamp(-1 + eps, 1 - eps))
+
+
+def _tanh_log_abs_det_jacobian(u: torch.Tensor) -> torch.Tensor:
+    """log(1 - tanh(u)²) = 2 (log 2 - |u| - log1p(e^{-2|u|})), finite for every u. (The same
+    as 2 (log 2 - u - softplus(-2u)), without softplus's switch to the identity above 20,
+    which costs float64 about 1e-9.)"""
+    a = u.abs()
+    return 2.0 * (math.log(2.0) - a - torch.log1p(torch.exp(-2.0 * a)))
+
+
+def _diag_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    z = (value - loc) / scale
+    return (-0.5 * z.pow(2) - scale.log() - 0.5 * LOG_2PI).sum(-1)
+
+
+def _pre_tanh(value: torch.Tensor, value_is_pre_tanh: bool, eps: float) -> torch.Tensor:
+    return value if value_is_pre_tanh else atanh_clamped(value, eps)
+
+
+def diag_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Σᵢ log N(valueᵢ; locᵢ, scaleᵢ²)"""
+    dtype = _compute_dtype(value.dtype)
+    return _diag_log_prob(value.to(dtype), loc.to(dtype), scale.to(dtype)).to(value.dtype)
+
+
+def tanh_log_abs_det_jacobian(u: torch.Tensor) -> torch.Tensor:
+    return _tanh_log_abs_det_jacobian(u.to(_compute_dtype(u.dtype))).to(u.dtype)
+
+
+def squashed_diag_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    """log-prob of tanh(u), u ~ N(loc, diag(scale)²), from the action or from u."""
+    dtype = _compute_dtype(value.dtype)
+    u = _pre_tanh(value.to(dtype), value_is_pre_tanh, action_epsilon(value.dtype))
+    log_prob = _diag_log_prob(u, loc.to(dtype), scale.to(dtype)) - _tanh_log_abs_det_jacobian(u).sum(-1)
+    return log_prob.to(value.dtype)
+
+
+def squashed_tril_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    """log-prob of tanh(u), u ~ N(loc, L Lᵀ), from the action or from u."""
+    dtype = _compute_dtype(value.dtype)
+    u = _pre_tanh(value.to(dtype), value_is_pre_tanh, action_epsilon(value.dtype))
+    log_prob = _tril_log_prob(u, loc.to(dtype), scale_tril.to(dtype)) - _tanh_log_abs_det_jacobian(u).sum(-1)
+    return log_prob.to(value.dtype)
+
+
+def _squashed_sample(u: torch.Tensor, gaussian_log_prob: torch.Tensor, dtype: torch.dtype):
+    log_prob = gaussian_log_prob - _tanh_log_abs_det_jacobian(u).sum(-1)
+    return torch.tanh(u).to(dtype), u.to(dtype), log_prob.to(dtype)
+
+
+def squashed_diag_rsample_log_prob(
+    loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u = loc + scale·eps, (tanh(u), u, log-prob), the log-prob taken at (u - loc)/scale = eps."""
+    out_dtype = loc.dtype
+    dtype = _compute_dtype(loc.dtype)
+    loc, scale, eps = loc.to(dtype), scale.to(dtype), eps.to(dtype)
+    u = loc + scale * eps
+    gaussian = (-0.5 * eps.pow(2) - scale.log() - 0.5 * LOG_2PI).expand_as(u).sum(-1)
+    return _squashed_sample(u, gaussian, out_dtype)
+
+
+def squashed_tril_rsample_log_prob(
+    loc: torch.Tensor, scale_tril: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u = loc + L eps (L read through its lower triangle), (tanh(u), u, log-prob)."""
+    out_dtype = loc.dtype
+    dtype = _compute_dtype(loc.dtype)
+    loc, L, eps = loc.to(dtype), scale_tril.to(dtype).tril(), eps.to(dtype)
+    k = loc.shape[-1]
+    u = loc + (L @ eps.unsqueeze(-1)).squeeze(-1)
+    half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    gaussian = -0.5 * eps.pow(2).sum(-1) - half_log_det - 0.5 * k * LOG_2PI
+    return _squashed_sample(u, gaussian.expand(u.shape[:-1]), out_dtype)

@@ -49,16 +49,22 @@ def _promote(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def mvn_operands(
-    op: str, value: torch.Tensor, loc: torch.Tensor, matrix: torch.Tensor, matrix_name: str
+    op: str,
+    value: torch.Tensor,
+    loc: torch.Tensor,
+    matrix: torch.Tensor,
+    matrix_name: str,
+    value_name: str = "value",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Checks value (*, k), loc (*, k) and a matrix (*, k, k) and promotes them to one dtype."""
-    named = {"value": value, "loc": loc, matrix_name: matrix}
+    """Checks a vector (*, k) named `value_name` (value, or eps of a sample), loc (*, k) and a
+    matrix (*, k, k), and promotes them to one dtype."""
+    named = {value_name: value, "loc": loc, matrix_name: matrix}
     for name, t in named.items():
         _check_tensor(op, name, t)
     _check_one_device(op, named)
     if value.dim() < 1 or loc.dim() < 1:
         raise ValueError(
-            f"{op}: value and loc need an event dimension, got shapes {tuple(value.shape)} "
+            f"{op}: {value_name} and loc need an event dimension, got shapes {tuple(value.shape)} "
             f"and {tuple(loc.shape)}"
         )
     if matrix.dim() < 2 or matrix.shape[-1] != matrix.shape[-2]:
@@ -69,12 +75,12 @@ def mvn_operands(
     k = matrix.shape[-1]
     if value.shape[-1] != k or loc.shape[-1] != k:
         raise ValueError(
-            f"{op}: event sizes differ: value has {value.shape[-1]}, loc has {loc.shape[-1]}, "
+            f"{op}: event sizes differ: {value_name} has {value.shape[-1]}, loc has {loc.shape[-1]}, "
             f"{matrix_name} is {k} x {k}"
         )
     broadcast_batch_shape(
         op,
-        {"value": value.shape[:-1], "loc": loc.shape[:-1], matrix_name: matrix.shape[:-2]},
+        {value_name: value.shape[:-1], "loc": loc.shape[:-1], matrix_name: matrix.shape[:-2]},
     )
     return _promote(value, loc, matrix)
 
@@ -86,3 +92,25 @@ def square_matrices(op: str, name: str, matrix: torch.Tensor) -> torch.Tensor:
             f"{op}: {name} must be a batch of square matrices (*, k, k), got shape {tuple(matrix.shape)}"
         )
     return matrix
+
+
+def rows_operands(op: str, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Checks tensors of shape (*, k) each (value, loc, scale; or loc, scale, eps) and promotes
+    them to one dtype."""
+    for name, t in named.items():
+        _check_tensor(op, name, t)
+    _check_one_device(op, named)
+    for name, t in named.items():
+        if t.dim() < 1:
+            raise ValueError(f"{op}: {name} needs an event dimension, got shape {tuple(t.shape)}")
+    sizes = {name: t.shape[-1] for name, t in named.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} has {k}" for name, k in sizes.items())
+        raise ValueError(f"{op}: event sizes differ: {listed}")
+    broadcast_batch_shape(op, {name: t.shape[:-1] for name, t in named.items()})
+    return _promote(*named.values())
+
+
+def single_operand(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    _check_tensor(op, name, t)
+    return t

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+
 #include "batching.h"
 
 namespace fusedgauss {
@@ -36,21 +38,48 @@ struct MvnProblem {
   BatchedOperand matrix;
 };
 
+/// `value_name` names the vector operand beside loc in errors ("eps" for a sample).
 inline MvnProblem prepare_mvn_problem(const char* op, const char* matrix_name, const at::Tensor& value,
-                                      const at::Tensor& loc, const at::Tensor& matrix) {
-  check_floating(op, "value", value);
+                                      const at::Tensor& loc, const at::Tensor& matrix,
+                                      const char* value_name = "value") {
+  check_floating(op, value_name, value);
   check_same_dtype_and_device(op, "loc", loc, value);
   check_same_dtype_and_device(op, matrix_name, matrix, value);
   check_square(op, matrix_name, matrix);
   const int64_t k = matrix.size(-1);
-  TORCH_CHECK(value.dim() >= 1 && loc.dim() >= 1, op,
-              ": value and loc must have an event dimension, got shapes ", value.sizes(), " and ",
-              loc.sizes());
-  TORCH_CHECK(value.size(-1) == k && loc.size(-1) == k, op, ": event sizes differ: value has ",
+  TORCH_CHECK(value.dim() >= 1 && loc.dim() >= 1, op, ": ", value_name,
+              " and loc must have an event dimension, got shapes ", value.sizes(), " and ", loc.sizes());
+  TORCH_CHECK(value.size(-1) == k && loc.size(-1) == k, op, ": event sizes differ: ", value_name, " has ",
               value.size(-1), ", loc has ", loc.size(-1), ", ", matrix_name, " is ", k, " x ", k);
   BatchLayout layout = broadcast_batch({{&value, 1}, {&loc, 1}, {&matrix, 2}});
   return {layout, k, batch_operand(value, 1, layout), batch_operand(loc, 1, layout),
           batch_operand(matrix, 2, layout)};
+}
+
+/// Three operands of shape (*, k) each, ready for a kernel: the diagonal and squashed-diagonal
+/// ops (value, loc, scale) and the rsample ops (loc, scale, eps).
+struct RowsProblem {
+  BatchLayout layout;
+  int64_t k;
+  std::array<BatchedOperand, 3> operands;
+};
+
+inline RowsProblem prepare_rows_problem(const char* op, std::array<const char*, 3> names,
+                                        std::array<const at::Tensor*, 3> tensors) {
+  check_floating(op, names[0], *tensors[0]);
+  for (size_t i = 0; i < 3; ++i) {
+    check_same_dtype_and_device(op, names[i], *tensors[i], *tensors[0]);
+    TORCH_CHECK(tensors[i]->dim() >= 1, op, ": ", names[i], " must have an event dimension, got shape ",
+                tensors[i]->sizes());
+  }
+  const int64_t k = tensors[0]->size(-1);
+  TORCH_CHECK(tensors[1]->size(-1) == k && tensors[2]->size(-1) == k, op, ": event sizes differ: ", names[0],
+              " has ", k, ", ", names[1], " has ", tensors[1]->size(-1), ", ", names[2], " has ",
+              tensors[2]->size(-1));
+  BatchLayout layout = broadcast_batch({{tensors[0], 1}, {tensors[1], 1}, {tensors[2], 1}});
+  return {layout, k,
+          {batch_operand(*tensors[0], 1, layout), batch_operand(*tensors[1], 1, layout),
+           batch_operand(*tensors[2], 1, layout)}};
 }
 
 }  // namespace fusedgauss

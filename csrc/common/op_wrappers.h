@@ -7,6 +7,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 
@@ -28,21 +29,59 @@ constexpr const char* backward_op_name(Param param) {
   return param == Param::kScaleTril ? "mvn_tril_log_prob_backward" : "mvn_cov_log_prob_backward";
 }
 
-/// The forward op: `run(problem, out)` fills the log-probs `out` (batch shape, the inputs'
-/// dtype).
-template <Param kParam, typename Run>
-at::Tensor log_prob_forward_op(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix,
-                               const Run& run) {
-  const MvnProblem p = prepare_mvn_problem(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix);
+/// The gradients of three inputs, from what a kernel wrote for their operands (see
+/// gradient_for). Gradients that were not asked for are empty tensors: the schemas have no
+/// optional outputs.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> gradients_for_inputs(
+    const std::array<at::Tensor, 3>& grads, std::array<const at::Tensor*, 3> inputs,
+    std::array<const BatchedOperand*, 3> operands, const BatchLayout& layout, std::array<bool, 3> mask) {
+  std::array<at::Tensor, 3> out;
+  for (size_t i = 0; i < 3; ++i) {
+    out[i] = mask[i] ? gradient_for(grads[i], *inputs[i], *operands[i], layout) : at::empty({0}, inputs[0]->options());
+  }
+  return {out[0], out[1], out[2]};
+}
+
+/// A forward op over value (*, k), loc (*, k) and a matrix (*, k, k): `run(problem, out)` fills
+/// `out` (batch shape, the inputs' dtype).
+template <typename Run>
+at::Tensor mvn_forward_op(const char* op, const char* matrix_name, const at::Tensor& value, const at::Tensor& loc,
+                          const at::Tensor& matrix, const Run& run) {
+  const MvnProblem p = prepare_mvn_problem(op, matrix_name, value, loc, matrix);
   at::Tensor out = at::empty(p.layout.batch_shape, value.options());
   run(p, out);
   return out;
 }
 
-/// The backward op: `run(problem, contiguous grad, mask)` returns the gradients of value, loc
-/// and the matrix as the kernel lays them out (the event alone for an operand that reduces
-/// its gradient, (B, *event) otherwise; undefined where the mask is false). Gradients that
-/// were not asked for are empty tensors: the schema has no optional outputs.
+/// Checks the upstream gradient of a batch-shaped output and makes it contiguous.
+inline at::Tensor batch_gradient(const char* op, const at::Tensor& grad, const at::Tensor& like,
+                                 const BatchLayout& layout) {
+  check_same_dtype_and_device(op, "grad", grad, like);
+  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(layout.batch_shape), op, ": grad has shape ", grad.sizes(),
+              " but the log-prob has shape ", c10::IntArrayRef(layout.batch_shape));
+  return grad.contiguous();
+}
+
+/// The backward op of an mvn_forward_op: `run(problem, contiguous grad, mask)` returns the
+/// gradients of value, loc and the matrix as the kernel lays them out (the event alone for an
+/// operand that reduces its gradient, (B, *event) otherwise; undefined where the mask is
+/// false).
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, const char* matrix_name,
+                                                               const at::Tensor& grad, const at::Tensor& value,
+                                                               const at::Tensor& loc, const at::Tensor& matrix,
+                                                               std::array<bool, 3> mask, const Run& run) {
+  const MvnProblem p = prepare_mvn_problem(op, matrix_name, value, loc, matrix);
+  const std::array<at::Tensor, 3> grads = run(p, batch_gradient(op, grad, value, p.layout), mask);
+  return gradients_for_inputs(grads, {&value, &loc, &matrix}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
+}
+
+template <Param kParam, typename Run>
+at::Tensor log_prob_forward_op(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix,
+                               const Run& run) {
+  return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix, run);
+}
+
 template <Param kParam, typename Run>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward_op(const at::Tensor& grad,
                                                                     const at::Tensor& value,
@@ -50,20 +89,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward_op(const at::Te
                                                                     const at::Tensor& matrix,
                                                                     std::array<bool, 3> mask,
                                                                     const Run& run) {
-  constexpr const char* op = backward_op_name(kParam);
-  const MvnProblem p = prepare_mvn_problem(op, matrix_name(kParam), value, loc, matrix);
-  check_same_dtype_and_device(op, "grad", grad, value);
-  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(p.layout.batch_shape), op, ": grad has shape ",
-              grad.sizes(), " but the log-prob has shape ", c10::IntArrayRef(p.layout.batch_shape));
-  const std::array<at::Tensor, 3> grads = run(p, grad.contiguous(), mask);
-  const std::array<const at::Tensor*, 3> inputs{&value, &loc, &matrix};
-  const std::array<const BatchedOperand*, 3> operands{&p.value, &p.loc, &p.matrix};
-  std::array<at::Tensor, 3> out;
-  for (size_t i = 0; i < 3; ++i) {
-    out[i] = mask[i] ? gradient_for(grads[i], *inputs[i], *operands[i], p.layout)
-                     : at::empty({0}, value.options());
-  }
-  return {out[0], out[1], out[2]};
+  return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask, run);
+}
+
+/// A log-prob over three (*, k) operands (value, loc, scale): `run(problem, out)` fills `out`.
+template <typename Run>
+at::Tensor rows_log_prob_forward_op(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                                    const at::Tensor& scale, const Run& run) {
+  const RowsProblem p = prepare_rows_problem(op, {"value", "loc", "scale"}, {&value, &loc, &scale});
+  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+  run(p, out);
+  return out;
+}
+
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_log_prob_backward_op(const char* op, const at::Tensor& grad,
+                                                                         const at::Tensor& value,
+                                                                         const at::Tensor& loc,
+                                                                         const at::Tensor& scale,
+                                                                         std::array<bool, 3> mask, const Run& run) {
+  const RowsProblem p = prepare_rows_problem(op, {"value", "loc", "scale"}, {&value, &loc, &scale});
+  const std::array<at::Tensor, 3> grads = run(p, batch_gradient(op, grad, value, p.layout), mask);
+  return gradients_for_inputs(grads, {&value, &loc, &scale}, {&p.operands[0], &p.operands[1], &p.operands[2]},
+                              p.layout, mask);
+}
+
+/// The outputs of a squashed rsample op: action and pre-tanh value (batch shape + (k,)), and
+/// the log-prob (batch shape).
+struct RsampleOutputs {
+  at::Tensor action;
+  at::Tensor pre_tanh;
+  at::Tensor log_prob;
+};
+
+/// The upstream gradients of a squashed rsample op, contiguous; undefined where autograd
+/// passed none (that output was not used).
+struct RsampleGradients {
+  at::Tensor action;
+  at::Tensor pre_tanh;
+  at::Tensor log_prob;
+};
+
+inline RsampleOutputs empty_rsample_outputs(const BatchLayout& layout, int64_t k, const at::TensorOptions& options) {
+  std::vector<int64_t> rows(layout.batch_shape);
+  rows.push_back(k);
+  return {at::empty(rows, options), at::empty(rows, options), at::empty(layout.batch_shape, options)};
+}
+
+inline RsampleGradients check_rsample_gradients(const char* op, const c10::optional<at::Tensor>& grad_action,
+                                                const c10::optional<at::Tensor>& grad_pre_tanh,
+                                                const c10::optional<at::Tensor>& grad_log_prob,
+                                                const at::Tensor& like, const BatchLayout& layout, int64_t k) {
+  std::vector<int64_t> rows(layout.batch_shape);
+  rows.push_back(k);
+  const auto check = [&](const char* name, const c10::optional<at::Tensor>& g, c10::IntArrayRef shape) {
+    if (!g.has_value() || !g->defined()) {
+      return at::Tensor();
+    }
+    check_same_dtype_and_device(op, name, *g, like);
+    TORCH_CHECK(g->sizes() == shape, op, ": ", name, " has shape ", g->sizes(), " but its output has shape ", shape);
+    return g->contiguous();
+  };
+  return {check("grad_action", grad_action, rows), check("grad_pre_tanh", grad_pre_tanh, rows),
+          check("grad_log_prob", grad_log_prob, layout.batch_shape)};
 }
 
 /// Checks of the cholesky ops, shared by every device.

@@ -30,6 +30,24 @@ inline void gather_differences(int64_t k, const src_t* __restrict__ a, int64_t a
   }
 }
 
+/// dst[i * W + l] = a_l[i] for the k-vectors a_l = a + l * stride of `count` samples; lanes
+/// past `count` repeat the last sample.
+template <int W, typename acc_t, typename src_t>
+inline void gather_rows(int64_t k, const src_t* __restrict__ a, int64_t stride, int count, acc_t* __restrict__ dst) {
+  for (int l = 0; l < W; ++l) {
+    const src_t* al = a + std::min(l, count - 1) * stride;
+    for (int64_t i = 0; i < k; ++i) dst[i * W + l] = static_cast<acc_t>(al[i]);
+  }
+}
+
+/// The first `count` lanes of the lane-minor k-vectors in src, as rows of dst (row stride k).
+template <int W, typename dst_t, typename acc_t>
+inline void scatter_rows(int64_t k, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst) {
+  for (int l = 0; l < count; ++l) {
+    for (int64_t i = 0; i < k; ++i) dst[l * k + i] = static_cast<dst_t>(src[i * W + l]);
+  }
+}
+
 /// dst[(i * k + j) * W + l] for j <= i: the lower triangles of `count` row-major k x k
 /// matrices, lane-minor; lanes past `count` repeat the last matrix.
 template <int W, typename acc_t, typename src_t>

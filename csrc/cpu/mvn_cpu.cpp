@@ -1,10 +1,13 @@
-// CPU kernels of the full-covariance Gaussian log-prob ops:
+// CPU kernels of the full-covariance Gaussian ops:
 //   mvn_tril_log_prob(value, loc, scale_tril)   and its backward
 //   mvn_cov_log_prob(value, loc, covariance)    and its backward
-// One templated forward and one templated backward serve both: they differ only in where
-// the Cholesky factor comes from (the operand itself, or a factorisation in scratch that is
-// never written out) and in the formula of the matrix gradient. Samples are computed in
-// blocks of W lanes, lane-minor (csrc/math), so the arithmetic vectorises across samples.
+//   squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)   and its backward
+//   squashed_tril_rsample_log_prob(loc, scale_tril, eps)               and its backward
+// One templated forward and one templated backward serve the three log-probs: they differ in
+// where the Cholesky factor comes from (the operand itself, or a factorisation in scratch that
+// is never written out), in the formula of the matrix gradient, and, squashed, in mapping the
+// value to its pre-tanh value first. Samples are computed in blocks of W lanes, lane-minor
+// (csrc/math), so the arithmetic vectorises across samples.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,9 +21,12 @@
 
 #include "../common/op_wrappers.h"
 #include "../math/gaussian_math.h"
+#include "../math/squash_math.h"
 #include "chunked.h"
+#include "gradient_sink.h"
 #include "lanes.h"
 #include "outputs.h"
+#include "simd.h"
 
 namespace fusedgauss {
 namespace cpu {
@@ -63,6 +69,14 @@ class BlockFactors {
   }
 
   const acc_t* L() const { return L_.data(); }
+  /// Lane 0's factor as one row-major matrix (zero above the diagonal): a shared factor.
+  std::vector<acc_t> first_lane() const {
+    std::vector<acc_t> L(static_cast<size_t>(k() * k()), acc_t(0));
+    for (int64_t i = 0; i < k(); ++i) {
+      for (int64_t j = 0; j <= i; ++j) L[i * k() + j] = L_[(i * k() + j) * W];
+    }
+    return L;
+  }
   const acc_t* log_det() const { return log_det_; }
   /// Whether lane l's covariance was positive-definite (always true for a scale_tril).
   bool ok(int l) const { return ok_[l]; }
@@ -100,8 +114,105 @@ C10_ALWAYS_INLINE void load_differences(const MvnProblem& p, int64_t k, const sc
                         loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
 }
 
+/// One sample's scale_tril gradient tril(a b^T) - c diag(1/L_ii), as a dense k x k row-major
+/// matrix (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
+/// b = z, c = g for a log-prob and a = g_u, b = eps, c = g_log_prob for a sample. L is a
+/// lane-minor block and l the lane.
+template <int W, typename acc_t, typename scalar_t>
+void store_scale_tril_gradient(int64_t k, const acc_t* a, const acc_t* b, acc_t c, const acc_t* L, int l,
+                               scalar_t* out) {
+  for (int64_t i = 0; i < k; ++i) {
+    scalar_t* row = out + i * k;
+    for (int64_t j = 0; j < i; ++j) row[j] = static_cast<scalar_t>(a[i] * b[j]);
+    row[i] = static_cast<scalar_t>(a[i] * b[i] - c / L[(i * k + i) * W + l]);
+    for (int64_t j = i + 1; j < k; ++j) row[j] = scalar_t(0);
+  }
+}
+
+/// A shared scale_tril's gradient from its reduced sum of a b^T (lower triangle, in `m`) and
+/// the sum of c: subtracts sum(c) / L_ii on the diagonal, zeroes the upper triangle. L is one
+/// row-major factor.
+template <typename acc_t>
+void finish_shared_scale_tril_gradient(int64_t k, const acc_t* L, acc_t c_sum, acc_t* m) {
+  for (int64_t i = 0; i < k; ++i) {
+    m[i * k + i] -= c_sum / L[i * k + i];
+    for (int64_t j = i + 1; j < k; ++j) m[i * k + j] = 0;
+  }
+}
+
+/// The squash of a squashed_tril_log_prob, for a block of samples: the pre-tanh values u of
+/// the value operand (the values themselves, or atanh of the clamped actions), lane-minor,
+/// with per lane the Jacobian sum_i log(1 - tanh(u_i)^2), and what the value's gradient needs.
+template <int W, typename scalar_t>
+class SquashBlock {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  SquashBlock(int64_t k, bool from_action)
+      : k_(k), from_action_(from_action), x_(static_cast<size_t>(k * W)), u_(x_.size()), two_tanh_(x_.size()) {}
+
+  /// d = u - loc for the samples [b0, b0 + count), lane-minor; also fills log_det_jacobian().
+  void load_differences(const MvnProblem& p, const scalar_t* value, const scalar_t* loc, int64_t b0, int count,
+                        acc_t* FUSEDGAUSS_RESTRICT d) {
+    gather_rows<W>(k_, value + b0 * p.value.batch_stride, p.value.batch_stride, count, x_.data());
+    gather_rows<W>(k_, loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
+    const int64_t entries = k_ * W;
+    const acc_t eps = static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+    const acc_t* FUSEDGAUSS_RESTRICT x = x_.data();
+    acc_t* FUSEDGAUSS_RESTRICT u = u_.data();
+    acc_t* FUSEDGAUSS_RESTRICT two_tanh = two_tanh_.data();
+    acc_t* FUSEDGAUSS_RESTRICT jacobian = log_det_jacobian_;
+    const bool from_action = from_action_;
+    const int64_t k = k_;
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+      if (from_action) {
+        for (int64_t e = 0; e < entries; ++e) u[e] = math::atanh_clamped(x[e], eps);
+      } else {
+        for (int64_t e = 0; e < entries; ++e) u[e] = x[e];
+      }
+      for (int l = 0; l < W; ++l) jacobian[l] = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        for (int l = 0; l < W; ++l) {
+          const math::TanhTerms<acc_t> tt = math::tanh_terms(u[i * W + l]);
+          jacobian[l] += tt.log_det;
+          two_tanh[i * W + l] = acc_t(2) * tt.tanh;
+        }
+      }
+      for (int64_t e = 0; e < entries; ++e) d[e] = u[e] - d[e];
+    });
+  }
+
+  const acc_t* log_det_jacobian() const { return log_det_jacobian_; }
+
+  /// d log p / d value in place, lane-minor, given the Gaussian part's -g w in `grad`:
+  /// (-g w + g 2 tanh(u)) [* d atanh_clamped(x) / dx when the values are actions].
+  void value_gradient(const acc_t* g, acc_t* FUSEDGAUSS_RESTRICT grad) const {
+    const acc_t eps = static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+    for (int64_t i = 0; i < k_; ++i) {
+      for (int l = 0; l < W; ++l) {
+        const int64_t e = i * W + l;
+        const acc_t d_u = grad[e] + g[l] * two_tanh_[e];
+        grad[e] = from_action_ ? d_u * math::atanh_clamped_derivative(x_[e], eps) : d_u;
+      }
+    }
+  }
+
+ private:
+  int64_t k_;
+  bool from_action_;
+  std::vector<acc_t> x_, u_, two_tanh_;
+  acc_t log_det_jacobian_[W] = {};
+};
+
+/// A log-prob kernel's value operand: the values themselves (value - loc), or, squashed, the
+/// pre-tanh values of the Gaussian (u - loc, and the Jacobian term).
+struct ValueSquash {
+  bool squashed = false;
+  bool from_action = false;
+};
+
 template <Param kParam, int kK, int W, typename scalar_t>
-void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
+void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squash = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
@@ -111,53 +222,29 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out) {
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     std::vector<acc_t> z(static_cast<size_t>(k * W));
+    SquashBlock<W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
     acc_t squared_norm[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
-      load_differences<W>(p, k, value, loc, b0, count, z.data());
+      if (squash.squashed) {
+        squash_block.load_differences(p, value, loc, b0, count, z.data());
+      } else {
+        load_differences<W>(p, k, value, loc, b0, count, z.data());
+      }
       factors.load_block(b0, count);
       math::whiten<W>(k, factors.L(), z.data(), squared_norm);
       for (int l = 0; l < count; ++l) {
-        out[b0 + l] = factors.ok(l) ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm[l], factors.log_det()[l]))
-                                    : std::numeric_limits<scalar_t>::quiet_NaN();
+        const acc_t log_prob = math::gaussian_log_prob(k, squared_norm[l], factors.log_det()[l]) -
+                               squash_block.log_det_jacobian()[l];
+        out[b0 + l] = factors.ok(l) ? static_cast<scalar_t>(log_prob) : std::numeric_limits<scalar_t>::quiet_NaN();
       }
     }
   });
 }
 
-/// Where one operand's gradient goes: nowhere (not requested), rows of a per-sample output,
-/// or lane-minor block accumulators that are summed per chunk, then in chunk order.
-template <typename scalar_t>
-struct GradientSink {
-  using acc_t = at::opmath_type<scalar_t>;
-
-  GradientSink(bool requested, const BatchedOperand& operand, std::vector<int64_t> event_shape,
-               const Chunks& chunks, int64_t batch_numel)
-      : requested(requested), reduces(requested && operand.reduces_gradient) {
-    width = 1;
-    for (int64_t s : event_shape) width *= s;
-    if (reduces) {
-      // One extra slot per chunk for the sum of the upstream gradients.
-      partials = ChunkPartials<acc_t>(chunks, width + 1);
-    } else if (requested) {
-      event_shape.insert(event_shape.begin(), batch_numel);
-      per_sample = empty_output(event_shape, operand.data.options());
-    }
-  }
-
-  /// The per-sample output, or nullptr when this sink reduces or takes nothing.
-  scalar_t* rows() { return per_sample.defined() ? per_sample.data_ptr<scalar_t>() : nullptr; }
-
-  bool requested;
-  bool reduces;
-  int64_t width;
-  at::Tensor per_sample;
-  ChunkPartials<acc_t> partials;
-};
-
 template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
-                                                   std::array<bool, 3> mask) {
+                                                   std::array<bool, 3> mask, ValueSquash squash = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kCovariance = kParam == Param::kCovariance;
   const int64_t k = kK > 0 ? kK : p.k;
@@ -168,7 +255,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
-  GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, {k, k}, chunks, n);
+  GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, {k, k}, chunks, n, /*extra_slots=*/1);
   // The covariance gradient needs Sigma^{-1} per sample, unless the matrix is shared and its
   // gradient reduced (then Sigma^{-1} enters once, at the end).
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
@@ -176,7 +263,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
-    std::vector<acc_t> z = block(k), w = block(k), gw = block(k);
+    std::vector<acc_t> z = block(k), w = block(k), gw = block(k), g_value = block(k);
+    SquashBlock<W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
     // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
@@ -193,7 +281,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
       for (int l = 0; l < W; ++l) g[l] = l < count ? static_cast<acc_t>(grad[b0 + l]) : acc_t(0);
-      load_differences<W>(p, k, value, loc, b0, count, z.data());
+      if (squash.squashed) {
+        squash_block.load_differences(p, value, loc, b0, count, z.data());
+      } else {
+        load_differences<W>(p, k, value, loc, b0, count, z.data());
+      }
       factors.load_block(b0, count);
       const acc_t* L = factors.L();
       math::solve_lower<W>(k, L, z.data());
@@ -201,15 +293,19 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       std::copy(z.begin(), z.end(), w.begin());
       math::solve_lower_transposed<W>(k, L, w.data());
 
-      // g w, lane-minor: the gradient of loc, and minus that of value.
+      // g w, lane-minor: the gradient of loc, and minus that of value (of u, when squashed).
       acc_t* FUSEDGAUSS_RESTRICT gw_block = gw.data();
       const acc_t* FUSEDGAUSS_RESTRICT w_block = w.data();
       for (int64_t i = 0; i < k; ++i) {
         for (int l = 0; l < W; ++l) gw_block[i * W + l] = g[l] * w_block[i * W + l];
       }
+      if (value_sink.requested) {
+        for (int64_t e = 0; e < k * W; ++e) g_value[e] = -gw_block[e];
+        if (squash.squashed) squash_block.value_gradient(g, g_value.data());
+      }
       if (value_sink.reduces) {
         acc_t* FUSEDGAUSS_RESTRICT acc = value_acc.data();
-        for (int64_t e = 0; e < k * W; ++e) acc[e] -= gw_block[e];
+        for (int64_t e = 0; e < k * W; ++e) acc[e] += g_value[e];
       }
       if (loc_sink.reduces) {
         acc_t* FUSEDGAUSS_RESTRICT acc = loc_acc.data();
@@ -217,7 +313,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       }
       for (int l = 0; l < count; ++l) {
         if (value_out != nullptr) {
-          for (int64_t i = 0; i < k; ++i) value_out[(b0 + l) * k + i] = static_cast<scalar_t>(-gw[i * W + l]);
+          for (int64_t i = 0; i < k; ++i) value_out[(b0 + l) * k + i] = static_cast<scalar_t>(g_value[i * W + l]);
         }
         if (loc_out != nullptr) {
           for (int64_t i = 0; i < k; ++i) loc_out[(b0 + l) * k + i] = static_cast<scalar_t>(gw[i * W + l]);
@@ -246,14 +342,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             gw_row[i] = gw[i * W + l];
           }
           if constexpr (!kCovariance) {
-            // d/dL = tril(w z^T) - diag(1/L_ii)
-            for (int64_t i = 0; i < k; ++i) {
-              const acc_t gw = gw_row[i];
-              scalar_t* row = out + i * k;
-              for (int64_t j = 0; j < i; ++j) row[j] = static_cast<scalar_t>(gw * z_row[j]);
-              row[i] = static_cast<scalar_t>(gw * z_row[i] - g[l] / L[(i * k + i) * W + l]);
-              for (int64_t j = i + 1; j < k; ++j) row[j] = scalar_t(0);
-            }
+            // d/dL = tril(g w z^T) - g diag(1/L_ii)
+            store_scale_tril_gradient<W>(k, gw_row.data(), z_row.data(), g[l], L, l, out);
           } else {
             // d/dSigma = 1/2 (w w^T - Sigma^{-1}), symmetric
             for (int64_t i = 0; i < k; ++i) {
@@ -274,32 +364,18 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   });
 
   const auto options = p.value.data.options();
-  // A reduced gradient in acc_t, and the sum of the upstream gradients from its last slot.
-  const auto reduce = [&](const GradientSink<scalar_t>& sink) {
-    const std::vector<acc_t> total = sink.partials.total();
-    at::Tensor out = at::empty({sink.width}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
-    std::copy(total.begin(), total.begin() + sink.width, out.data_ptr<acc_t>());
-    return std::make_pair(out, total[sink.width]);
-  };
-
   std::array<at::Tensor, 3> grads;
-  grads[0] = value_sink.reduces ? reduce(value_sink).first.to(options.dtype()) : value_sink.per_sample;
-  grads[1] = loc_sink.reduces ? reduce(loc_sink).first.to(options.dtype()) : loc_sink.per_sample;
+  grads[0] = value_sink.reduces ? value_sink.reduced(options).first.to(options.dtype()) : value_sink.per_sample;
+  grads[1] = loc_sink.reduces ? loc_sink.reduced(options).first.to(options.dtype()) : loc_sink.per_sample;
   if (!matrix_sink.reduces) {
     grads[2] = matrix_sink.per_sample;
   } else {
-    auto [acc, grad_sum] = reduce(matrix_sink);
+    auto [acc, extra] = matrix_sink.reduced(options);
+    const acc_t grad_sum = extra[0];
     acc_t* m = acc.template data_ptr<acc_t>();
-    // Lane 0 of the shared factor, as one sample (W = 1).
-    std::vector<acc_t> L(static_cast<size_t>(k * k), acc_t(0));
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j <= i; ++j) L[i * k + j] = shared_factors.L()[(i * k + j) * W];
-    }
+    const std::vector<acc_t> L = shared_factors.first_lane();
     if constexpr (!kCovariance) {
-      for (int64_t i = 0; i < k; ++i) {
-        m[i * k + i] -= grad_sum / L[i * k + i];
-        for (int64_t j = i + 1; j < k; ++j) m[i * k + j] = 0;
-      }
+      finish_shared_scale_tril_gradient(k, L.data(), grad_sum, m);
     } else {
       std::vector<acc_t> L_inv(static_cast<size_t>(k * k)), sigma_inv(static_cast<size_t>(k * k));
       math::inverse_from_cholesky<1>(k, L.data(), L_inv.data(), sigma_inv.data());
@@ -312,6 +388,186 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
       }
     }
     grads[2] = acc.view({k, k}).to(options.dtype());
+  }
+  return grads;
+}
+
+/// A reparameterised squashed sample for a block of samples, lane-minor: u = loc + L eps
+/// (no solve), the Jacobian terms of tanh(u), and the Gaussian part of the log-prob, which at
+/// u = loc + L eps is -1/2 ||eps||^2 - sum_i log L_ii - (k/2) log 2 pi.
+template <int kK, int W, typename scalar_t>
+struct RsampleBlock {
+  using acc_t = at::opmath_type<scalar_t>;
+
+  explicit RsampleBlock(int64_t k)
+      : eps(static_cast<size_t>(k * W)), u(eps.size()), action(eps.size()), derivative(eps.size()),
+        two_tanh(eps.size()) {}
+
+  /// Loads eps and loc of samples [b0, b0 + count) and computes u, tanh(u) and its terms.
+  template <typename Factors>
+  void load(const MvnProblem& p, int64_t k, const Factors& factors, int64_t b0, int count) {
+    // The problem's "value" operand is eps.
+    gather_rows<W>(k, p.value.data.const_data_ptr<scalar_t>() + b0 * p.value.batch_stride, p.value.batch_stride,
+                   count, eps.data());
+    gather_rows<W>(k, p.loc.data.const_data_ptr<scalar_t>() + b0 * p.loc.batch_stride, p.loc.batch_stride, count,
+                   u.data());
+    math::add_lower_times<W>(k, factors.L(), eps.data(), u.data());
+    acc_t* FUSEDGAUSS_RESTRICT a = action.data();
+    acc_t* FUSEDGAUSS_RESTRICT dy = derivative.data();
+    acc_t* FUSEDGAUSS_RESTRICT tt2 = two_tanh.data();
+    acc_t* FUSEDGAUSS_RESTRICT jacobian = log_det_jacobian;
+    const acc_t* FUSEDGAUSS_RESTRICT pre_tanh = u.data();
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+      for (int l = 0; l < W; ++l) jacobian[l] = 0;
+      for (int64_t i = 0; i < k; ++i) {
+        for (int l = 0; l < W; ++l) {
+          const math::TanhTerms<acc_t> tt = math::tanh_terms(pre_tanh[i * W + l]);
+          a[i * W + l] = tt.tanh;
+          dy[i * W + l] = tt.derivative;
+          tt2[i * W + l] = acc_t(2) * tt.tanh;
+          jacobian[l] += tt.log_det;
+        }
+      }
+    });
+  }
+
+  std::vector<acc_t> eps, u, action, derivative, two_tanh;
+  acc_t log_det_jacobian[W] = {};
+};
+
+template <int kK, int W, typename scalar_t>
+void rsample_forward_kernel(const MvnProblem& p, RsampleOutputs& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = kK > 0 ? kK : p.k;
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true);
+  scalar_t* action_out = out.action.data_ptr<scalar_t>();
+  scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
+  scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
+  const Chunks chunks(p.layout.batch_numel, grain_size(k * k));
+  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    BlockFactors<Param::kScaleTril, kK, W, scalar_t> factors = shared_factors;
+    RsampleBlock<kK, W, scalar_t> sample(k);
+    for (int64_t b0 = begin; b0 < end; b0 += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
+      factors.load_block(b0, count);
+      sample.load(p, k, factors, b0, count);
+      scatter_rows<W>(k, sample.action.data(), count, action_out + b0 * k);
+      scatter_rows<W>(k, sample.u.data(), count, pre_tanh_out + b0 * k);
+      for (int l = 0; l < count; ++l) {
+        acc_t squared_norm = 0;
+        for (int64_t i = 0; i < k; ++i) squared_norm += sample.eps[i * W + l] * sample.eps[i * W + l];
+        log_prob_out[b0 + l] = static_cast<scalar_t>(
+            math::gaussian_log_prob(k, squared_norm, factors.log_det()[l]) - sample.log_det_jacobian[l]);
+      }
+    }
+  });
+}
+
+/// Gradients of loc, scale_tril and eps from those of the action, u and the log-prob, with
+/// g_u = pre_tanh_gradient per entry (csrc/math/squash_math.h):
+///   d/dloc = g_u,  d/dL = tril(g_u eps^T) - g_log_prob diag(1/L_ii),
+///   d/deps = L^T g_u - g_log_prob eps.
+template <int kK, int W, typename scalar_t>
+std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const RsampleGradients& upstream,
+                                                  std::array<bool, 3> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = kK > 0 ? kK : p.k;
+  const int64_t n = p.layout.batch_numel;
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false);
+  const Chunks chunks(n, grain_size(k * k));
+  GradientSink<scalar_t> loc_sink(mask[0], p.loc, {k}, chunks, n);
+  GradientSink<scalar_t> matrix_sink(mask[1], p.matrix, {k, k}, chunks, n, /*extra_slots=*/1);
+  GradientSink<scalar_t> eps_sink(mask[2], p.value, {k}, chunks, n);
+  const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  const scalar_t* grad_action = data(upstream.action);
+  const scalar_t* grad_pre_tanh = data(upstream.pre_tanh);
+  const scalar_t* grad_log_prob = data(upstream.log_prob);
+
+  chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+    BlockFactors<Param::kScaleTril, kK, W, scalar_t> factors = shared_factors;
+    RsampleBlock<kK, W, scalar_t> sample(k);
+    const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
+    std::vector<acc_t> g_action = block(k), g_u = block(k), g_eps = block(k);
+    std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0), eps_acc = block(eps_sink.reduces ? k : 0);
+    std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
+    std::vector<acc_t> g_u_row(static_cast<size_t>(k)), eps_row(static_cast<size_t>(k));
+    acc_t g_log_prob[W];
+    for (int64_t b0 = begin; b0 < end; b0 += W) {
+      const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
+      factors.load_block(b0, count);
+      sample.load(p, k, factors, b0, count);
+      const acc_t* L = factors.L();
+      // Lanes past the batch, and outputs autograd passed no gradient for, carry zeros.
+      std::fill(g_action.begin(), g_action.end(), acc_t(0));
+      std::fill(g_u.begin(), g_u.end(), acc_t(0));
+      if (grad_action != nullptr) gather_rows<W>(k, grad_action + b0 * k, k, count, g_action.data());
+      if (grad_pre_tanh != nullptr) gather_rows<W>(k, grad_pre_tanh + b0 * k, k, count, g_u.data());
+      for (int l = 0; l < W; ++l) {
+        g_log_prob[l] = grad_log_prob != nullptr && l < count ? static_cast<acc_t>(grad_log_prob[b0 + l]) : acc_t(0);
+      }
+      if (count < W) {
+        for (int64_t i = 0; i < k; ++i) {
+          for (int l = count; l < W; ++l) g_action[i * W + l] = g_u[i * W + l] = 0;
+        }
+      }
+      for (int64_t i = 0; i < k; ++i) {
+        for (int l = 0; l < W; ++l) {
+          const int64_t e = i * W + l;
+          g_u[e] += g_action[e] * sample.derivative[e] + g_log_prob[l] * sample.two_tanh[e];
+        }
+      }
+      const acc_t* eps = sample.eps.data();
+
+      if (loc_sink.reduces) {
+        for (int64_t e = 0; e < k * W; ++e) loc_acc[e] += g_u[e];
+      } else if (loc_sink.requested) {
+        scatter_rows<W>(k, g_u.data(), count, loc_sink.rows() + b0 * k);
+      }
+      if (eps_sink.requested) {
+        math::lower_transposed_times<W>(k, L, g_u.data(), g_eps.data());
+        for (int64_t i = 0; i < k; ++i) {
+          for (int l = 0; l < W; ++l) g_eps[i * W + l] -= g_log_prob[l] * eps[i * W + l];
+        }
+        if (eps_sink.reduces) {
+          for (int64_t e = 0; e < k * W; ++e) eps_acc[e] += g_eps[e];
+        } else {
+          scatter_rows<W>(k, g_eps.data(), count, eps_sink.rows() + b0 * k);
+        }
+      }
+      if (matrix_sink.reduces) {
+        acc_t* FUSEDGAUSS_RESTRICT acc = matrix_acc.data();
+        for (int64_t i = 0; i < k; ++i) {
+          for (int64_t j = 0; j <= i; ++j) {
+            for (int l = 0; l < W; ++l) acc[(i * k + j) * W + l] += g_u[i * W + l] * eps[j * W + l];
+          }
+        }
+        for (int l = 0; l < W; ++l) acc[k * k * W + l] += g_log_prob[l];
+      } else if (matrix_sink.requested) {
+        for (int l = 0; l < count; ++l) {
+          for (int64_t i = 0; i < k; ++i) {
+            g_u_row[i] = g_u[i * W + l];
+            eps_row[i] = eps[i * W + l];
+          }
+          store_scale_tril_gradient<W>(k, g_u_row.data(), eps_row.data(), g_log_prob[l], L, l,
+                                       matrix_sink.rows() + (b0 + l) * k * k);
+        }
+      }
+    }
+    if (loc_sink.reduces) add_lane_sums<W>(k, loc_acc.data(), loc_sink.partials.chunk(chunk));
+    if (eps_sink.reduces) add_lane_sums<W>(k, eps_acc.data(), eps_sink.partials.chunk(chunk));
+    if (matrix_sink.reduces) add_lane_sums<W>(k * k + 1, matrix_acc.data(), matrix_sink.partials.chunk(chunk));
+  });
+
+  const auto options = p.loc.data.options();
+  std::array<at::Tensor, 3> grads;
+  grads[0] = loc_sink.reduces ? loc_sink.reduced(options).first.to(options.dtype()) : loc_sink.per_sample;
+  grads[2] = eps_sink.reduces ? eps_sink.reduced(options).first.to(options.dtype()) : eps_sink.per_sample;
+  if (matrix_sink.reduces) {
+    auto [acc, extra] = matrix_sink.reduced(options);
+    finish_shared_scale_tril_gradient(k, shared_factors.first_lane().data(), extra[0], acc.template data_ptr<acc_t>());
+    grads[1] = acc.view({k, k}).to(options.dtype());
+  } else {
+    grads[1] = matrix_sink.per_sample;
   }
   return grads;
 }
@@ -344,13 +600,32 @@ void with_block_shape(const MvnProblem& p, const F& fn) {
 }
 
 template <Param kParam>
+void run_log_prob_forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
+    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+      log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>(),
+                                                                                        squash);
+    });
+  });
+}
+
+template <Param kParam>
+std::array<at::Tensor, 3> run_log_prob_backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
+                                                ValueSquash squash) {
+  std::array<at::Tensor, 3> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
+    with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
+      grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
+          p, grad.const_data_ptr<scalar_t>(), mask, squash);
+    });
+  });
+  return grads;
+}
+
+template <Param kParam>
 at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
   return log_prob_forward_op<kParam>(value, loc, matrix, [](const MvnProblem& p, at::Tensor& out) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
-      with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
-        log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>());
-      });
-    });
+    run_log_prob_forward<kParam>(p, out, ValueSquash{});
   });
 }
 
@@ -360,17 +635,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tenso
                                                                  const at::Tensor& loc,
                                                                  const at::Tensor& matrix,
                                                                  std::array<bool, 3> mask) {
-  const auto run = [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-    std::array<at::Tensor, 3> grads;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
-      with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
-        grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
-            p, grad.const_data_ptr<scalar_t>(), mask);
-      });
+  return log_prob_backward_op<kParam>(grad, value, loc, matrix, mask,
+                                      [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+                                        return run_log_prob_backward<kParam>(p, grad, mask, ValueSquash{});
+                                      });
+}
+
+at::Tensor squashed_tril_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                  bool value_is_pre_tanh) {
+  const ValueSquash squash{true, !value_is_pre_tanh};
+  return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
+                        [&](const MvnProblem& p, at::Tensor& out) {
+                          run_log_prob_forward<Param::kScaleTril>(p, out, squash);
+                        });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+    bool value_is_pre_tanh, std::array<bool, 3> mask) {
+  const ValueSquash squash{true, !value_is_pre_tanh};
+  return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
+                         [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+                           return run_log_prob_backward<Param::kScaleTril>(p, grad, mask, squash);
+                         });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob(const at::Tensor& loc,
+                                                                              const at::Tensor& scale_tril,
+                                                                              const at::Tensor& eps) {
+  constexpr const char* op = "squashed_tril_rsample_log_prob";
+  const MvnProblem p = prepare_mvn_problem(op, "scale_tril", eps, loc, scale_tril, "eps");
+  RsampleOutputs out = empty_rsample_outputs(p.layout, p.k, loc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), "squashed_tril_rsample_log_prob", [&] {
+    with_block_shape<Param::kScaleTril, scalar_t>(p, [&](auto K, auto W) {
+      rsample_forward_kernel<decltype(K)::value, decltype(W)::value, scalar_t>(p, out);
     });
-    return grads;
-  };
-  return log_prob_backward_op<kParam>(grad, value, loc, matrix, mask, run);
+  });
+  return {out.action, out.pre_tanh, out.log_prob};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob_backward(
+    const c10::optional<at::Tensor>& grad_action, const c10::optional<at::Tensor>& grad_pre_tanh,
+    const c10::optional<at::Tensor>& grad_log_prob, const at::Tensor& loc, const at::Tensor& scale_tril,
+    const at::Tensor& eps, std::array<bool, 3> mask) {
+  constexpr const char* op = "squashed_tril_rsample_log_prob_backward";
+  const MvnProblem p = prepare_mvn_problem(op, "scale_tril", eps, loc, scale_tril, "eps");
+  const RsampleGradients upstream =
+      check_rsample_gradients(op, grad_action, grad_pre_tanh, grad_log_prob, loc, p.layout, p.k);
+  std::array<at::Tensor, 3> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), "squashed_tril_rsample_log_prob_backward", [&] {
+    with_block_shape<Param::kScaleTril, scalar_t>(p, [&](auto K, auto W) {
+      grads = rsample_backward_kernel<decltype(K)::value, decltype(W)::value, scalar_t>(p, upstream, mask);
+    });
+  });
+  return gradients_for_inputs(grads, {&loc, &scale_tril, &eps}, {&p.loc, &p.matrix, &p.value}, p.layout, mask);
 }
 
 }  // namespace
@@ -380,6 +698,10 @@ TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
   m.impl("mvn_tril_log_prob_backward", &log_prob_backward<Param::kScaleTril>);
   m.impl("mvn_cov_log_prob", &log_prob_forward<Param::kCovariance>);
   m.impl("mvn_cov_log_prob_backward", &log_prob_backward<Param::kCovariance>);
+  m.impl("squashed_tril_log_prob", &squashed_tril_log_prob);
+  m.impl("squashed_tril_log_prob_backward", &squashed_tril_log_prob_backward);
+  m.impl("squashed_tril_rsample_log_prob", &squashed_tril_rsample_log_prob);
+  m.impl("squashed_tril_rsample_log_prob_backward", &squashed_tril_rsample_log_prob_backward);
 }
 
 }  // namespace cpu

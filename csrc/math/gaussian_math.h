@@ -29,6 +29,8 @@ namespace math {
 
 // log(2*pi)
 constexpr double kLog2Pi = 1.8378770664093454835606594728112;
+// log(2)
+constexpr double kLog2 = 0.69314718055994530941723212145818;
 
 C10_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
 C10_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
@@ -48,6 +50,36 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower(int64_t k, const mat_t* FUSED
     }
     const mat_t* Lii = L + (i * k + i) * W;
     for (int l = 0; l < W; ++l) x[i * W + l] = s[l] / static_cast<acc_t>(Lii[l]);
+  }
+}
+
+/// y += L x for each lane (L lower-triangular): y_i += sum_{j<=i} L_ij x_j.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void add_lower_times(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
+                                                       const acc_t* FUSEDGAUSS_RESTRICT x, acc_t* FUSEDGAUSS_RESTRICT y) {
+  for (int64_t i = 0; i < k; ++i) {
+    acc_t s[W];
+    for (int l = 0; l < W; ++l) s[l] = y[i * W + l];
+    for (int64_t j = 0; j <= i; ++j) {
+      const mat_t* Lij = L + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lij[l]) * x[j * W + l];
+    }
+    for (int l = 0; l < W; ++l) y[i * W + l] = s[l];
+  }
+}
+
+/// y = L^T x for each lane (L lower-triangular): y_j = sum_{i>=j} L_ij x_i.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
+                                                              const acc_t* FUSEDGAUSS_RESTRICT x,
+                                                              acc_t* FUSEDGAUSS_RESTRICT y) {
+  for (int64_t j = 0; j < k; ++j) {
+    acc_t s[W] = {};
+    for (int64_t i = j; i < k; ++i) {
+      const mat_t* Lij = L + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lij[l]) * x[i * W + l];
+    }
+    for (int l = 0; l < W; ++l) y[j * W + l] = s[l];
   }
 }
 
@@ -81,7 +113,6 @@ template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_log_diagonal(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
   constexpr int64_t kGroup = std::is_same<acc_t, float>::value ? 4 : 1;
   constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-  constexpr double kLog2 = 0.69314718055994530941723212145818;
   double mantissa[W];
   int exponent[W];
   for (int l = 0; l < W; ++l) {

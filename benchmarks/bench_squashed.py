@@ -1,0 +1,168 @@
+"""fusedgauss against torch.distributions on the CPU: diagonal and tanh-squashed Gaussians.
+
+Cases, each at event size k and batch size B, timed in one run with torch.utils.benchmark
+(same conventions and columns as bench_ops.py: torch.distributions eager, the same code under
+torch.compile, fusedgauss):
+
+  sac_diag, sac_tril   SAC's actor path: a reparameterised squashed action and its log-prob,
+                       then (forward+backward) the gradient of 0.2 log π(a) - Q(a), with a linear
+                       Q, to loc and scale (per-sample, state-dependent). torch:
+                       TransformedDistribution(base, [TanhTransform(cache_size=1)]).rsample()
+                       and .log_prob of that action (a cache hit); fusedgauss: rsample_log_prob.
+  ppo_diag, ppo_tril   PPO's path: the log-prob of stored actions and the policy gradient to
+                       loc and scale. torch: log_prob(action) (an atanh); fusedgauss:
+                       log_prob(action, pre_tanh=u) with the stored pre-tanh value.
+  diag_normal          DiagNormal.log_prob against Independent(Normal).log_prob, per-sample scale.
+  diag_normal_shared   the same with one scale for the batch (PPO's state-independent log-std).
+
+    python benchmarks/bench_squashed.py               # the full grid
+    python benchmarks/bench_squashed.py --quick       # B=4096, k=6: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributions as td
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import fusedgauss  # noqa: E402
+from bench_ops import MATRIX_POOL, add_grid_arguments, run_grid, timed  # noqa: E402
+from helpers import random_scale_tril  # noqa: E402
+
+CASES = ("sac_diag", "sac_tril", "ppo_diag", "ppo_tril", "diag_normal", "diag_normal_shared")
+DTYPE = torch.float32
+
+
+def make_parameters(case: str, batch: int, k: int):
+    """loc (B, k) and the scale (B, k), (k,) or scale_tril (B, k, k), leaves that require grad."""
+    loc = torch.randn(batch, k, dtype=DTYPE).requires_grad_()
+    if case.endswith("tril"):
+        distinct = min(batch, MATRIX_POOL)
+        L = random_scale_tril((distinct,), k, dtype=DTYPE).repeat(-(-batch // distinct), 1, 1)[:batch]
+        return loc, L.contiguous().requires_grad_()
+    shape = (k,) if case == "diag_normal_shared" else (batch, k)
+    return loc, (0.5 + torch.rand(shape, dtype=DTYPE)).requires_grad_()
+
+
+def torch_base(loc, scale):
+    if scale.dim() == loc.dim() + 1:
+        return td.MultivariateNormal(loc, scale_tril=scale, validate_args=False)
+    return td.Independent(td.Normal(loc, scale, validate_args=False), 1, validate_args=False)
+
+
+def torch_squashed(loc, scale):
+    return td.TransformedDistribution(torch_base(loc, scale), [td.TanhTransform(cache_size=1)], validate_args=False)
+
+
+def fused_squashed(loc, scale):
+    if scale.dim() == loc.dim() + 1:
+        return fusedgauss.TanhMultivariateNormal(loc, scale_tril=scale, validate_args=False)
+    return fusedgauss.TanhNormal(loc, scale, validate_args=False)
+
+
+def case_functions(case: str, batch: int, k: int):
+    """(torch function, fusedgauss function, their arguments, the loss of their outputs)."""
+    loc, scale = make_parameters(case, batch, k)
+    if case.startswith("sac"):
+        q = torch.randn(k, dtype=DTYPE)
+
+        def torch_fn(loc, scale):
+            dist = torch_squashed(loc, scale)
+            action = dist.rsample()
+            return action, dist.log_prob(action)
+
+        def fused_fn(loc, scale):
+            return fused_squashed(loc, scale).rsample_log_prob()
+
+        def loss(outputs):
+            action, log_prob = outputs
+            return (0.2 * log_prob - action @ q).sum()
+
+        return torch_fn, fused_fn, (loc, scale), (), loss
+
+    if case.startswith("ppo"):
+        with torch.no_grad():
+            pre_tanh = torch_base(loc, scale).sample()
+        action = torch.tanh(pre_tanh)
+
+        def torch_fn(loc, scale, action, pre_tanh):
+            return torch_squashed(loc, scale).log_prob(action)
+
+        def fused_fn(loc, scale, action, pre_tanh):
+            return fused_squashed(loc, scale).log_prob(action, pre_tanh=pre_tanh)
+
+        return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), lambda log_prob: log_prob.sum()
+
+    value = torch.randn(batch, k, dtype=DTYPE)
+
+    def torch_fn(loc, scale, value):
+        return td.Independent(td.Normal(loc, scale, validate_args=False), 1, validate_args=False).log_prob(value)
+
+    def fused_fn(loc, scale, value):
+        return fusedgauss.DiagNormal(loc, scale, validate_args=False).log_prob(value)
+
+    return torch_fn, fused_fn, (loc, scale), (value,), lambda log_prob: log_prob.sum()
+
+
+def steps(case: str, batch: int, k: int, passes: str):
+    """Zero-argument steps: torch eager, a function returning the compiled torch step, fusedgauss."""
+    torch_fn, fused_fn, leaves, data, loss = case_functions(case, batch, k)
+
+    def as_step(fn):
+        if passes == "forward":
+            return lambda: fn(*leaves, *data)
+        return lambda: torch.autograd.grad(loss(fn(*leaves, *data)), leaves)
+
+    def compiled_step():
+        torch._dynamo.reset()
+        return as_step(torch.compile(torch_fn, dynamic=False))
+
+    return as_step(torch_fn), compiled_step, as_step(fused_fn)
+
+
+def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
+    """Bytes the computation must read and write at the least (float32).
+
+    Per sample: loc (k), the scale (k; k*k for scale_tril; none for a shared scale) and the
+    value, or the noise of a sample (k); a sample writes its action and pre-tanh value (2k), a
+    log-prob one number. Backward reads them again with the upstream gradients (the action's k
+    and the log-prob's one, for a sample) and writes the gradients of loc and the scale.
+    """
+    scale = 0 if case == "diag_normal_shared" else (k * k if case.endswith("tril") else k)
+    inputs = 2 * k + scale  # loc, value or noise, scale
+    if case.startswith("sac"):
+        forward = inputs + 2 * k + 1
+        backward = inputs + k + 1 + k + scale
+    else:
+        forward = inputs + 1
+        backward = inputs + 1 + k + scale
+    return 4 * batch * (forward + (backward if passes == "forward+backward" else 0))
+
+
+def run_cell(case, batch, k, passes, compile_torch, min_run_time):
+    torch_step, compiled_step, fused_step = steps(case, batch, k, passes)
+    torch_ms = timed(torch_step, min_run_time) * 1e3
+    fused_ms = timed(fused_step, min_run_time) * 1e3
+    compile_ms = timed(compiled_step(), min_run_time) * 1e3 if compile_torch else None
+    return torch_ms, compile_ms, fused_ms, bytes_moved(case, batch, k, passes)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="B=4096, k=6")
+    add_grid_arguments(parser, CASES, [6, 17], "cpu_squashed")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch, args.k = [4096], [6]
+    run_grid(args, "CPU benchmark: squashed and diagonal Gaussians, fusedgauss vs torch.distributions", run_cell)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+// CPU kernels of the ops whose event entries are independent (a diagonal base):
+//   diag_normal_log_prob(value, loc, scale)                      and its backward
+//   squashed_diag_log_prob(value, loc, scale, value_is_pre_tanh) and its backward
+//   squashed_diag_rsample_log_prob(loc, scale, eps)              and its backward
+//   tanh_log_abs_det_jacobian(u)                                  and its backward
+// A chunk of the batch is walked in blocks of rows. In a block every operand is one
+// contiguous run of acc_t entries (a per-sample operand read in place, or converted from
+// half; a shared one tiled once per chunk), so the entry math of csrc/math/squash_math.h runs
+// in flat loops that vectorise (with AVX2 where the CPU has it, csrc/cpu/simd.h); the sums over
+// each row's entries follow.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../common/op_wrappers.h"
+#include "../math/gaussian_math.h"
+#include "../math/squash_math.h"
+#include "chunked.h"
+#include "gradient_sink.h"
+#include "simd.h"
+
+namespace fusedgauss {
+namespace cpu {
+namespace {
+
+using math::Squash;
+
+/// Entries per block: the block's operands and results stay in L1.
+constexpr int64_t kBlockEntries = 1024;
+
+int64_t rows_per_block(int64_t k) { return std::max<int64_t>(1, kBlockEntries / std::max<int64_t>(k, 1)); }
+
+/// Multiply-adds per entry, about, for the grain size: the exp and logs of a squashed entry.
+constexpr int64_t kWorkPerEntry = 64;
+
+/// The clamp of an action before its atanh: the epsilon of the action's own dtype.
+template <typename scalar_t>
+at::opmath_type<scalar_t> action_epsilon() {
+  return static_cast<at::opmath_type<scalar_t>>(std::numeric_limits<scalar_t>::epsilon());
+}
+
+// The loops over a block's entries. Each is a function whose pointer arguments are restrict,
+// so that after inlining the compiler knows its arrays do not overlap and vectorises without
+// runtime alias checks (too many of which make it give up).
+
+template <Squash kSquash, typename acc_t>
+C10_ALWAYS_INLINE void log_prob_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT x, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s,
+                                        const acc_t* FUSEDGAUSS_RESTRICT log_s, acc_t eps, acc_t* FUSEDGAUSS_RESTRICT out) {
+  for (int64_t e = 0; e < n; ++e) out[e] = math::diag_log_prob_entry<kSquash>(x[e], m[e], s[e], log_s[e], eps);
+}
+
+template <Squash kSquash, typename acc_t>
+C10_ALWAYS_INLINE void log_prob_gradient_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT g, const acc_t* FUSEDGAUSS_RESTRICT x,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s, acc_t eps,
+                                                 acc_t* FUSEDGAUSS_RESTRICT d_value, acc_t* FUSEDGAUSS_RESTRICT d_loc, acc_t* FUSEDGAUSS_RESTRICT d_scale) {
+  for (int64_t e = 0; e < n; ++e) {
+    const auto d = math::diag_log_prob_entry_gradients<kSquash>(x[e], m[e], s[e], eps);
+    d_value[e] = g[e] * d.value;
+    d_loc[e] = g[e] * d.loc;
+    d_scale[e] = g[e] * d.scale;
+  }
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void rsample_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s, const acc_t* FUSEDGAUSS_RESTRICT log_s,
+                                       const acc_t* FUSEDGAUSS_RESTRICT noise, acc_t* FUSEDGAUSS_RESTRICT action, acc_t* FUSEDGAUSS_RESTRICT pre_tanh,
+                                       acc_t* FUSEDGAUSS_RESTRICT log_prob) {
+  for (int64_t e = 0; e < n; ++e) {
+    const auto sample = math::diag_rsample_entry(m[e], s[e], log_s[e], noise[e]);
+    action[e] = sample.action;
+    pre_tanh[e] = sample.pre_tanh;
+    log_prob[e] = sample.log_prob;
+  }
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void rsample_gradient_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT g_action, const acc_t* FUSEDGAUSS_RESTRICT g_pre_tanh,
+                                                const acc_t* FUSEDGAUSS_RESTRICT g_log_prob, const acc_t* FUSEDGAUSS_RESTRICT m,
+                                                const acc_t* FUSEDGAUSS_RESTRICT s, const acc_t* FUSEDGAUSS_RESTRICT noise, acc_t* FUSEDGAUSS_RESTRICT d_loc,
+                                                acc_t* FUSEDGAUSS_RESTRICT d_scale, acc_t* FUSEDGAUSS_RESTRICT d_noise) {
+  for (int64_t e = 0; e < n; ++e) {
+    const auto d = math::diag_rsample_entry_gradients(g_action[e], g_pre_tanh[e], g_log_prob[e], m[e], s[e], noise[e]);
+    d_loc[e] = d.loc;
+    d_scale[e] = d.scale;
+    d_noise[e] = d.eps;
+  }
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void log_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT x, acc_t* FUSEDGAUSS_RESTRICT out) {
+  for (int64_t e = 0; e < n; ++e) out[e] = math::log_(x[e]);
+}
+
+/// One (*, k) operand, block by block, as contiguous acc_t entries.
+template <typename scalar_t>
+class BlockRows {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  BlockRows(const BatchedOperand& operand, int64_t k, int64_t block_rows)
+      : data_(operand.data.const_data_ptr<scalar_t>()), k_(k), shared_(operand.shared()) {
+    if (shared_) {
+      tile_.resize(static_cast<size_t>(block_rows * k));
+      for (int64_t e = 0; e < block_rows * k; ++e) tile_[e] = static_cast<acc_t>(data_[e % k]);
+    } else if (!std::is_same_v<scalar_t, acc_t>) {
+      tile_.resize(static_cast<size_t>(block_rows * k));
+    }
+  }
+
+  bool shared() const { return shared_; }
+
+  /// The entries of rows [b0, b0 + rows), row after row; a shared operand's tile.
+  const acc_t* rows(int64_t b0, int64_t rows) {
+    if (shared_) return tile_.data();
+    const scalar_t* src = data_ + b0 * k_;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return src;
+    } else {
+      for (int64_t e = 0; e < rows * k_; ++e) tile_[e] = static_cast<acc_t>(src[e]);
+      return tile_.data();
+    }
+  }
+
+ private:
+  const scalar_t* data_;
+  int64_t k_;
+  bool shared_;
+  std::vector<acc_t> tile_;
+};
+
+/// log(scale) for a block: a shared scale's logs are taken once per chunk.
+template <typename scalar_t>
+class BlockLogScale {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  BlockLogScale(BlockRows<scalar_t>& scale, int64_t k, int64_t block_rows)
+      : shared_(scale.shared()), logs_(static_cast<size_t>(block_rows * k)) {
+    if (shared_) take_logs(scale.rows(0, block_rows), block_rows * k);
+  }
+
+  const acc_t* rows(const acc_t* scale, int64_t entries) {
+    if (!shared_) take_logs(scale, entries);
+    return logs_.data();
+  }
+
+ private:
+  void take_logs(const acc_t* scale, int64_t entries) {
+    acc_t* logs = logs_.data();
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { log_entries(entries, scale, logs); });
+  }
+
+  bool shared_;
+  std::vector<acc_t> logs_;
+};
+
+/// The per-entry gradients of a block, to a GradientSink: written to its rows, or added to a
+/// block-shaped accumulator whose rows are summed into the chunk's partials at the end.
+template <typename scalar_t>
+class BlockGradient {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  BlockGradient(GradientSink<scalar_t>& sink, int64_t k, int64_t block_rows)
+      : sink_(sink), k_(k), rows_out_(sink.rows()),
+        // Computed even when not requested: the entry loops stay branch-free.
+        values_(static_cast<size_t>(block_rows * k)),
+        accumulator_(static_cast<size_t>(sink.reduces ? block_rows * k : 0), acc_t(0)) {}
+
+  acc_t* values() { return values_.data(); }
+
+  /// Stores values() of rows [b0, b0 + rows).
+  void store(int64_t b0, int64_t rows) {
+    const int64_t entries = rows * k_;
+    if (sink_.reduces) {
+      for (int64_t e = 0; e < entries; ++e) accumulator_[e] += values_[e];
+    } else if (rows_out_ != nullptr) {
+      scalar_t* out = rows_out_ + b0 * k_;
+      for (int64_t e = 0; e < entries; ++e) out[e] = static_cast<scalar_t>(values_[e]);
+    }
+  }
+
+  /// Adds the accumulated rows, in row order, to chunk `chunk`'s partial sums.
+  void finish(int64_t chunk) {
+    if (!sink_.reduces) return;
+    acc_t* partial = sink_.partials.chunk(chunk);
+    for (size_t e = 0; e < accumulator_.size(); ++e) partial[e % k_] += accumulator_[e];
+  }
+
+ private:
+  GradientSink<scalar_t>& sink_;
+  int64_t k_;
+  scalar_t* rows_out_;
+  std::vector<acc_t> values_;
+  std::vector<acc_t> accumulator_;
+};
+
+/// The three gradients of a backward op as its wrapper takes them: a reduced one as the event
+/// in the input dtype, per-sample rows otherwise.
+template <typename scalar_t>
+std::array<at::Tensor, 3> finished_gradients(std::array<GradientSink<scalar_t>, 3>& sinks,
+                                             const at::TensorOptions& options) {
+  std::array<at::Tensor, 3> grads;
+  for (size_t i = 0; i < 3; ++i) {
+    grads[i] = sinks[i].reduces ? sinks[i].reduced(options).first.to(options.dtype()) : sinks[i].per_sample;
+  }
+  return grads;
+}
+
+template <typename scalar_t>
+std::array<GradientSink<scalar_t>, 3> gradient_sinks(const RowsProblem& p, const Chunks& chunks,
+                                                     std::array<bool, 3> mask) {
+  const int64_t n = p.layout.batch_numel;
+  return {GradientSink<scalar_t>(mask[0], p.operands[0], {p.k}, chunks, n),
+          GradientSink<scalar_t>(mask[1], p.operands[1], {p.k}, chunks, n),
+          GradientSink<scalar_t>(mask[2], p.operands[2], {p.k}, chunks, n)};
+}
+
+/// Sums of `rows` rows of k entries, plus `constant`, into out.
+template <typename scalar_t, typename acc_t>
+void store_row_sums(const acc_t* entries, int64_t rows, int64_t k, acc_t constant, scalar_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t sum = constant;
+    for (int64_t i = 0; i < k; ++i) sum += entries[r * k + i];
+    out[r] = static_cast<scalar_t>(sum);
+  }
+}
+
+template <typename acc_t>
+acc_t log_normalizer(int64_t k) {
+  return acc_t(-0.5) * static_cast<acc_t>(k) * static_cast<acc_t>(math::kLog2Pi);
+}
+
+// --- diag_normal_log_prob and squashed_diag_log_prob -------------------------------------
+
+template <Squash kSquash, typename scalar_t>
+void diag_log_prob_kernel(const RowsProblem& p, scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k;
+  const int64_t block_rows = rows_per_block(k);
+  const acc_t eps = action_epsilon<scalar_t>();
+  const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
+  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
+        scale(p.operands[2], k, block_rows);
+    BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
+    std::vector<acc_t> terms(static_cast<size_t>(block_rows * k));
+    for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
+      const int64_t rows = std::min(block_rows, end - b0);
+      const int64_t entries = rows * k;
+      const acc_t* FUSEDGAUSS_RESTRICT x = value.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT log_s = log_scale.rows(s, entries);
+      acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { log_prob_entries<kSquash>(entries, x, m, s, log_s, eps, t); });
+      store_row_sums(t, rows, k, log_normalizer<acc_t>(k), out + b0);
+    }
+  });
+}
+
+template <Squash kSquash, typename scalar_t>
+std::array<at::Tensor, 3> diag_log_prob_backward_kernel(const RowsProblem& p, const scalar_t* grad,
+                                                        std::array<bool, 3> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k;
+  const int64_t block_rows = rows_per_block(k);
+  const acc_t eps = action_epsilon<scalar_t>();
+  const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
+  std::array<GradientSink<scalar_t>, 3> sinks = gradient_sinks<scalar_t>(p, chunks, mask);
+  chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+    BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
+        scale(p.operands[2], k, block_rows);
+    BlockGradient<scalar_t> d_value(sinks[0], k, block_rows), d_loc(sinks[1], k, block_rows),
+        d_scale(sinks[2], k, block_rows);
+    std::vector<acc_t> upstream(static_cast<size_t>(block_rows * k));
+    for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
+      const int64_t rows = std::min(block_rows, end - b0);
+      const int64_t entries = rows * k;
+      for (int64_t r = 0; r < rows; ++r) {
+        std::fill_n(upstream.begin() + r * k, k, static_cast<acc_t>(grad[b0 + r]));
+      }
+      const acc_t* FUSEDGAUSS_RESTRICT g = upstream.data();
+      const acc_t* FUSEDGAUSS_RESTRICT x = value.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
+      acc_t* FUSEDGAUSS_RESTRICT dv = d_value.values();
+      acc_t* FUSEDGAUSS_RESTRICT dm = d_loc.values();
+      acc_t* FUSEDGAUSS_RESTRICT ds = d_scale.values();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+        log_prob_gradient_entries<kSquash>(entries, g, x, m, s, eps, dv, dm, ds);
+      });
+      d_value.store(b0, rows);
+      d_loc.store(b0, rows);
+      d_scale.store(b0, rows);
+    }
+    d_value.finish(chunk);
+    d_loc.finish(chunk);
+    d_scale.finish(chunk);
+  });
+  return finished_gradients(sinks, p.operands[0].data.options());
+}
+
+template <Squash kSquash>
+at::Tensor diag_log_prob(const char* op, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale) {
+  return rows_log_prob_forward_op(op, value, loc, scale, [&](const RowsProblem& p, at::Tensor& out) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "diag_log_prob", [&] {
+      diag_log_prob_kernel<kSquash, scalar_t>(p, out.data_ptr<scalar_t>());
+    });
+  });
+}
+
+template <Squash kSquash>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diag_log_prob_backward(const char* op, const at::Tensor& grad,
+                                                                      const at::Tensor& value, const at::Tensor& loc,
+                                                                      const at::Tensor& scale,
+                                                                      std::array<bool, 3> mask) {
+  const auto run = [&](const RowsProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+    std::array<at::Tensor, 3> grads;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "diag_log_prob_backward", [&] {
+      grads = diag_log_prob_backward_kernel<kSquash, scalar_t>(p, grad.const_data_ptr<scalar_t>(), mask);
+    });
+    return grads;
+  };
+  return rows_log_prob_backward_op(op, grad, value, loc, scale, mask, run);
+}
+
+at::Tensor diag_normal_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale) {
+  return diag_log_prob<Squash::kNone>("diag_normal_log_prob", value, loc, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> diag_normal_log_prob_backward(const at::Tensor& grad,
+                                                                             const at::Tensor& value,
+                                                                             const at::Tensor& loc,
+                                                                             const at::Tensor& scale,
+                                                                             std::array<bool, 3> mask) {
+  return diag_log_prob_backward<Squash::kNone>("diag_normal_log_prob_backward", grad, value, loc, scale, mask);
+}
+
+at::Tensor squashed_diag_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale,
+                                  bool value_is_pre_tanh) {
+  constexpr const char* op = "squashed_diag_log_prob";
+  return value_is_pre_tanh ? diag_log_prob<Squash::kFromPreTanh>(op, value, loc, scale)
+                           : diag_log_prob<Squash::kFromAction>(op, value, loc, scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_diag_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale,
+    bool value_is_pre_tanh, std::array<bool, 3> mask) {
+  constexpr const char* op = "squashed_diag_log_prob_backward";
+  return value_is_pre_tanh ? diag_log_prob_backward<Squash::kFromPreTanh>(op, grad, value, loc, scale, mask)
+                           : diag_log_prob_backward<Squash::kFromAction>(op, grad, value, loc, scale, mask);
+}
+
+// --- squashed_diag_rsample_log_prob ------------------------------------------------------
+
+template <typename scalar_t>
+void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k;
+  const int64_t block_rows = rows_per_block(k);
+  scalar_t* action_out = out.action.data_ptr<scalar_t>();
+  scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
+  scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
+  const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
+  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
+        noise(p.operands[2], k, block_rows);
+    BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
+    std::vector<acc_t> actions(static_cast<size_t>(block_rows * k)), pre_tanh(actions.size()), terms(actions.size());
+    for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
+      const int64_t rows = std::min(block_rows, end - b0);
+      const int64_t entries = rows * k;
+      const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT e = noise.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT log_s = log_scale.rows(s, entries);
+      acc_t* FUSEDGAUSS_RESTRICT a = actions.data();
+      acc_t* FUSEDGAUSS_RESTRICT u = pre_tanh.data();
+      acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { rsample_entries(entries, m, s, log_s, e, a, u, t); });
+      std::copy(a, a + entries, action_out + b0 * k);
+      std::copy(u, u + entries, pre_tanh_out + b0 * k);
+      store_row_sums(t, rows, k, log_normalizer<acc_t>(k), log_prob_out + b0);
+    }
+  });
+}
+
+template <typename scalar_t>
+std::array<at::Tensor, 3> diag_rsample_backward_kernel(const RowsProblem& p, const RsampleGradients& upstream,
+                                                       std::array<bool, 3> mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = p.k;
+  const int64_t block_rows = rows_per_block(k);
+  const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
+  std::array<GradientSink<scalar_t>, 3> sinks = gradient_sinks<scalar_t>(p, chunks, mask);
+  const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+  const scalar_t* grad_action = data(upstream.action);
+  const scalar_t* grad_pre_tanh = data(upstream.pre_tanh);
+  const scalar_t* grad_log_prob = data(upstream.log_prob);
+  chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+    BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
+        noise(p.operands[2], k, block_rows);
+    BlockGradient<scalar_t> d_loc(sinks[0], k, block_rows), d_scale(sinks[1], k, block_rows),
+        d_noise(sinks[2], k, block_rows);
+    // An output autograd passed no gradient for contributes zeros.
+    std::vector<acc_t> ga(static_cast<size_t>(block_rows * k)), gu(ga.size()), glp(ga.size());
+    for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
+      const int64_t rows = std::min(block_rows, end - b0);
+      const int64_t entries = rows * k;
+      for (int64_t i = 0; i < entries; ++i) {
+        ga[i] = grad_action ? static_cast<acc_t>(grad_action[b0 * k + i]) : acc_t(0);
+        gu[i] = grad_pre_tanh ? static_cast<acc_t>(grad_pre_tanh[b0 * k + i]) : acc_t(0);
+        glp[i] = grad_log_prob ? static_cast<acc_t>(grad_log_prob[b0 + i / k]) : acc_t(0);
+      }
+      const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT e = noise.rows(b0, rows);
+      const acc_t* FUSEDGAUSS_RESTRICT g_a = ga.data();
+      const acc_t* FUSEDGAUSS_RESTRICT g_u = gu.data();
+      const acc_t* FUSEDGAUSS_RESTRICT g_lp = glp.data();
+      acc_t* FUSEDGAUSS_RESTRICT dm = d_loc.values();
+      acc_t* FUSEDGAUSS_RESTRICT ds = d_scale.values();
+      acc_t* FUSEDGAUSS_RESTRICT de = d_noise.values();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+        rsample_gradient_entries(entries, g_a, g_u, g_lp, m, s, e, dm, ds, de);
+      });
+      d_loc.store(b0, rows);
+      d_scale.store(b0, rows);
+      d_noise.store(b0, rows);
+    }
+    d_loc.finish(chunk);
+    d_scale.finish(chunk);
+    d_noise.finish(chunk);
+  });
+  return finished_gradients(sinks, p.operands[0].data.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_diag_rsample_log_prob(const at::Tensor& loc,
+                                                                              const at::Tensor& scale,
+                                                                              const at::Tensor& eps) {
+  constexpr const char* op = "squashed_diag_rsample_log_prob";
+  const RowsProblem p = prepare_rows_problem(op, {"loc", "scale", "eps"}, {&loc, &scale, &eps});
+  RsampleOutputs out = empty_rsample_outputs(p.layout, p.k, loc.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), "squashed_diag_rsample_log_prob", [&] {
+    diag_rsample_kernel<scalar_t>(p, out);
+  });
+  return {out.action, out.pre_tanh, out.log_prob};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_diag_rsample_log_prob_backward(
+    const c10::optional<at::Tensor>& grad_action, const c10::optional<at::Tensor>& grad_pre_tanh,
+    const c10::optional<at::Tensor>& grad_log_prob, const at::Tensor& loc, const at::Tensor& scale,
+    const at::Tensor& eps, std::array<bool, 3> mask) {
+  constexpr const char* op = "squashed_diag_rsample_log_prob_backward";
+  const RowsProblem p = prepare_rows_problem(op, {"loc", "scale", "eps"}, {&loc, &scale, &eps});
+  const RsampleGradients upstream =
+      check_rsample_gradients(op, grad_action, grad_pre_tanh, grad_log_prob, loc, p.layout, p.k);
+  std::array<at::Tensor, 3> grads;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), "squashed_diag_rsample_log_prob_backward", [&] {
+    grads = diag_rsample_backward_kernel<scalar_t>(p, upstream, mask);
+  });
+  return gradients_for_inputs(grads, {&loc, &scale, &eps}, {&p.operands[0], &p.operands[1], &p.operands[2]},
+                              p.layout, mask);
+}
+
+// --- tanh_log_abs_det_jacobian ------------------------------------------------------------
+
+/// out[i] = f(i) over n entries in parallel, f computed in acc_t with the best SIMD.
+template <typename scalar_t, typename F>
+void elementwise(int64_t n, scalar_t* out, const F& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Chunks chunks(n, grain_size(kWorkPerEntry));
+  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    std::vector<acc_t> block(static_cast<size_t>(kBlockEntries));
+    for (int64_t b0 = begin; b0 < end; b0 += kBlockEntries) {
+      const int64_t count = std::min(kBlockEntries, end - b0);
+      acc_t* FUSEDGAUSS_RESTRICT values = block.data();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+        for (int64_t i = 0; i < count; ++i) values[i] = f(b0 + i);
+      });
+      std::copy(values, values + count, out + b0);
+    }
+  });
+}
+
+at::Tensor tanh_log_abs_det_jacobian(const at::Tensor& u) {
+  check_floating("tanh_log_abs_det_jacobian", "u", u);
+  const at::Tensor input = u.contiguous();
+  at::Tensor out = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "tanh_log_abs_det_jacobian", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    elementwise(input.numel(), out.data_ptr<scalar_t>(), [x](int64_t i) FUSEDGAUSS_INLINE_BODY {
+      return math::tanh_terms(static_cast<acc_t>(x[i])).log_det;
+    });
+  });
+  return out;
+}
+
+/// d/du log(1 - tanh(u)^2) = -2 tanh(u).
+at::Tensor tanh_log_abs_det_jacobian_backward(const at::Tensor& grad, const at::Tensor& u) {
+  constexpr const char* op = "tanh_log_abs_det_jacobian_backward";
+  check_floating(op, "u", u);
+  check_same_dtype_and_device(op, "grad", grad, u);
+  TORCH_CHECK(grad.sizes() == u.sizes(), op, ": grad has shape ", grad.sizes(), " but u has shape ", u.sizes());
+  const at::Tensor input = u.contiguous();
+  const at::Tensor upstream = grad.contiguous();
+  at::Tensor out = at::empty_like(input);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "tanh_log_abs_det_jacobian_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const scalar_t* g = upstream.const_data_ptr<scalar_t>();
+    elementwise(input.numel(), out.data_ptr<scalar_t>(), [x, g](int64_t i) FUSEDGAUSS_INLINE_BODY {
+      return acc_t(-2) * static_cast<acc_t>(g[i]) * math::tanh_terms(static_cast<acc_t>(x[i])).tanh;
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
+  m.impl("diag_normal_log_prob", &diag_normal_log_prob);
+  m.impl("diag_normal_log_prob_backward", &diag_normal_log_prob_backward);
+  m.impl("squashed_diag_log_prob", &squashed_diag_log_prob);
+  m.impl("squashed_diag_log_prob_backward", &squashed_diag_log_prob_backward);
+  m.impl("squashed_diag_rsample_log_prob", &squashed_diag_rsample_log_prob);
+  m.impl("squashed_diag_rsample_log_prob_backward", &squashed_diag_rsample_log_prob_backward);
+  m.impl("tanh_log_abs_det_jacobian", &tanh_log_abs_det_jacobian);
+  m.impl("tanh_log_abs_det_jacobian_backward", &tanh_log_abs_det_jacobian_backward);
+}
+
+}  // namespace cpu
+}  // namespace fusedgauss

@@ -1,0 +1,251 @@
+#pragma once
+// Elementwise math of the diagonal and tanh-squashed Gaussian ops, written once for every
+// device: the CPU kernels call it in loops over contiguous elements (which the compiler turns
+// into SIMD code), a CUDA thread calls it for each entry of its sample.
+//
+// The float versions of exp and log are written out here instead of calling libm: libm's
+// scalar calls cannot be vectorised, and with one exp and two logs per element they would
+// cost more than the rest of a kernel together. They are branch-free (every select becomes a
+// blend) and accurate to a few ulp. Double uses libm, and CUDA its own intrinsics.
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "gaussian_math.h"
+
+namespace fusedgauss {
+namespace math {
+
+namespace detail {
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE int32_t float_bits(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float bits_float(int32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
+
+}  // namespace detail
+
+/// exp(x) for x <= 0 (the only exponentials these ops take: e^{-2|u|}). Cephes' expf:
+///   x = n log 2 + r, |r| <= log(2)/2,   exp(x) = 2^n (1 + r + r^2 P(r)),
+/// with log 2 split in two so that r is exact. Below -87.3, where the result leaves the normal
+/// range, it returns about 1e-38 rather than a subnormal or zero.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float exp_nonpositive(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::expf(x);
+#else
+  const float clamped = x < -87.3f ? -87.3f : x;
+  // Round to nearest by adding and subtracting 1.5 * 2^23 (exact for |n| < 2^22).
+  const float n = (clamped * 1.44269504088896341f + 12582912.f) - 12582912.f;
+  const float r = (clamped - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.f;
+  const float scale = detail::bits_float((static_cast<int32_t>(n) + 127) << 23);
+  return x != x ? x : y * scale;
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double exp_nonpositive(double x) { return ::exp(x); }
+
+/// log(x) for any float. Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), f = m - 1,
+///   log x = e log 2 + f - f^2/2 + f^3 P(f);
+/// subnormals are scaled into the normal range first; 0 gives -inf, negatives and NaN give NaN,
+/// +inf gives +inf.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float log_(float x) {
+#if defined(__CUDA_ARCH__)
+  return ::logf(x);
+#else
+  const bool subnormal = x < 1.17549435e-38f;
+  const float normal = subnormal ? x * 8388608.f : x;  // 2^23
+  const int32_t bits = detail::float_bits(normal);
+  int32_t e = ((bits >> 23) & 0xff) - 127 - (subnormal ? 23 : 0);
+  float m = detail::bits_float((bits & 0x007fffff) | 0x3f800000);  // in [1, 2)
+  const bool high = m > 1.41421356f;
+  m = high ? 0.5f * m : m;
+  e = high ? e + 1 : e;
+  const float f = m - 1.f;
+  const float ef = static_cast<float>(e);
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float f2 = f * f;
+  float y = f * f2 * p + ef * -2.12194440e-4f - 0.5f * f2;
+  y = (f + y) + ef * 0.693359375f;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+  return x == kInf ? kInf : x == 0.f ? -kInf : !(x > 0.f) ? kNaN : y;
+#endif
+}
+
+/// log(1 + x) for x > -1, accurate for small |x| (Goldberg's correction: with u = 1 + x
+/// rounded, log(u) * x / (u - 1) cancels the rounding of u).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T log1p_(T x) {
+  const T u = T(1) + x;
+  const T d = u - T(1);
+  const T corrected = log_(u) * (x / d);
+  return d == T(0) ? x : corrected;
+}
+
+/// Everything the ops need of y = tanh(u), computed stably for every u:
+///   tanh            tanh(u)
+///   log_det         log|dy/du| = log(1 - tanh(u)^2) = 2 (log 2 - |u| - log1p(e^{-2|u|}))
+///   derivative      dy/du = 1 - tanh(u)^2 = 4 e^{-2|u|} / (1 + e^{-2|u|})^2
+/// For |u| < 0.625 the closed forms in e^{-2|u|} cancel, so tanh comes from Cephes' odd
+/// polynomial and log_det = log1p(-tanh^2); beyond, tanh(|u|) = (1 - t) / (1 + t) with
+/// t = e^{-2|u|}. log_det and derivative stay finite and exact in the tails where tanh rounds
+/// to +-1 (|u| > 9 in float32).
+template <typename T>
+struct TanhTerms {
+  T tanh;
+  T log_det;
+  T derivative;
+};
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE TanhTerms<T> tanh_terms(T u) {
+  const T a = u < T(0) ? -u : u;
+  const T t = exp_nonpositive(T(-2) * a);
+  const T z = a * a;
+  T p = T(-5.70498872745e-3);
+  p = p * z + T(2.06390887954e-2);
+  p = p * z - T(5.37397155531e-2);
+  p = p * z + T(1.33314422036e-1);
+  p = p * z - T(3.33332819422e-1);
+  const bool small = a < T(0.625);
+  // The polynomial is Cephes' float one; double's small branch uses libm's tanh.
+  const T tanh_small = std::is_same<T, float>::value ? a + a * z * p : T(::tanh(static_cast<double>(a)));
+  // Both branches are computed and one is selected, so that loops over elements vectorise.
+  const T tanh_large = (T(1) - t) / (T(1) + t);
+  const T tanh_abs = small ? tanh_small : tanh_large;
+  const T log_det_small = log1p_(-tanh_abs * tanh_abs);
+  const T log_det_large = T(2) * (T(kLog2) - a - log1p_(t));
+  const T derivative_small = T(1) - tanh_abs * tanh_abs;
+  const T derivative_large = T(4) * t / ((T(1) + t) * (T(1) + t));
+  return {u < T(0) ? -tanh_abs : tanh_abs, small ? log_det_small : log_det_large,
+          small ? derivative_small : derivative_large};
+}
+
+/// The pre-tanh value of an action y in [-1, 1]: atanh(clamp(y, -1 + eps, 1 - eps)) =
+/// 1/2 log1p(2y / (1 - y)), with eps the epsilon of the action's own dtype, so that an action
+/// that rounded to +-1 maps to a large finite u. NaN stays NaN.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T atanh_clamped(T y, T eps) {
+  const T bound = T(1) - eps;
+  const T c = y > bound ? bound : y < -bound ? -bound : y;
+  return T(0.5) * log1p_(T(2) * c / (T(1) - c));
+}
+
+/// d atanh_clamped(y) / dy: 1 / (1 - y^2) inside the clamp, 0 where it clamps (as the gradient
+/// of torch.clamp).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T atanh_clamped_derivative(T y, T eps) {
+  const T bound = T(1) - eps;
+  const bool inside = y >= -bound && y <= bound;
+  return inside ? T(1) / ((T(1) - y) * (T(1) + y)) : T(0);
+}
+
+/// Where the pre-tanh value u of a squashed log-prob comes from: there is no squash (a plain
+/// Gaussian), u is given, or u = atanh_clamped(action).
+enum class Squash { kNone, kFromPreTanh, kFromAction };
+
+/// One event entry of a diagonal Gaussian log-prob, without the -1/2 log(2 pi) constant: with
+/// u the pre-tanh value of x (x itself when unsquashed) and z = (u - m) / s,
+///   -1/2 z^2 - log s  [- log(1 - tanh(u)^2) when squashed].
+/// log_s = log(s) comes in precomputed, so a shared scale takes its logs once.
+template <Squash kSquash, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T diag_log_prob_entry(T x, T m, T s, T log_s, T eps) {
+  const T u = kSquash == Squash::kFromAction ? atanh_clamped(x, eps) : x;
+  const T z = (u - m) / s;
+  const T term = T(-0.5) * z * z - log_s;
+  return kSquash == Squash::kNone ? term : term - tanh_terms(u).log_det;
+}
+
+template <typename T>
+struct LogProbEntryGradients {
+  T value;
+  T loc;
+  T scale;
+};
+
+/// d/dx, d/dm, d/ds of diag_log_prob_entry:
+///   d/dm = z / s,  d/ds = (z^2 - 1) / s,  d/du = -z / s [+ 2 tanh(u)],
+///   d/dx = d/du [* d atanh_clamped(x) / dx when u comes from the action].
+template <Squash kSquash, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE LogProbEntryGradients<T> diag_log_prob_entry_gradients(T x, T m, T s, T eps) {
+  const T u = kSquash == Squash::kFromAction ? atanh_clamped(x, eps) : x;
+  const T inv_s = T(1) / s;
+  const T z = (u - m) * inv_s;
+  const T d_loc = z * inv_s;
+  const T d_u = kSquash == Squash::kNone ? -d_loc : -d_loc + T(2) * tanh_terms(u).tanh;
+  const T d_value = kSquash == Squash::kFromAction ? d_u * atanh_clamped_derivative(x, eps) : d_u;
+  return {d_value, d_loc, (z * z - T(1)) * inv_s};
+}
+
+/// The total derivative of a squashed sample's outputs with respect to its pre-tanh value u,
+/// given the upstream gradients of the action tanh(u), of u itself and of the log-prob (whose
+/// u-dependent part is -log(1 - tanh(u)^2)):
+///   g_action (1 - tanh(u)^2) + g_pre_tanh + g_log_prob 2 tanh(u).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T pre_tanh_gradient(const TanhTerms<T>& tt, T grad_action, T grad_pre_tanh,
+                                                      T grad_log_prob) {
+  return grad_action * tt.derivative + grad_pre_tanh + grad_log_prob * T(2) * tt.tanh;
+}
+
+/// One entry of a reparameterised squashed diagonal sample from noise e:
+/// u = m + s e, action = tanh(u), and the log-prob term -1/2 e^2 - log s - log(1 - tanh(u)^2)
+/// (since (u - m) / s = e exactly, no division and no atanh).
+template <typename T>
+struct RsampleEntry {
+  T action;
+  T pre_tanh;
+  T log_prob;
+};
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RsampleEntry<T> diag_rsample_entry(T m, T s, T log_s, T e) {
+  const T u = m + s * e;
+  const TanhTerms<T> tt = tanh_terms(u);
+  return {tt.tanh, u, T(-0.5) * e * e - log_s - tt.log_det};
+}
+
+template <typename T>
+struct RsampleEntryGradients {
+  T loc;
+  T scale;
+  T eps;
+};
+
+/// d/dm, d/ds, d/de of diag_rsample_entry's outputs, with g_u = pre_tanh_gradient:
+///   d/dm = g_u,  d/ds = g_u e - g_log_prob / s,  d/de = g_u s - g_log_prob e.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RsampleEntryGradients<T> diag_rsample_entry_gradients(T grad_action, T grad_pre_tanh,
+                                                                                 T grad_log_prob, T m, T s, T e) {
+  const T g_u = pre_tanh_gradient(tanh_terms(m + s * e), grad_action, grad_pre_tanh, grad_log_prob);
+  return {g_u, g_u * e - grad_log_prob / s, g_u * s - grad_log_prob * e};
+}
+
+}  // namespace math
+}  // namespace fusedgauss
