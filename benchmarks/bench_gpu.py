@@ -1,8 +1,9 @@
-"""fusedgauss against torch.distributions on a GPU: the full-covariance log-prob.
+"""fusedgauss against torch.distributions on a GPU.
 
-The GPU counterpart of bench_ops.py, with the same cases, inputs and byte counts. For each
-case (per-sample scale_tril, shared scale_tril, per-sample covariance), event size k and batch
-size B, times in one run (triton.testing.do_bench medians, which flush the L2 cache between
+The GPU counterpart of bench_ops.py and bench_squashed.py, with their cases, inputs and byte
+counts. For each case (bench_ops': per-sample scale_tril, shared scale_tril, per-sample
+covariance; bench_squashed's with --cases: the SAC and PPO paths, DiagNormal), event size k
+and batch size B, times in one run (triton.testing.do_bench medians, which flush the L2 cache between
 runs; CUDA events where Triton is missing):
 
   torch          torch.distributions.MultivariateNormal(...).log_prob, eager
@@ -15,8 +16,10 @@ fraction of the measured device-to-device copy bandwidth each fused kernel reach
 that fails (torch's batched triangular solve beyond about 524k right-hand sides, or memory)
 is recorded with its error instead of a time.
 
-    python benchmarks/bench_gpu.py --out DIR           # the full grid
+    python benchmarks/bench_gpu.py --out DIR           # the full grid of bench_ops' cases
     python benchmarks/bench_gpu.py --quick --out DIR   # B=2^14, k in {2, 6}
+    python benchmarks/bench_gpu.py --cases sac_diag sac_tril ppo_diag ppo_tril diag_normal --k 6 17 \
+        --name gpu_squashed --out DIR
 """
 
 from __future__ import annotations
@@ -35,8 +38,15 @@ from tqdm import tqdm
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_ops  # noqa: E402
+import bench_squashed  # noqa: E402
 import fusedgauss  # noqa: E402
-from bench_ops import CASES, bytes_moved, log_prob_steps  # noqa: E402
+
+#: Each case's step builder (case, B, k, passes, device) and byte count (case, B, k, passes).
+SUITES = {
+    **{case: (bench_ops.log_prob_steps, bench_ops.bytes_moved) for case in bench_ops.CASES},
+    **{case: (bench_squashed.steps, bench_squashed.bytes_moved) for case in bench_squashed.CASES},
+}
 
 FUSED_BACKENDS = ("cuda", "triton")
 
@@ -89,8 +99,9 @@ def columns(compile_torch: bool) -> list[str]:
 
 
 def run_cell(case, batch, k, passes, names, bandwidth) -> Row:
+    make_steps, bytes_moved = SUITES[case]
     row = Row(case=case, k=k, batch=batch, passes=passes, bytes_moved=bytes_moved(case, batch, k, passes))
-    torch_step, compiled_step, fused_step = log_prob_steps(case, batch, k, passes, device="cuda")
+    torch_step, compiled_step, fused_step = make_steps(case, batch, k, passes, device="cuda")
     for name in names:
         try:
             if name == "torch":
@@ -142,7 +153,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="B=2^14, k in {2, 6}")
     parser.add_argument("--batch", type=int, nargs="+", default=[2**14, 2**17, 2**20])
     parser.add_argument("--k", type=int, nargs="+", default=[2, 6, 17, 32, 64])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=list(bench_ops.CASES), choices=list(SUITES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for JSON and markdown")
     parser.add_argument("--name", default="gpu_ops", help="file name stem of the results")

@@ -40,15 +40,15 @@ CASES = ("sac_diag", "sac_tril", "ppo_diag", "ppo_tril", "diag_normal", "diag_no
 DTYPE = torch.float32
 
 
-def make_parameters(case: str, batch: int, k: int):
+def make_parameters(case: str, batch: int, k: int, device: str = "cpu"):
     """loc (B, k) and the scale (B, k), (k,) or scale_tril (B, k, k), leaves that require grad."""
-    loc = torch.randn(batch, k, dtype=DTYPE).requires_grad_()
+    loc = torch.randn(batch, k, dtype=DTYPE, device=device).requires_grad_()
     if case.endswith("tril"):
         distinct = min(batch, MATRIX_POOL)
-        L = random_scale_tril((distinct,), k, dtype=DTYPE).repeat(-(-batch // distinct), 1, 1)[:batch]
+        L = random_scale_tril((distinct,), k, dtype=DTYPE).to(device).repeat(-(-batch // distinct), 1, 1)[:batch]
         return loc, L.contiguous().requires_grad_()
     shape = (k,) if case == "diag_normal_shared" else (batch, k)
-    return loc, (0.5 + torch.rand(shape, dtype=DTYPE)).requires_grad_()
+    return loc, (0.5 + torch.rand(shape, dtype=DTYPE, device=device)).requires_grad_()
 
 
 def torch_base(loc, scale):
@@ -67,11 +67,11 @@ def fused_squashed(loc, scale):
     return fusedgauss.TanhNormal(loc, scale, validate_args=False)
 
 
-def case_functions(case: str, batch: int, k: int):
+def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
     """(torch function, fusedgauss function, their arguments, the loss of their outputs)."""
-    loc, scale = make_parameters(case, batch, k)
+    loc, scale = make_parameters(case, batch, k, device)
     if case.startswith("sac"):
-        q = torch.randn(k, dtype=DTYPE)
+        q = torch.randn(k, dtype=DTYPE, device=device)
 
         def torch_fn(loc, scale):
             dist = torch_squashed(loc, scale)
@@ -100,7 +100,7 @@ def case_functions(case: str, batch: int, k: int):
 
         return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), lambda log_prob: log_prob.sum()
 
-    value = torch.randn(batch, k, dtype=DTYPE)
+    value = torch.randn(batch, k, dtype=DTYPE, device=device)
 
     def torch_fn(loc, scale, value):
         return td.Independent(td.Normal(loc, scale, validate_args=False), 1, validate_args=False).log_prob(value)
@@ -111,9 +111,10 @@ def case_functions(case: str, batch: int, k: int):
     return torch_fn, fused_fn, (loc, scale), (value,), lambda log_prob: log_prob.sum()
 
 
-def steps(case: str, batch: int, k: int, passes: str):
-    """Zero-argument steps: torch eager, a function returning the compiled torch step, fusedgauss."""
-    torch_fn, fused_fn, leaves, data, loss = case_functions(case, batch, k)
+def steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
+    """Zero-argument steps: torch eager, a function returning the compiled torch step, and
+    fusedgauss (on whichever backend is chosen when it runs)."""
+    torch_fn, fused_fn, leaves, data, loss = case_functions(case, batch, k, device)
 
     def as_step(fn):
         if passes == "forward":

@@ -60,5 +60,9 @@ if [[ $stage == all || $stage == test ]]; then
 fi
 if [[ $stage == all || $stage == bench ]]; then
   run bench "$py" benchmarks/bench_gpu.py --out "$out" "$@"
+  if [[ $# -eq 0 ]]; then  # the squashed and diagonal cases too, on a smaller grid
+    run bench_squashed "$py" benchmarks/bench_gpu.py --out "$out" --name gpu_squashed --k 6 17 \
+      --cases sac_diag sac_tril ppo_diag ppo_tril diag_normal diag_normal_shared
+  fi
 fi
 exit $status

@@ -79,18 +79,36 @@ def check() -> int:
                 A = torch.randn(64, k, k, dtype=torch.float64, device=device_type)
                 cov = A @ A.mT + k * torch.eye(k, dtype=torch.float64, device=device_type)
                 L = torch.linalg.cholesky(cov)
+                scale = torch.rand(64, k, dtype=torch.float64, device=device_type) + 0.5
+                action = torch.tanh(value)
                 cases = {
                     "mvn_tril_log_prob": (ops.mvn_tril_log_prob, reference.mvn_tril_log_prob, (value, loc, L)),
                     "mvn_cov_log_prob": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob, (value, loc, cov)),
                     "cholesky": (ops.cholesky, reference.cholesky, (cov,)),
+                    "diag_normal_log_prob": (ops.diag_normal_log_prob, reference.diag_normal_log_prob,
+                                             (value, loc, scale)),
+                    "squashed_diag_log_prob": (ops.squashed_diag_log_prob, reference.squashed_diag_log_prob,
+                                               (action, loc, scale, False)),
+                    "squashed_tril_log_prob": (ops.squashed_tril_log_prob, reference.squashed_tril_log_prob,
+                                               (value, loc, L, True)),
+                    "squashed_diag_rsample": (ops.squashed_diag_rsample_log_prob,
+                                              reference.squashed_diag_rsample_log_prob, (loc, scale, value)),
+                    "squashed_tril_rsample": (ops.squashed_tril_rsample_log_prob,
+                                              reference.squashed_tril_rsample_log_prob, (loc, L, value)),
                 }
                 for op_name, (op, ref, args) in cases.items():
-                    expected = ref(*args)
+                    # float32 inputs (flags stay as they are); the last output of an rsample
+                    # op is its log-prob.
+                    args32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+                    expected = ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args32))
                     with backends.use(name):
-                        got = op(*(a.float() for a in args)).double()
+                        got = op(*args32)
+                    if isinstance(got, tuple):
+                        got, expected = got[-1], expected[-1]
+                    got = got.double()
                     error = float(((got - expected).abs() / (1 + expected.abs())).max())
                     worst = max(worst, error)
-                    print(f"{device_type:5s} {name:7s} {op_name:18s} k={k:2d}  float32 error {error:.2e}")
+                    print(f"{device_type:5s} {name:7s} {op_name:22s} k={k:2d}  float32 error {error:.2e}")
     ok = worst < 1e-4
     print(f"largest error {worst:.2e}: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -66,7 +66,11 @@ TRITON_KERNELS = importlib.util.find_spec("triton") is not None
 TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: The ops of the Triton backend (fusedgauss.triton_ops); the others run on the next backend.
-TRITON_OPS = frozenset({"mvn_tril_log_prob", "mvn_cov_log_prob", "cholesky"})
+TRITON_OPS = frozenset({
+    "mvn_tril_log_prob", "mvn_cov_log_prob", "cholesky", "diag_normal_log_prob", "tanh_log_abs_det_jacobian",
+    "squashed_diag_log_prob", "squashed_tril_log_prob", "squashed_diag_rsample_log_prob",
+    "squashed_tril_rsample_log_prob",
+})
 
 
 def missing_op_reason(name: str, op: str | None) -> str | None:

@@ -341,22 +341,27 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
             log_prob = self._log_prob_op(pre_tanh, True)
         return _with_batch_shape(log_prob, value, self.batch_shape) - self._log_half_range()
 
-    def rsample_log_prob(self, sample_shape=torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
+    def rsample_log_prob(self, sample_shape=torch.Size(), return_pre_tanh: bool = False):
         r"""A reparameterised action and its log-prob, from one fused pass over standard-normal
         noise ε: u = base(ε), action = squash(u), log-prob with no solve and no atanh. Gradients
         are the total derivatives through u (SAC's actor loss, entropy terms). The transforms'
-        cache holds the sample, as after :meth:`rsample`."""
+        cache holds the sample, as after :meth:`rsample`. With ``return_pre_tanh``, u comes
+        third."""
         squashed, pre_tanh, log_prob = self._rsample_op(self._noise(sample_shape))
-        return self._set_cache(pre_tanh, squashed), log_prob - self._log_half_range()
+        out = (self._set_cache(pre_tanh, squashed), log_prob - self._log_half_range())
+        return (*out, pre_tanh) if return_pre_tanh else out
 
-    def sample_log_prob(self, sample_shape=torch.Size()) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_log_prob(self, sample_shape=torch.Size(), return_pre_tanh: bool = False):
         r"""An action, detached, and its log-prob for a policy gradient: the log-prob is taken
         at the detached pre-tanh value, so gradients reach the parameters only, never through
-        the action (the undetached pitfall cannot happen)."""
+        the action (the undetached pitfall cannot happen). With ``return_pre_tanh``, that u
+        (detached) comes third: store it with the action to score it later with
+        ``log_prob(action, pre_tanh=u)``."""
         with torch.no_grad():
             squashed, pre_tanh, _ = self._rsample_op(self._noise(sample_shape))
             action = self._set_cache(pre_tanh, squashed)
-        return action, self._log_prob_op(pre_tanh, True) - self._log_half_range()
+        out = (action, self._log_prob_op(pre_tanh, True) - self._log_half_range())
+        return (*out, pre_tanh) if return_pre_tanh else out
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
         return self.rsample_log_prob(sample_shape)[0]

@@ -28,6 +28,7 @@ from torch.library import triton_op, wrap_triton
 from . import backends
 from .triton_kernels import cholesky as cholesky_kernels
 from .triton_kernels import mvn as mvn_kernels
+from .triton_kernels import squashed as squashed_kernels
 
 NAMESPACE = "fusedgauss_triton"
 #: Whether the kernels run through Triton's interpreter (TRITON_INTERPRET=1).
@@ -93,7 +94,7 @@ def _gradient_for(grad: torch.Tensor, t: torch.Tensor, operand: _Operand, batch_
     return full if full.shape == t.shape else full.sum_to_size(t.shape)
 
 
-def _log_prob_forward(kernel, value, loc, matrix, op: str):
+def _log_prob_forward(kernel, value, loc, matrix, op: str, **constexprs):
     k = matrix.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, (v, m, M) = _layout(value, loc, matrix)
@@ -101,8 +102,29 @@ def _log_prob_forward(kernel, value, loc, matrix, op: str):
     if n > 0:
         tile = _tile(k, value.dtype)
         grid = (triton.cdiv(n, tile["BLOCK"]),)
-        _launchable(kernel)[grid](v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, **tile)
+        _launchable(kernel)[grid](v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, **constexprs, **tile)
     return out
+
+
+def _squash_constexprs(squash: int, dtype: torch.dtype) -> dict:
+    """SQUASH (0: none, 1: from the pre-tanh value, 2: from the action) and the action's clamp
+    EPS, the epsilon of its dtype; the squashed kernels take them as constexprs."""
+    return {"SQUASH": squash, "EPS": torch.finfo(dtype).eps} if squash else {}
+
+
+def _shared_value_gradient(x, minus_sum_gw, grad_sum, squash: int, eps: float = 0.0):
+    """The gradient of a value shared by the batch, from the sums of -g w and g: itself
+    unsquashed; squashed, (-sum g w + (sum g) 2 tanh(u)) [/ (1 - x^2) inside the clamp, for an
+    action], u the value's pre-tanh value (the same for every sample)."""
+    if not squash:
+        return minus_sum_gw
+    x = x.to(minus_sum_gw.dtype)
+    u = x if squash == 1 else torch.atanh(x.clamp(-1 + eps, 1 - eps))
+    d_u = minus_sum_gw + grad_sum * 2 * torch.tanh(u)
+    if squash == 1:
+        return d_u
+    inside = (x >= -1 + eps) & (x <= 1 - eps)
+    return torch.where(inside, d_u / ((1 - x) * (1 + x)), 0.0)
 
 
 def _reduced_matrix_gradient(outer, grad_sum, matrix, covariance: bool):
@@ -117,7 +139,7 @@ def _reduced_matrix_gradient(outer, grad_sum, matrix, covariance: bool):
     return 0.5 * (outer - grad_sum * sigma_inv)
 
 
-def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str):
+def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0):
     k = matrix.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, operands = _layout(value, loc, matrix)
@@ -140,13 +162,15 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
             grad.contiguous(), v.data, v.stride, m.data, m.stride, M.data, M.stride,
             *(r if r is not None else placeholder for r in rows),
             partials if reduces else placeholder, n,
-            int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces), **tile,
+            int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces),
+            **_squash_constexprs(squash, value.dtype), **tile,
         )
     grads = list(rows)
     if reduces:
         total = partials.sum(0) if n > 0 else partials.new_zeros(k + k * k + 1)
         sum_gw, outer, grad_sum = total[:k], total[k : k + k * k].view(k, k), total[-1]
-        reduced = (-sum_gw, sum_gw, None)
+        eps = torch.finfo(value.dtype).eps
+        reduced = (_shared_value_gradient(operands[0].data, -sum_gw, grad_sum, squash, eps), sum_gw, None)
         for i, (wanted, operand) in enumerate(zip(output_mask, operands)):
             if wanted and operand.reduces:
                 if i == 2:
@@ -215,6 +239,225 @@ def _mvn_cov_log_prob_backward(
     )
 
 
+# --- diagonal and squashed ops -----------------------------------------------------------------
+
+
+def _rows_layout(*tensors):
+    """Batch shape, batch size and operands of tensors of shape (*, k) each."""
+    batch_shape = torch.broadcast_shapes(*(t.shape[:-1] for t in tensors))
+    n = math.prod(batch_shape)
+    return batch_shape, n, tuple(_operand(t, 1, batch_shape, n) for t in tensors)
+
+
+def _gradients_from_rows(rows, inputs, operands, batch_shape, output_mask, like):
+    """Per-sample gradient rows to the inputs' shapes: an operand that reduces gets their sum."""
+    return tuple(
+        _gradient_for(r.sum(0) if operand.reduces else r, t, operand, batch_shape) if wanted else like.new_empty((0,))
+        for r, t, operand, wanted in zip(rows, inputs, operands, output_mask)
+    )
+
+
+def _diag_log_prob_forward(value, loc, scale, squash: int, op: str):
+    k = value.shape[-1]
+    _check_event_size(op, k)
+    batch_shape, n, (v, m, sc) = _rows_layout(value, loc, scale)
+    out = value.new_empty(batch_shape)
+    if n > 0:
+        tile = _tile(k, value.dtype)
+        _launchable(squashed_kernels._diag_log_prob_forward_kernel)[(triton.cdiv(n, tile["BLOCK"]),)](
+            v.data, v.stride, m.data, m.stride, sc.data, sc.stride, out, n,
+            SQUASH=squash, EPS=torch.finfo(value.dtype).eps, **tile,
+        )
+    return out
+
+
+def _diag_log_prob_backward(grad, value, loc, scale, output_mask, squash: int, op: str):
+    k = value.shape[-1]
+    _check_event_size(op, k)
+    batch_shape, n, operands = _rows_layout(value, loc, scale)
+    rows = [value.new_empty((n, k)) if wanted else None for wanted in output_mask]
+    if n > 0:
+        tile = _tile(k, value.dtype)
+        v, m, sc = operands
+        _launchable(squashed_kernels._diag_log_prob_backward_kernel)[(triton.cdiv(n, tile["BLOCK"]),)](
+            grad.contiguous(), v.data, v.stride, m.data, m.stride, sc.data, sc.stride,
+            *(r if r is not None else grad for r in rows), n, *(int(r is not None) for r in rows),
+            SQUASH=squash, EPS=torch.finfo(value.dtype).eps, **tile,
+        )
+    return _gradients_from_rows(rows, (value, loc, scale), operands, batch_shape, output_mask, value)
+
+
+def _rsample_forward(kernel, loc, scale, eps, parameter_dims: int, op: str):
+    k = loc.shape[-1]
+    _check_event_size(op, k)
+    batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape[: scale.dim() - parameter_dims], eps.shape[:-1])
+    n = math.prod(batch_shape)
+    m, sc, e = (_operand(t, dims, batch_shape, n) for t, dims in ((loc, 1), (scale, parameter_dims), (eps, 1)))
+    action, pre_tanh = loc.new_empty((*batch_shape, k)), loc.new_empty((*batch_shape, k))
+    log_prob = loc.new_empty(batch_shape)
+    if n > 0:
+        tile = _tile(k, loc.dtype)
+        _launchable(kernel)[(triton.cdiv(n, tile["BLOCK"]),)](
+            m.data, m.stride, sc.data, sc.stride, e.data, e.stride, action, pre_tanh, log_prob, n, **tile
+        )
+    return action, pre_tanh, log_prob
+
+
+def _rsample_backward(kernel, grad_action, grad_pre_tanh, grad_log_prob, loc, scale, eps, output_mask,
+                      parameter_dims: int, op: str):
+    """The gradients of loc, the scale (diagonal: parameter_dims 1) or scale_tril (2) and eps. A
+    diagonal kernel writes rows, summed here for shared operands; a scale_tril kernel reduces a
+    shared loc and scale_tril per program, as the log-prob's backward does. Shared noise is
+    read per sample when its gradient is wanted, so that it comes out in rows."""
+    k = loc.shape[-1]
+    _check_event_size(op, k)
+    tril = parameter_dims == 2
+    batch_shape = torch.broadcast_shapes(loc.shape[:-1], scale.shape[: scale.dim() - parameter_dims], eps.shape[:-1])
+    n = math.prod(batch_shape)
+    operands = [_operand(t, dims, batch_shape, n) for t, dims in ((loc, 1), (scale, parameter_dims), (eps, 1))]
+    if output_mask[2] and operands[2].stride == 0:
+        operands[2] = _Operand(eps.expand(*batch_shape, k).contiguous().view(n, k), k, False)
+    events = ((k,), scale.shape[-parameter_dims:], (k,))
+    reduced_in_kernel = [tril and i < 2 and wanted and op_.reduces for i, (wanted, op_) in enumerate(zip(output_mask, operands))]
+    rows = [
+        loc.new_empty((n, *event)) if wanted and not in_kernel else None
+        for wanted, event, in_kernel in zip(output_mask, events, reduced_in_kernel)
+    ]
+    acc_dtype = torch.float64 if loc.dtype == torch.float64 else torch.float32
+    tile = _tile(k, loc.dtype)
+    programs = triton.cdiv(n, tile["BLOCK"])
+    reduces = any(reduced_in_kernel)
+    partials = loc.new_empty((programs, k + k * k + 1), dtype=acc_dtype) if reduces else None
+    upstream = (grad_action, grad_pre_tanh, grad_log_prob)
+    if n > 0:
+        placeholder = loc
+        m, sc, e = operands
+        extra = (partials if reduces else placeholder,) if tril else ()
+        flags = (int(reduces),) if tril else ()
+        _launchable(kernel)[(programs,)](
+            *(g.contiguous() if g is not None else placeholder for g in upstream),
+            m.data, m.stride, sc.data, sc.stride, e.data, e.stride,
+            *(r if r is not None else placeholder for r in rows), *extra, n,
+            *(int(g is not None) for g in upstream), *(int(r is not None) for r in rows), *flags, **tile,
+        )
+    grads = [r.sum(0) if r is not None and operand.reduces else r for r, operand in zip(rows, operands)]
+    if reduces:
+        total = partials.sum(0) if n > 0 else partials.new_zeros(k + k * k + 1)
+        sum_g_u, outer, grad_sum = total[:k], total[k : k + k * k].view(k, k), total[-1]
+        if reduced_in_kernel[0]:
+            grads[0] = sum_g_u.to(loc.dtype)
+        if reduced_in_kernel[1]:
+            grads[1] = _reduced_matrix_gradient(outer, grad_sum, operands[1].data.to(acc_dtype), False).to(loc.dtype)
+    return tuple(
+        _gradient_for(g, t, operand, batch_shape) if wanted else loc.new_empty((0,))
+        for g, t, operand, wanted in zip(grads, (loc, scale, eps), operands, output_mask)
+    )
+
+
+def _diag_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _diag_log_prob_forward(value, loc, scale, 0, "diag_normal_log_prob")
+
+
+def _diag_normal_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, output_mask: list[bool]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _diag_log_prob_backward(grad, value, loc, scale, output_mask, 0, "diag_normal_log_prob_backward")
+
+
+def _squash(value_is_pre_tanh: bool) -> int:
+    return 1 if value_is_pre_tanh else 2
+
+
+def _squashed_diag_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    return _diag_log_prob_forward(value, loc, scale, _squash(value_is_pre_tanh), "squashed_diag_log_prob")
+
+
+def _squashed_diag_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, value_is_pre_tanh: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _diag_log_prob_backward(
+        grad, value, loc, scale, output_mask, _squash(value_is_pre_tanh), "squashed_diag_log_prob_backward"
+    )
+
+
+def _squashed_tril_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
+) -> torch.Tensor:
+    return _log_prob_forward(
+        mvn_kernels._squashed_tril_log_prob_forward_kernel, value, loc, scale_tril, "squashed_tril_log_prob",
+        **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
+    )
+
+
+def _squashed_tril_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _log_prob_backward(
+        mvn_kernels._squashed_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
+        "squashed_tril_log_prob_backward", squash=_squash(value_is_pre_tanh),
+    )
+
+
+def _squashed_diag_rsample_log_prob(
+    loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rsample_forward(
+        squashed_kernels._squashed_diag_rsample_log_prob_forward_kernel, loc, scale, eps, 1,
+        "squashed_diag_rsample_log_prob",
+    )
+
+
+def _squashed_diag_rsample_log_prob_backward(
+    grad_action: torch.Tensor | None, grad_pre_tanh: torch.Tensor | None, grad_log_prob: torch.Tensor | None,
+    loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rsample_backward(
+        squashed_kernels._squashed_diag_rsample_log_prob_backward_kernel, grad_action, grad_pre_tanh, grad_log_prob,
+        loc, scale, eps, output_mask, 1, "squashed_diag_rsample_log_prob_backward",
+    )
+
+
+def _squashed_tril_rsample_log_prob(
+    loc: torch.Tensor, scale_tril: torch.Tensor, eps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rsample_forward(
+        squashed_kernels._squashed_tril_rsample_log_prob_forward_kernel, loc, scale_tril, eps, 2,
+        "squashed_tril_rsample_log_prob",
+    )
+
+
+def _squashed_tril_rsample_log_prob_backward(
+    grad_action: torch.Tensor | None, grad_pre_tanh: torch.Tensor | None, grad_log_prob: torch.Tensor | None,
+    loc: torch.Tensor, scale_tril: torch.Tensor, eps: torch.Tensor, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _rsample_backward(
+        squashed_kernels._squashed_tril_rsample_log_prob_backward_kernel, grad_action, grad_pre_tanh, grad_log_prob,
+        loc, scale_tril, eps, output_mask, 2, "squashed_tril_rsample_log_prob_backward",
+    )
+
+
+def _elementwise(kernel, out_like: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(out_like, memory_format=torch.contiguous_format)
+    n = out.numel()
+    if n > 0:
+        block = 1024
+        acc = tl.float64 if out.dtype == torch.float64 else tl.float32
+        _launchable(kernel)[(triton.cdiv(n, block),)](*(t.contiguous() for t in tensors), out, n, BLOCK=block, ACC=acc)
+    return out
+
+
+def _tanh_log_abs_det_jacobian(u: torch.Tensor) -> torch.Tensor:
+    return _elementwise(squashed_kernels._tanh_log_abs_det_jacobian_forward_kernel, u, u)
+
+
+def _tanh_log_abs_det_jacobian_backward(grad: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return _elementwise(squashed_kernels._tanh_log_abs_det_jacobian_backward_kernel, u, grad, u)
+
+
 def _cpu_kernel(name: str, launcher):
     """The CPU implementation of triton op `name`: the kernels through the interpreter, or the
     compiled CPU op."""
@@ -239,6 +482,18 @@ LAUNCHERS = {
     "mvn_cov_log_prob_backward": _mvn_cov_log_prob_backward,
     "cholesky": _cholesky,
     "cholesky_backward": _cholesky_backward,
+    "diag_normal_log_prob": _diag_normal_log_prob,
+    "diag_normal_log_prob_backward": _diag_normal_log_prob_backward,
+    "squashed_diag_log_prob": _squashed_diag_log_prob,
+    "squashed_diag_log_prob_backward": _squashed_diag_log_prob_backward,
+    "squashed_tril_log_prob": _squashed_tril_log_prob,
+    "squashed_tril_log_prob_backward": _squashed_tril_log_prob_backward,
+    "squashed_diag_rsample_log_prob": _squashed_diag_rsample_log_prob,
+    "squashed_diag_rsample_log_prob_backward": _squashed_diag_rsample_log_prob_backward,
+    "squashed_tril_rsample_log_prob": _squashed_tril_rsample_log_prob,
+    "squashed_tril_rsample_log_prob_backward": _squashed_tril_rsample_log_prob_backward,
+    "tanh_log_abs_det_jacobian": _tanh_log_abs_det_jacobian,
+    "tanh_log_abs_det_jacobian_backward": _tanh_log_abs_det_jacobian_backward,
 }
 
 

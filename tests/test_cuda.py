@@ -243,3 +243,67 @@ def test_event_sizes_beyond_the_kernels_go_to_torch():
     assert backends.select("cuda", k) == "torch"
     with backends.use("cuda"), pytest.raises(backends.BackendUnavailableError, match="event sizes up to"):
         ops.mvn_tril_log_prob(*on_gpu([torch.zeros(k), torch.zeros(k), torch.eye(k)]))
+
+
+# --- diagonal and squashed ops ------------------------------------------------------------------
+
+from test_squashed_ops import (  # noqa: E402
+    CASE_IDS,
+    CASES,
+    LAYOUT_SHAPES as SQUASHED_LAYOUT_SHAPES,
+    SATURATED,
+    check_case,
+    opcheck_cases,
+    outputs_and_grads,
+    reference_on_float64,
+)
+
+
+def cuda_outputs_and_grads(case, inputs):
+    with backends.use("cuda"):
+        out, grads = outputs_and_grads(case.op, on_gpu(inputs))
+    return [o.cpu() for o in out], [g.cpu() for g in grads]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("layout", "batch_shape"), SQUASHED_LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("k", [1, 2, 6, 17, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_squashed_against_reference(case, layout, batch_shape, k, dtype):
+    check_case(cuda_outputs_and_grads, case, layout, batch_shape, k, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["per_sample", "shared_parameter"])
+def test_squashed_gradcheck_and_many_blocks(case, layout):
+    inputs = [t.cuda().requires_grad_() for t in case.inputs(layout, (2, 3), 3)]
+    with backends.use("cuda"):
+        assert torch.autograd.gradcheck(case.op, inputs)
+    # Enough samples for every block of the grid, so shared gradients add many partial rows.
+    big = case.inputs(layout, (300000,), 6)
+    expected, expected_grads = reference_on_float64(case, big)
+    got, got_grads = cuda_outputs_and_grads(case, big)
+    for g, e in zip(got + got_grads, expected + expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8 * (1 + e.abs().max().item()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_squashed_saturation(case):
+    k = SATURATED.numel()
+    inputs = case.inputs("per_sample", (8,), k)
+    if case.rsample:
+        inputs = [SATURATED.expand(8, k).clone(), 0.05 * inputs[1], inputs[2]]
+    elif "squashed" in case.name and "pre_tanh" in case.name:
+        inputs[0] = SATURATED.expand(8, k).clone()
+    inputs = [t.float() for t in inputs]
+    expected, expected_grads = reference_on_float64(case, inputs)
+    got, got_grads = cuda_outputs_and_grads(case, inputs)
+    for g, e in zip(got + got_grads, expected + expected_grads):
+        assert torch.isfinite(g).all()
+        scale = 1 + e.abs().max()
+        torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4)
+
+
+def test_squashed_ops_opcheck():
+    for name, args in opcheck_cases("cuda"):
+        torch.library.opcheck(getattr(torch.ops.fusedgauss, name).default, args)

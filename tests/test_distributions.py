@@ -98,6 +98,8 @@ class TestSameAsTorch:
         with backends.use(backend):
             torch.testing.assert_close(big.log_prob(value), big_expected.log_prob(value))
             torch.testing.assert_close(big.scale_tril, big_expected.scale_tril)
+            # A value with fewer batch dimensions gets the expanded batch shape, as in PyTorch.
+            torch.testing.assert_close(big.log_prob(value[0]), big_expected.log_prob(value[0]))
 
     def test_kl_divergence(self, backend, parameterization, shared):
         ours_p, theirs_p, leaves = both(parameterization, shared=shared)

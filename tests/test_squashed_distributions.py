@@ -227,14 +227,15 @@ def test_cache_hits_and_misses_like_pytorch(backend, kind):
 
 
 def test_log_prob_with_pre_tanh_needs_no_cache(backend):
-    ours, _, _ = make_squashed("diag", dtype=torch.float32, loc_scale=12.0, scale_scale=0.1)
-    torch.manual_seed(0)
-    action, exact = ours.rsample_log_prob()
-    u = ours._squash._cached_x_y[0].detach()
-    fresh, _, _ = make_squashed("diag")  # another distribution, other caches
-    other = fusedgauss.TanhNormal(ours.base_dist._unbroadcasted_loc, ours.base_dist._unbroadcasted_scale)
-    assert fresh is not other
-    torch.testing.assert_close(other.log_prob(action.detach(), pre_tanh=u), exact.detach())
+    """PPO's path with saturated actions: the stored (action, u) pair scored by a new
+    distribution (its own, empty cache) gives the exact log-prob of the sample."""
+    ours, _, (loc, scale) = make_squashed("diag", dtype=torch.float32, loc_scale=12.0, scale_scale=0.1)
+    action, log_prob, u = ours.sample_log_prob(return_pre_tanh=True)
+    assert not u.requires_grad and (action.abs() == 1).any()
+    fresh = fusedgauss.TanhNormal(loc, scale)
+    torch.testing.assert_close(fresh.log_prob(action, pre_tanh=u), log_prob)
+    _, exact, u_rsample = ours.rsample_log_prob(return_pre_tanh=True)
+    assert u_rsample.requires_grad  # the reparameterised u stays in the graph
 
 
 # --- gradient semantics ---------------------------------------------------------------------

@@ -162,33 +162,38 @@ def reference_on_float64(case, inputs):
     return outputs_and_grads(case.ref, [t.double() for t in inputs])
 
 
+def check_case(run, case, layout, batch_shape, k, dtype):
+    """run(case, inputs) -> (outputs, gradients) on the CPU, against the float64 reference at
+    the very same inputs: float64 to 1e-9, float32 within what its rounding allows (outputs and
+    gradients relative to their largest entry). Shared by the CPU, CUDA and Triton tests."""
+    inputs = [t.to(dtype) for t in case.inputs(layout, batch_shape, k)]
+    expected, expected_grads = reference_on_float64(case, inputs)
+    got, got_grads = run(case, inputs)
+    for g, e, t in zip(got_grads, expected_grads, inputs):
+        assert g.shape == t.shape
+    for g, e in zip(got + got_grads, expected + expected_grads):
+        assert g.shape == e.shape and g.dtype == dtype
+        if dtype == torch.float64:
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+        else:
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-5 * k + 1e-5)
+
+
+def run_on(backend):
+    def run(case, inputs):
+        return outputs_and_grads(on_backend(backend, case.op), inputs)
+
+    return run
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize(("layout", "batch_shape"), LAYOUT_SHAPES, ids=str)
 @pytest.mark.parametrize("k", EVENT_SIZES)
-class TestAgainstReference:
-    def test_float64(self, backend, case, layout, batch_shape, k):
-        inputs = case.inputs(layout, batch_shape, k)
-        expected, expected_grads = reference_on_float64(case, inputs)
-        got, got_grads = outputs_and_grads(on_backend(backend, case.op), inputs)
-        for g, e in zip(got, expected):
-            assert g.shape == e.shape
-            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
-        for g, e, t in zip(got_grads, expected_grads, inputs):
-            assert g.shape == t.shape
-            torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
-
-    def test_float32(self, backend, case, layout, batch_shape, k):
-        inputs = [t.float() for t in case.inputs(layout, batch_shape, k)]
-        # The float64 reference at the very float32 inputs: what rounding alone allows.
-        expected, expected_grads = reference_on_float64(case, inputs)
-        got, got_grads = outputs_and_grads(on_backend(backend, case.op), inputs)
-        for g, e in zip(got, expected):
-            assert g.dtype == torch.float32
-            torch.testing.assert_close(g.double(), e, rtol=1e-5 * k, atol=1e-5 * k)
-        for g, e in zip(got_grads, expected_grads):
-            scale = 1 + e.abs().max()
-            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4 * k)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_against_reference(backend, case, layout, batch_shape, k, dtype):
+    check_case(run_on(backend), case, layout, batch_shape, k, dtype)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

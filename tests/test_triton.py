@@ -18,6 +18,15 @@ import torch
 from helpers import random_spd, symmetrise
 from test_cholesky import check_against_torch_linalg
 from test_mvn_ops import OPS, check_float32, check_float64, grads_of, make_operands, opcheck_inputs, run_on
+from test_squashed_ops import (
+    CASE_IDS,
+    CASES,
+    SATURATED,
+    check_case,
+    opcheck_cases,
+    outputs_and_grads,
+    reference_on_float64,
+)
 
 from fusedgauss import backends, ops, reference
 
@@ -151,6 +160,73 @@ def test_event_sizes_beyond_the_kernels():
         ops.mvn_tril_log_prob(torch.zeros(k), torch.zeros(k), torch.eye(k))
 
 
+def triton_outputs_and_grads(case, inputs):
+    """The op on the triton backend, inputs on DEVICE, results back on the CPU."""
+    with backends.use("triton"):
+        out, grads = outputs_and_grads(case.op, [t.to(DEVICE) for t in inputs])
+    return [o.cpu() for o in out], [g.cpu() for g in grads]
+
+
+SQUASHED_LAYOUT_SHAPES = [
+    ("per_sample", (37,)),
+    ("shared_parameter", (9,)),
+    ("shared_loc", (5, 2)),
+    ("expanded_parameter", (6,)),
+    ("partial", (3, 4)),
+    ("per_sample", (200,)),  # several programs
+    ("shared_parameter", (300,)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("layout", "batch_shape"), SQUASHED_LAYOUT_SHAPES, ids=str)
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_squashed_against_reference(case, layout, batch_shape, k, dtype):
+    """The diagonal and squashed ops (tests/test_squashed_ops.py's cases)."""
+    check_case(triton_outputs_and_grads, case, layout, batch_shape, k, dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_squashed_half_precision_and_zero_size(case):
+    inputs = [t.half() for t in case.inputs("per_sample", (16,), 4)]
+    expected, _ = reference_on_float64(case, inputs)
+    got, grads = triton_outputs_and_grads(case, inputs)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float16
+        torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=8e-3 * (1 + e.abs().max().item()))
+    got, grads = triton_outputs_and_grads(case, case.inputs("shared_parameter", (0,), 4))
+    assert got[-1].shape == (0,) and all(torch.all(g == 0) for g in grads)
+
+
+@pytest.mark.parametrize("parameter", ["scale", "scale_tril"])
+def test_squashed_saturation(parameter):
+    """|u| up to 20 in float32: finite log-probs and gradients, from u and from a sample."""
+    k = SATURATED.numel()
+    case = CASES[1] if parameter == "scale" else CASES[3]
+    rsample = CASES[5] if parameter == "scale" else CASES[6]
+    u = SATURATED.expand(4, k).clone()
+    inputs = case.inputs("per_sample", (4,), k)
+    inputs[0] = u
+    for c, args in ((case, inputs), (rsample, [u, 0.05 * inputs[2], torch.randn(4, k, dtype=torch.float64)])):
+        args32 = [t.float() for t in args]
+        expected, expected_grads = reference_on_float64(c, args32)
+        got, got_grads = triton_outputs_and_grads(c, args32)
+        for g, e in zip(got + got_grads, expected + expected_grads):
+            assert torch.isfinite(g).all()
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4)
+
+
+def test_tanh_log_abs_det_jacobian():
+    u = torch.randn(3, 50, dtype=torch.float64) * 8
+    with backends.use("triton"):
+        got = ops.tanh_log_abs_det_jacobian(u.to(DEVICE)).cpu()
+        x = u[:, :4].clone().to(DEVICE).requires_grad_()
+        assert torch.autograd.gradcheck(ops.tanh_log_abs_det_jacobian, (x,))
+    torch.testing.assert_close(got, reference.tanh_log_abs_det_jacobian(u), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.skipif(ON_GPU, reason="on a GPU every test above compiles the kernels")
 def test_kernels_compile_for_a_gpu():
     """The interpreter runs the kernels' numbers but not Triton's compiler, whose checks
@@ -160,7 +236,7 @@ def test_kernels_compile_for_a_gpu():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, str(script), "--k", "6"], capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-4000:]
-    assert out.stdout.count("ok ") == 12, out.stdout  # 6 kernels, float32 and float64
+    assert out.stdout.count("ok ") == 32, out.stdout  # 16 kernels, float32 and float64
 
 
 @requires_gpu
@@ -173,6 +249,8 @@ class TestOnGpu:
             torch.library.opcheck(getattr(torch.ops.fusedgauss_triton, name).default, args)
         A = random_spd((2, 2), 4).float().cuda()
         torch.library.opcheck(torch.ops.fusedgauss_triton.cholesky.default, (A.requires_grad_(),))
+        for name, args in opcheck_cases("cuda"):
+            torch.library.opcheck(getattr(torch.ops.fusedgauss_triton, name).default, args)
 
     @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
     def test_gradcheck(self, matrix):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .squashed import NO_SQUASH, _pre_tanh, _tanh_terms, _value_gradient
 from .linalg import (
     _cholesky,
     _diagonal,
@@ -61,15 +62,30 @@ def _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE: tl.conste
 
 
 @triton.jit
+def _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH: tl.constexpr,
+                          EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """(x, d = u - mu, sum_i log(1 - tanh(u_i)^2)) with u the value x, or squashed, its pre-tanh
+    value (x itself, or atanh of the clamped action); the Jacobian sum is 0 unsquashed."""
+    x = _load_vectors(value_ptr, value_stride, rows, active, K, KP, ACC)
+    u = _pre_tanh(x, SQUASH, EPS)
+    jacobian = tl.zeros_like(tl.sum(u, axis=1))
+    if SQUASH != NO_SQUASH:
+        tanh, log_det, derivative = _tanh_terms(u)
+        idx = tl.arange(0, KP)
+        jacobian = tl.sum(tl.where(idx[None, :] < K, log_det, 0.0), axis=1)
+    return x, u - _load_vectors(loc_ptr, loc_stride, rows, active, K, KP, ACC), jacobian
+
+
+@triton.jit
 def _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          COVARIANCE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-                          ACC: tl.constexpr):
+                          COVARIANCE: tl.constexpr, SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
+                          KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows, active = _block_rows(n, BLOCK)
-    d = _load_vectors(value_ptr, value_stride, rows, active, K, KP, ACC)
-    d -= _load_vectors(loc_ptr, loc_stride, rows, active, K, KP, ACC)
+    x, d, jacobian = _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH, EPS,
+                                           K, KP, ACC)
     L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
     z = _solve_lower(L, d, K, KP)
-    log_prob = -0.5 * tl.sum(z * z, axis=1) - _sum_log_diagonal(L, K, KP) - 0.5 * K * LOG_2PI
+    log_prob = -0.5 * tl.sum(z * z, axis=1) - _sum_log_diagonal(L, K, KP) - 0.5 * K * LOG_2PI - jacobian
     log_prob = tl.where(ok, log_prob, float("nan"))
     tl.store(out_ptr + rows, log_prob.to(out_ptr.dtype.element_ty), mask=active)
 
@@ -80,7 +96,7 @@ def _mvn_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stri
                                       ACC: tl.constexpr):
     """log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (K/2) log 2 pi,  z = L^{-1}(x - mu)."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          False, K, KP, BLOCK, ACC)
+                          False, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
@@ -90,28 +106,33 @@ def _mvn_cov_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_strid
     """log N(x; mu, Sigma) with L = chol(Sigma) computed in registers; NaN for a sample whose
     Sigma is not positive-definite."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          True, K, KP, BLOCK, ACC)
+                          True, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit
 def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
                            value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n,
-                           COVARIANCE: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, K: tl.constexpr,
-                           KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                           COVARIANCE: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE,
+                           SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                           BLOCK: tl.constexpr, ACC: tl.constexpr):
     idx = tl.arange(0, KP)
     i = idx[None, :, None]
     j = idx[None, None, :]
     rows, active = _block_rows(n, BLOCK)
     g = tl.load(grad_ptr + rows, mask=active, other=0.0).to(ACC)
-    d = _load_vectors(value_ptr, value_stride, rows, active, K, KP, ACC)
-    d -= _load_vectors(loc_ptr, loc_stride, rows, active, K, KP, ACC)
+    x, d, jacobian = _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH, EPS, K, KP,
+                                    ACC)
     L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
     g = tl.where(ok, g, float("nan"))
     z = _solve_lower(L, d, K, KP)
     w = _solve_lower_transposed(L, z, K, KP)
     gw = tl.where(active[:, None], g[:, None] * w, 0.0)
     if VALUE_ROWS:
-        _store_vectors(value_grad_ptr, rows, active, -gw, K, KP)
+        d_u = -gw
+        if SQUASH != NO_SQUASH:
+            tanh, log_det, derivative = _tanh_terms(_pre_tanh(x, SQUASH, EPS))
+            d_u += 2.0 * g[:, None] * tanh
+        _store_vectors(value_grad_ptr, rows, active, _value_gradient(x, d_u, SQUASH, EPS), K, KP)
     if LOC_ROWS:
         _store_vectors(loc_grad_ptr, rows, active, gw, K, KP)
     # The per-sample term of the matrix gradient, without its parameter term:
@@ -154,7 +175,7 @@ def _mvn_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_pt
     program's sums of the per-sample terms to its row of partials."""
     _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
                            value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, False, VALUE_ROWS,
-                           LOC_ROWS, MATRIX_ROWS, REDUCE, K, KP, BLOCK, ACC)
+                           LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
@@ -166,4 +187,27 @@ def _mvn_cov_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr
     d/dx = -g w,  d/dmu = g w,  d/dSigma = g/2 (w w^T - Sigma^{-1}), symmetric."""
     _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
                            value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, True, VALUE_ROWS,
-                           LOC_ROWS, MATRIX_ROWS, REDUCE, K, KP, BLOCK, ACC)
+                           LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
+def _squashed_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                                           out_ptr, n, SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
+                                           KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """log N(u; mu, L L^T) - sum_i log(1 - tanh(u_i)^2), u the pre-tanh value (SQUASH =
+    FROM_PRE_TANH) or atanh of the action clamped to [-1 + EPS, 1 - EPS] (FROM_ACTION)."""
+    _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          False, SQUASH, EPS, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
+def _squashed_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                            matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
+                                            n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH: tl.constexpr,
+                                            EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                                            BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """As _mvn_tril_log_prob_backward_kernel at u, except d/du = -g w + g 2 tanh(u), and for an
+    action d/dx = d/du / (1 - x^2) inside the clamp (0 where it clamps)."""
+    _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, False, VALUE_ROWS,
+                           LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH, EPS, K, KP, BLOCK, ACC)

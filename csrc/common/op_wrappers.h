@@ -29,6 +29,14 @@ constexpr const char* backward_op_name(Param param) {
   return param == Param::kScaleTril ? "mvn_tril_log_prob_backward" : "mvn_cov_log_prob_backward";
 }
 
+/// A log-prob kernel's value operand: the values themselves (value - loc), or, squashed, the
+/// pre-tanh values of the Gaussian (u - loc, and the Jacobian term), given directly or as
+/// actions (u = atanh of the clamped action).
+struct ValueSquash {
+  bool squashed = false;
+  bool from_action = false;
+};
+
 /// The gradients of three inputs, from what a kernel wrote for their operands (see
 /// gradient_for). Gradients that were not asked for are empty tensors: the schemas have no
 /// optional outputs.
@@ -90,6 +98,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward_op(const at::Te
                                                                     std::array<bool, 3> mask,
                                                                     const Run& run) {
   return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask, run);
+}
+
+/// squashed_tril_log_prob: a device's `run(problem, out, squash)` of its scale_tril log-prob
+/// kernel, with the value mapped to its pre-tanh value.
+template <typename Run>
+at::Tensor squashed_tril_log_prob_op(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                     bool value_is_pre_tanh, const Run& run) {
+  const ValueSquash squash{true, !value_is_pre_tanh};
+  return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
+                        [&](const MvnProblem& p, at::Tensor& out) { run(p, out, squash); });
+}
+
+/// squashed_tril_log_prob_backward: a device's `run(problem, grad, mask, squash)`.
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward_op(
+    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+    bool value_is_pre_tanh, std::array<bool, 3> mask, const Run& run) {
+  const ValueSquash squash{true, !value_is_pre_tanh};
+  return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
+                         [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+                           return run(p, grad, mask, squash);
+                         });
 }
 
 /// A log-prob over three (*, k) operands (value, loc, scale): `run(problem, out)` fills `out`.

@@ -204,13 +204,6 @@ class SquashBlock {
   acc_t log_det_jacobian_[W] = {};
 };
 
-/// A log-prob kernel's value operand: the values themselves (value - loc), or, squashed, the
-/// pre-tanh values of the Gaussian (u - loc, and the Jacobian term).
-struct ValueSquash {
-  bool squashed = false;
-  bool from_action = false;
-};
-
 template <Param kParam, int kK, int W, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squash = {}) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -643,21 +636,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tenso
 
 at::Tensor squashed_tril_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
                                   bool value_is_pre_tanh) {
-  const ValueSquash squash{true, !value_is_pre_tanh};
-  return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
-                        [&](const MvnProblem& p, at::Tensor& out) {
-                          run_log_prob_forward<Param::kScaleTril>(p, out, squash);
-                        });
+  return squashed_tril_log_prob_op(value, loc, scale_tril, value_is_pre_tanh, run_log_prob_forward<Param::kScaleTril>);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward(
     const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
     bool value_is_pre_tanh, std::array<bool, 3> mask) {
-  const ValueSquash squash{true, !value_is_pre_tanh};
-  return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
-                         [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                           return run_log_prob_backward<Param::kScaleTril>(p, grad, mask, squash);
-                         });
+  return squashed_tril_log_prob_backward_op(grad, value, loc, scale_tril, value_is_pre_tanh, mask,
+                                            run_log_prob_backward<Param::kScaleTril>);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob(const at::Tensor& loc,
