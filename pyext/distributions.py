@@ -265,7 +265,7 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
     r"""a = center + half_range · tanh(u), u ~ a Gaussian base: the shared machinery of
     :class:`TanhNormal` and :class:`TanhMultivariateNormal`.
 
-    Subclasses give the base distribution and its fused ops (``_log_prob_op(value, pre_tanh)``
+    Subclasses give the base distribution and its fused ops (``_log_prob_op(value, value_is_pre_tanh)``
     and ``_rsample_op(eps)``). With the default bounds (-1, 1) there is no affine step.
     """
 

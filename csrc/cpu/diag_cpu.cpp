@@ -57,13 +57,18 @@ C10_ALWAYS_INLINE void log_prob_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTR
   for (int64_t e = 0; e < n; ++e) out[e] = math::diag_log_prob_entry<kSquash>(x[e], m[e], s[e], log_s[e], eps);
 }
 
-template <Squash kSquash, typename acc_t>
-C10_ALWAYS_INLINE void log_prob_gradient_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT g, const acc_t* FUSEDGAUSS_RESTRICT x,
-                                                 const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s, acc_t eps,
-                                                 acc_t* FUSEDGAUSS_RESTRICT d_value, acc_t* FUSEDGAUSS_RESTRICT d_loc, acc_t* FUSEDGAUSS_RESTRICT d_scale) {
+/// kValue: whether the value's gradient is wanted. A policy gradient never wants it, and for a
+/// squashed value it is the costly one (a tanh per entry), which the compiler drops with the
+/// store.
+template <Squash kSquash, bool kValue, typename acc_t>
+C10_ALWAYS_INLINE void log_prob_gradient_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT g,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT x, const acc_t* FUSEDGAUSS_RESTRICT m,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT s, acc_t eps,
+                                                 acc_t* FUSEDGAUSS_RESTRICT d_value, acc_t* FUSEDGAUSS_RESTRICT d_loc,
+                                                 acc_t* FUSEDGAUSS_RESTRICT d_scale) {
   for (int64_t e = 0; e < n; ++e) {
     const auto d = math::diag_log_prob_entry_gradients<kSquash>(x[e], m[e], s[e], eps);
-    d_value[e] = g[e] * d.value;
+    if constexpr (kValue) d_value[e] = g[e] * d.value;
     d_loc[e] = g[e] * d.loc;
     d_scale[e] = g[e] * d.scale;
   }
@@ -295,8 +300,13 @@ std::array<at::Tensor, 3> diag_log_prob_backward_kernel(const RowsProblem& p, co
       acc_t* FUSEDGAUSS_RESTRICT dv = d_value.values();
       acc_t* FUSEDGAUSS_RESTRICT dm = d_loc.values();
       acc_t* FUSEDGAUSS_RESTRICT ds = d_scale.values();
+      const bool want_value = mask[0];
       with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
-        log_prob_gradient_entries<kSquash>(entries, g, x, m, s, eps, dv, dm, ds);
+        if (want_value) {
+          log_prob_gradient_entries<kSquash, true>(entries, g, x, m, s, eps, dv, dm, ds);
+        } else {
+          log_prob_gradient_entries<kSquash, false>(entries, g, x, m, s, eps, dv, dm, ds);
+        }
       });
       d_value.store(b0, rows);
       d_loc.store(b0, rows);

@@ -4,6 +4,7 @@
 
 #include "check.h"
 #include "math/gaussian_math.h"
+#include "math/squash_math.h"
 
 using namespace fusedgauss::math;
 using Matrix = std::vector<double>;
@@ -192,10 +193,64 @@ void test_log_det_over_the_float_range() {
   EXPECT_TRUE(std::isnan(got));
 }
 
+/// The float exp and log of squash_math.h (the vectorisable polynomials) against libm, over
+/// their whole domain, with the special values.
+void test_float_exp_and_log() {
+  for (double x = -87.0; x <= 0.0; x += 0.0137) {
+    EXPECT_CLOSE(exp_nonpositive(static_cast<float>(x)) / std::exp(static_cast<double>(static_cast<float>(x))), 1.0, 4e-7);
+  }
+  for (double e = -44.0; e <= 38.0; e += 0.0731) {
+    const float x = static_cast<float>(std::pow(10.0, e));
+    EXPECT_CLOSE(log_(x), std::log(static_cast<double>(x)), 2e-7);
+  }
+  EXPECT_TRUE(std::isinf(log_(0.0f)) && log_(0.0f) < 0);
+  EXPECT_TRUE(std::isnan(log_(-1.0f)) && std::isnan(log_(std::nanf(""))));
+  EXPECT_TRUE(std::isinf(log_(INFINITY)) && log_(INFINITY) > 0);
+  EXPECT_TRUE(std::isnan(exp_nonpositive(std::nanf(""))));
+}
+
+/// tanh_terms against its definitions: tanh, log(1 - tanh^2) and its derivative, in float
+/// (polynomials) and double (libm), from 0 into the range where tanh rounds to 1.
+void test_tanh_terms() {
+  for (double u = -30.0; u <= 30.0; u += 0.00731) {
+    const double a = std::fabs(u);
+    const double log_det = a < 0.5 ? std::log1p(-std::tanh(u) * std::tanh(u))
+                                   : 2 * (std::log(2.0) - a - std::log1p(std::exp(-2 * a)));
+    const TanhTerms<double> d = tanh_terms(u);
+    EXPECT_CLOSE(d.tanh, std::tanh(u), 1e-15);
+    EXPECT_CLOSE(d.log_det, log_det, 1e-14);
+    EXPECT_CLOSE(d.derivative, std::exp(log_det), 1e-14);
+    const auto uf = static_cast<float>(u);
+    const TanhTerms<float> f = tanh_terms(uf);
+    EXPECT_CLOSE(f.tanh, std::tanh(static_cast<double>(uf)), 3e-7);
+    EXPECT_CLOSE(f.log_det, log_det, 1e-6);
+  }
+  // Small arguments keep their relative accuracy.
+  EXPECT_CLOSE(tanh_terms(1e-20f).tanh / 1e-20, 1.0, 1e-6);
+  EXPECT_CLOSE(tanh_terms(-1e-6).log_det / -1e-12, 1.0, 1e-9);
+}
+
+/// atanh_clamped inverts tanh inside the clamp, clamps at the dtype's epsilon, and its
+/// derivative is 1 / (1 - y^2) inside, 0 outside.
+void test_atanh_clamped() {
+  const double eps = 2.220446049250313e-16;
+  for (double y = -0.999; y <= 0.999; y += 0.0123) {
+    EXPECT_CLOSE(atanh_clamped(y, eps), std::atanh(y), 1e-13);
+    EXPECT_CLOSE(atanh_clamped_derivative(y, eps), 1 / (1 - y * y), 1e-13);
+  }
+  EXPECT_CLOSE(atanh_clamped(1.0, eps), std::atanh(1 - eps), 1e-13);
+  EXPECT_CLOSE(atanh_clamped(-1.0, eps), -std::atanh(1 - eps), 1e-13);
+  EXPECT_TRUE(atanh_clamped_derivative(1.0, eps) == 0.0);
+  EXPECT_TRUE(std::isnan(atanh_clamped(std::nan(""), eps)));
+}
+
 }  // namespace
 
 int main() {
   test_log_det_over_the_float_range();
+  test_float_exp_and_log();
+  test_tanh_terms();
+  test_atanh_clamped();
   for (int k : {1, 2, 3, 6, 17, 32}) {
     test_cholesky_reconstructs(k);
     test_cholesky_rejects_indefinite(k);
