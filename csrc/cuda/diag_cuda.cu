@@ -17,6 +17,7 @@
 #include "../common/op_wrappers.h"
 #include "../math/squash_math.h"
 #include "launch.cuh"
+#include "rsample_upstream.cuh"
 
 namespace fusedgauss {
 namespace cuda {
@@ -109,33 +110,16 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// The upstream gradients of a rsample op; nullptr where autograd passed none (zero).
-template <typename scalar_t>
-struct RsampleUpstream {
-  const scalar_t* action;
-  const scalar_t* pre_tanh;
-  const scalar_t* log_prob;
-
-  explicit RsampleUpstream(const RsampleGradients& g)
-      : action(g.action.defined() ? g.action.const_data_ptr<scalar_t>() : nullptr),
-        pre_tanh(g.pre_tanh.defined() ? g.pre_tanh.const_data_ptr<scalar_t>() : nullptr),
-        log_prob(g.log_prob.defined() ? g.log_prob.const_data_ptr<scalar_t>() : nullptr) {}
-
-  __device__ C10_ALWAYS_INLINE at::opmath_type<scalar_t> row(const scalar_t* g, int64_t e) const {
-    return g != nullptr ? static_cast<at::opmath_type<scalar_t>>(g[e]) : at::opmath_type<scalar_t>(0);
-  }
-};
-
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) diag_rsample_backward_kernel(const RowsOperands<scalar_t> a,
                                                                          const RsampleUpstream<scalar_t> up,
                                                                          const GradientRows<scalar_t> o) {
   using acc_t = at::opmath_type<scalar_t>;
   FUSEDGAUSS_GRID_STRIDE_LOOP(b, a.n) {
-    const acc_t g_log_prob = up.row(up.log_prob, b);
+    const acc_t g_log_prob = up.at(up.log_prob, b);
     for (int64_t i = 0; i < a.k; ++i) {
       const int64_t e = b * a.k + i;
-      const auto d = math::diag_rsample_entry_gradients(up.row(up.action, e), up.row(up.pre_tanh, e), g_log_prob,
+      const auto d = math::diag_rsample_entry_gradients(up.at(up.action, e), up.at(up.pre_tanh, e), g_log_prob,
                                                         a.at(0, b, i), a.at(1, b, i), a.at(2, b, i));
       if (o.rows[0] != nullptr) o.rows[0][e] = static_cast<scalar_t>(d.loc);
       if (o.rows[1] != nullptr) o.rows[1][e] = static_cast<scalar_t>(d.scale);

@@ -22,6 +22,7 @@
 #include "../math/gaussian_math.h"
 #include "../math/squash_math.h"
 #include "launch.cuh"
+#include "rsample_upstream.cuh"
 
 namespace fusedgauss {
 namespace cuda {
@@ -439,19 +440,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// The upstream gradients of a squashed rsample op; nullptr where autograd passed none.
-template <typename scalar_t>
-struct RsampleUpstream {
-  const scalar_t* action;    // (B, k)
-  const scalar_t* pre_tanh;  // (B, k)
-  const scalar_t* log_prob;  // (B)
-
-  explicit RsampleUpstream(const RsampleGradients& g)
-      : action(g.action.defined() ? g.action.const_data_ptr<scalar_t>() : nullptr),
-        pre_tanh(g.pre_tanh.defined() ? g.pre_tanh.const_data_ptr<scalar_t>() : nullptr),
-        log_prob(g.log_prob.defined() ? g.log_prob.const_data_ptr<scalar_t>() : nullptr) {}
-};
-
 /// Gradients of loc, scale_tril and eps (the "value" rows of `o`) from those of the action,
 /// u and the log-prob, with g_u = pre_tanh_gradient per entry (csrc/math/squash_math.h):
 ///   d/dloc = g_u,  d/dL = tril(g_u eps^T) - g_log_prob diag(1/L_ii),
@@ -480,9 +468,6 @@ __global__ void __launch_bounds__(kThreads) rsample_backward_kernel(const MvnOpe
   if (reduces) {
     for (int64_t e = threadIdx.x; e < partial_width(k); e += threads) block_partials[e] = 0;
   }
-  const auto upstream = [](const scalar_t* g, int64_t e) {
-    return g != nullptr ? static_cast<acc_t>(g[e]) : acc_t(0);
-  };
 
   for (int64_t base = blockIdx.x * static_cast<int64_t>(threads); base < a.n;
        base += static_cast<int64_t>(gridDim.x) * threads) {
@@ -505,10 +490,10 @@ __global__ void __launch_bounds__(kThreads) rsample_backward_kernel(const MvnOpe
       } else {
         math::add_lower_times<1>(k, tril, eps, g_u);
       }
-      g_log_prob = upstream(up.log_prob, b);
+      g_log_prob = up.at(up.log_prob, b);
       for (int64_t i = 0; i < k; ++i) {
-        g_u[i] = math::pre_tanh_gradient(math::tanh_terms(g_u[i]), upstream(up.action, b * k + i),
-                                         upstream(up.pre_tanh, b * k + i), g_log_prob);
+        g_u[i] = math::pre_tanh_gradient(math::tanh_terms(g_u[i]), up.at(up.action, b * k + i),
+                                         up.at(up.pre_tanh, b * k + i), g_log_prob);
         if (o.loc_rows != nullptr) o.loc_rows[b * k + i] = static_cast<scalar_t>(g_u[i]);
       }
       if (o.value_rows != nullptr) {
