@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import backends
+from . import backends, reference
 from .triton_kernels import cholesky as cholesky_kernels
 from .triton_kernels import mvn as mvn_kernels
 from .triton_kernels import squashed as squashed_kernels
@@ -119,7 +119,7 @@ def _shared_value_gradient(x, minus_sum_gw, grad_sum, squash: int, eps: float = 
     if not squash:
         return minus_sum_gw
     x = x.to(minus_sum_gw.dtype)
-    u = x if squash == 1 else torch.atanh(x.clamp(-1 + eps, 1 - eps))
+    u = x if squash == 1 else reference.atanh_clamped(x, eps)
     d_u = minus_sum_gw + grad_sum * 2 * torch.tanh(u)
     if squash == 1:
         return d_u

@@ -25,8 +25,8 @@ CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
 EVENT_SIZES = [1, 2, 3, 6, 17]
 BATCH_SHAPES = [(), (7,), (4, 3)]
 # Which operands are shared by the whole batch, or broadcast only partly. The parameter is
-# scale (diagonal) or scale_tril.
-LAYOUTS = ["per_sample", "shared_parameter", "shared_loc", "expanded_parameter", "partial"]
+# scale (diagonal) or scale_tril; the first operand is the value (log-prob ops) or eps (rsample).
+LAYOUTS = ["per_sample", "shared_parameter", "shared_loc", "shared_first", "expanded_parameter", "partial"]
 LAYOUT_SHAPES = [
     (layout, shape) for layout in LAYOUTS for shape in BATCH_SHAPES if layout != "partial" or len(shape) >= 2
 ]
@@ -50,6 +50,8 @@ class Case:
         first_shape, loc_shape, parameter_shape = batch_shape, batch_shape, batch_shape
         if layout == "shared_loc":
             loc_shape = (1,) * len(batch_shape)
+        elif layout == "shared_first":
+            first_shape = ()
         elif layout in ("shared_parameter", "expanded_parameter"):
             parameter_shape = ()
         elif layout == "partial":

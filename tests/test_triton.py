@@ -171,6 +171,7 @@ SQUASHED_LAYOUT_SHAPES = [
     ("per_sample", (37,)),
     ("shared_parameter", (9,)),
     ("shared_loc", (5, 2)),
+    ("shared_first", (7,)),
     ("expanded_parameter", (6,)),
     ("partial", (3, 4)),
     ("per_sample", (200,)),  # several programs
