@@ -41,12 +41,6 @@ int64_t rows_per_block(int64_t k) { return std::max<int64_t>(1, kBlockEntries / 
 /// Multiply-adds per entry, about, for the grain size: the exp and logs of a squashed entry.
 constexpr int64_t kWorkPerEntry = 64;
 
-/// The clamp of an action before its atanh: the epsilon of the action's own dtype.
-template <typename scalar_t>
-at::opmath_type<scalar_t> action_epsilon() {
-  return static_cast<at::opmath_type<scalar_t>>(std::numeric_limits<scalar_t>::epsilon());
-}
-
 // The loops over a block's entries. Each is a function whose pointer arguments are restrict,
 // so that after inlining the compiler knows its arrays do not overlap and vectorises without
 // runtime alias checks (too many of which make it give up).
@@ -251,7 +245,7 @@ void diag_log_prob_kernel(const RowsProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
   const int64_t block_rows = rows_per_block(k);
-  const acc_t eps = action_epsilon<scalar_t>();
+  const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
     BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
@@ -278,7 +272,7 @@ std::array<at::Tensor, 3> diag_log_prob_backward_kernel(const RowsProblem& p, co
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
   const int64_t block_rows = rows_per_block(k);
-  const acc_t eps = action_epsilon<scalar_t>();
+  const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   std::array<GradientSink<scalar_t>, 3> sinks = gradient_sinks<scalar_t>(p, chunks, mask);
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {

@@ -157,7 +157,7 @@ class SquashBlock {
     gather_rows<W>(k_, value + b0 * p.value.batch_stride, p.value.batch_stride, count, x_.data());
     gather_rows<W>(k_, loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
     const int64_t entries = k_ * W;
-    const acc_t eps = static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+    const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
     const acc_t* FUSEDGAUSS_RESTRICT x = x_.data();
     acc_t* FUSEDGAUSS_RESTRICT u = u_.data();
     acc_t* FUSEDGAUSS_RESTRICT two_tanh = two_tanh_.data();
@@ -187,7 +187,7 @@ class SquashBlock {
   /// d log p / d value in place, lane-minor, given the Gaussian part's -g w in `grad`:
   /// (-g w + g 2 tanh(u)) [* d atanh_clamped(x) / dx when the values are actions].
   void value_gradient(const acc_t* g, acc_t* FUSEDGAUSS_RESTRICT grad) const {
-    const acc_t eps = static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+    const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
     for (int64_t i = 0; i < k_; ++i) {
       for (int l = 0; l < W; ++l) {
         const int64_t e = i * W + l;

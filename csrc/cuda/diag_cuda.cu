@@ -49,16 +49,11 @@ struct RowsOperands {
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < (n); \
        b += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
-template <typename scalar_t>
-__host__ __device__ inline at::opmath_type<scalar_t> action_epsilon() {
-  return static_cast<at::opmath_type<scalar_t>>(std::numeric_limits<scalar_t>::epsilon());
-}
-
 template <Squash kSquash, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     diag_log_prob_kernel(const RowsOperands<scalar_t> a, scalar_t* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t eps = action_epsilon<scalar_t>();
+  const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   FUSEDGAUSS_GRID_STRIDE_LOOP(b, a.n) {
     acc_t sum = acc_t(-0.5) * static_cast<acc_t>(a.k) * static_cast<acc_t>(math::kLog2Pi);
     for (int64_t i = 0; i < a.k; ++i) {
@@ -80,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) diag_log_prob_backward_kernel(const 
                                                                           const scalar_t* __restrict__ grad,
                                                                           const GradientRows<scalar_t> o) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t eps = action_epsilon<scalar_t>();
+  const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   FUSEDGAUSS_GRID_STRIDE_LOOP(b, a.n) {
     const acc_t g = static_cast<acc_t>(grad[b]);
     for (int64_t i = 0; i < a.k; ++i) {

@@ -83,7 +83,7 @@ __device__ void stage_shared_factor(const scalar_t* matrix, int64_t k, acc_t* st
 template <typename scalar_t, typename acc_t>
 __device__ C10_ALWAYS_INLINE acc_t pre_tanh_of(ValueSquash squash, acc_t x) {
   return squash.from_action
-             ? math::atanh_clamped(x, static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon()))
+             ? math::atanh_clamped(x, math::action_epsilon<scalar_t, acc_t>())
              : x;
 }
 
@@ -111,7 +111,7 @@ template <typename scalar_t, typename acc_t>
 __device__ C10_ALWAYS_INLINE acc_t value_gradient(ValueSquash squash, acc_t x, acc_t minus_gw, acc_t g) {
   if (!squash.squashed) return minus_gw;
   const acc_t d_u = minus_gw + g * acc_t(2) * math::tanh_terms(pre_tanh_of<scalar_t>(squash, x)).tanh;
-  const acc_t eps = static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+  const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   return squash.from_action ? d_u * math::atanh_clamped_derivative(x, eps) : d_u;
 }
 

@@ -148,6 +148,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE TanhTerms<T> tanh_terms(T u) {
           small ? derivative_small : derivative_large};
 }
 
+/// The clamp of an action before its atanh: the epsilon of the action's own dtype (scalar_t,
+/// which may be half), in the type the math runs in.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t action_epsilon() {
+  return static_cast<acc_t>(std::numeric_limits<scalar_t>::epsilon());
+}
+
 /// The pre-tanh value of an action y in [-1, 1]: atanh(clamp(y, -1 + eps, 1 - eps)) =
 /// 1/2 log1p(2y / (1 - y)), with eps the epsilon of the action's own dtype, so that an action
 /// that rounded to +-1 maps to a large finite u. NaN stays NaN.
