@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "simd.h"
+
 namespace fusedgauss {
 namespace cpu {
 
@@ -34,6 +36,15 @@ class Chunks {
       for (int64_t c = first; c < last; ++c) {
         fn(c, n_ * c / count_, n_ * (c + 1) / count_);
       }
+    });
+  }
+
+  /// run(fn) with each chunk in with_best_simd (simd.h); fn must be a lambda marked
+  /// FUSEDGAUSS_INLINE_BODY.
+  template <typename F>
+  void run_vectorised(const F& fn) const {
+    run([&](int64_t chunk, int64_t begin, int64_t end) {
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { fn(chunk, begin, end); });
     });
   }
 

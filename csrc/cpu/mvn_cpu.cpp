@@ -62,7 +62,7 @@ class BlockFactors {
   bool shared() const { return stride_ == 0; }
 
   /// Loads the factors of samples [b0, b0 + count); a no-op for a shared matrix.
-  void load_block(int64_t b0, int count) {
+  C10_ALWAYS_INLINE void load_block(int64_t b0, int count) {
     if (!shared()) {
       load(b0, count);
     }
@@ -85,8 +85,8 @@ class BlockFactors {
   /// The event size, a constant when kK > 0 so that the math unrolls.
   int64_t k() const { return kK > 0 ? kK : k_; }
 
-  void load(int64_t b0, int count) {
-    gather_lower<W>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
+  C10_ALWAYS_INLINE void load(int64_t b0, int count) {
+    gather_matrices<W>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
     if constexpr (kParam == Param::kCovariance) {
       math::cholesky_in_place<W>(k(), L_.data(), ok_);
     } else {
@@ -114,18 +114,25 @@ C10_ALWAYS_INLINE void load_differences(const MvnProblem& p, int64_t k, const sc
                         loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
 }
 
-/// One sample's scale_tril gradient tril(a b^T) - c diag(1/L_ii), as a dense k x k row-major
-/// matrix (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
-/// b = z, c = g for a log-prob and a = g_u, b = eps, c = g_log_prob for a sample. L is a
-/// lane-minor block and l the lane.
-template <int W, typename acc_t, typename scalar_t>
-void store_scale_tril_gradient(int64_t k, const acc_t* a, const acc_t* b, acc_t c, const acc_t* L, int l,
-                               scalar_t* out) {
+/// The scale_tril gradients tril(a b^T) - c diag(1/L_ii) of a block of samples, lane-minor
+/// k x k (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
+/// b = z, c = g for a log-prob and a = g_u, b = eps, c = g_log_prob for a sample.
+template <int W, typename acc_t>
+C10_ALWAYS_INLINE void scale_tril_gradient_block(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT a,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT b, const acc_t* FUSEDGAUSS_RESTRICT c,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
   for (int64_t i = 0; i < k; ++i) {
-    scalar_t* row = out + i * k;
-    for (int64_t j = 0; j < i; ++j) row[j] = static_cast<scalar_t>(a[i] * b[j]);
-    row[i] = static_cast<scalar_t>(a[i] * b[i] - c / L[(i * k + i) * W + l]);
-    for (int64_t j = i + 1; j < k; ++j) row[j] = scalar_t(0);
+    for (int64_t j = 0; j < k; ++j) {
+      acc_t* o = out + (i * k + j) * W;
+      if (j < i) {
+        for (int l = 0; l < W; ++l) o[l] = a[i * W + l] * b[j * W + l];
+      } else if (j == i) {
+        const acc_t* Lii = L + (i * k + i) * W;
+        for (int l = 0; l < W; ++l) o[l] = a[i * W + l] * b[i * W + l] - c[l] / Lii[l];
+      } else {
+        for (int l = 0; l < W; ++l) o[l] = acc_t(0);
+      }
+    }
   }
 }
 
@@ -152,8 +159,8 @@ class SquashBlock {
       : k_(k), from_action_(from_action), x_(static_cast<size_t>(k * W)), u_(x_.size()), two_tanh_(x_.size()) {}
 
   /// d = u - loc for the samples [b0, b0 + count), lane-minor; also fills log_det_jacobian().
-  void load_differences(const MvnProblem& p, const scalar_t* value, const scalar_t* loc, int64_t b0, int count,
-                        acc_t* FUSEDGAUSS_RESTRICT d) {
+  C10_ALWAYS_INLINE void load_differences(const MvnProblem& p, const scalar_t* value, const scalar_t* loc, int64_t b0,
+                                          int count, acc_t* FUSEDGAUSS_RESTRICT d) {
     gather_rows<W>(k_, value + b0 * p.value.batch_stride, p.value.batch_stride, count, x_.data());
     gather_rows<W>(k_, loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
     const int64_t entries = k_ * W;
@@ -162,31 +169,27 @@ class SquashBlock {
     acc_t* FUSEDGAUSS_RESTRICT u = u_.data();
     acc_t* FUSEDGAUSS_RESTRICT two_tanh = two_tanh_.data();
     acc_t* FUSEDGAUSS_RESTRICT jacobian = log_det_jacobian_;
-    const bool from_action = from_action_;
-    const int64_t k = k_;
-    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
-      if (from_action) {
-        for (int64_t e = 0; e < entries; ++e) u[e] = math::atanh_clamped(x[e], eps);
-      } else {
-        for (int64_t e = 0; e < entries; ++e) u[e] = x[e];
+    if (from_action_) {
+      for (int64_t e = 0; e < entries; ++e) u[e] = math::atanh_clamped(x[e], eps);
+    } else {
+      for (int64_t e = 0; e < entries; ++e) u[e] = x[e];
+    }
+    for (int l = 0; l < W; ++l) jacobian[l] = 0;
+    for (int64_t i = 0; i < k_; ++i) {
+      for (int l = 0; l < W; ++l) {
+        const math::TanhTerms<acc_t> tt = math::tanh_terms(u[i * W + l]);
+        jacobian[l] += tt.log_det;
+        two_tanh[i * W + l] = acc_t(2) * tt.tanh;
       }
-      for (int l = 0; l < W; ++l) jacobian[l] = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        for (int l = 0; l < W; ++l) {
-          const math::TanhTerms<acc_t> tt = math::tanh_terms(u[i * W + l]);
-          jacobian[l] += tt.log_det;
-          two_tanh[i * W + l] = acc_t(2) * tt.tanh;
-        }
-      }
-      for (int64_t e = 0; e < entries; ++e) d[e] = u[e] - d[e];
-    });
+    }
+    for (int64_t e = 0; e < entries; ++e) d[e] = u[e] - d[e];
   }
 
   const acc_t* log_det_jacobian() const { return log_det_jacobian_; }
 
   /// d log p / d value in place, lane-minor, given the Gaussian part's -g w in `grad`:
   /// (-g w + g 2 tanh(u)) [* d atanh_clamped(x) / dx when the values are actions].
-  void value_gradient(const acc_t* g, acc_t* FUSEDGAUSS_RESTRICT grad) const {
+  C10_ALWAYS_INLINE void value_gradient(const acc_t* g, acc_t* FUSEDGAUSS_RESTRICT grad) const {
     const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
     for (int64_t i = 0; i < k_; ++i) {
       for (int l = 0; l < W; ++l) {
@@ -212,7 +215,7 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
   const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
-  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+  chunks.run_vectorised([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     std::vector<acc_t> z(static_cast<size_t>(k * W));
     SquashBlock<W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
@@ -253,18 +256,18 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   // gradient reduced (then Sigma^{-1} enters once, at the end).
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
 
-  chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+  chunks.run_vectorised([&](int64_t chunk, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
     std::vector<acc_t> z = block(k), w = block(k), gw = block(k), g_value = block(k);
     SquashBlock<W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
+    std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? k * k : 0);
     // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
     std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
-    std::vector<acc_t> z_row(static_cast<size_t>(k)), gw_row(static_cast<size_t>(k));
     scalar_t* value_out = value_sink.rows();
     scalar_t* loc_out = loc_sink.rows();
     scalar_t* matrix_out = matrix_sink.rows();
@@ -304,14 +307,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         acc_t* FUSEDGAUSS_RESTRICT acc = loc_acc.data();
         for (int64_t e = 0; e < k * W; ++e) acc[e] += gw_block[e];
       }
-      for (int l = 0; l < count; ++l) {
-        if (value_out != nullptr) {
-          for (int64_t i = 0; i < k; ++i) value_out[(b0 + l) * k + i] = static_cast<scalar_t>(g_value[i * W + l]);
-        }
-        if (loc_out != nullptr) {
-          for (int64_t i = 0; i < k; ++i) loc_out[(b0 + l) * k + i] = static_cast<scalar_t>(gw[i * W + l]);
-        }
-      }
+      if (value_out != nullptr) scatter_rows<W>(k, g_value.data(), count, value_out + b0 * k);
+      if (loc_out != nullptr) scatter_rows<W>(k, gw_block, count, loc_out + b0 * k);
 
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
@@ -325,30 +322,25 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         }
         for (int l = 0; l < W; ++l) acc[k * k * W + l] += g[l];
       } else if (matrix_out != nullptr) {
-        if (per_sample_inverse) {
+        if constexpr (!kCovariance) {
+          // d/dL = tril(g w z^T) - g diag(1/L_ii)
+          scale_tril_gradient_block<W>(k, gw_block, z.data(), g, L, matrix_grad.data());
+        } else {
+          // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric
           math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
-        }
-        for (int l = 0; l < count; ++l) {
-          scalar_t* out = matrix_out + (b0 + l) * k * k;
+          acc_t* FUSEDGAUSS_RESTRICT out = matrix_grad.data();
+          const acc_t* FUSEDGAUSS_RESTRICT s_inv = sigma_inv.data();
           for (int64_t i = 0; i < k; ++i) {
-            z_row[i] = z[i * W + l];
-            gw_row[i] = gw[i * W + l];
-          }
-          if constexpr (!kCovariance) {
-            // d/dL = tril(g w z^T) - g diag(1/L_ii)
-            store_scale_tril_gradient<W>(k, gw_row.data(), z_row.data(), g[l], L, l, out);
-          } else {
-            // d/dSigma = 1/2 (w w^T - Sigma^{-1}), symmetric
-            for (int64_t i = 0; i < k; ++i) {
-              for (int64_t j = 0; j <= i; ++j) {
-                const acc_t s = sigma_inv[(i * k + j) * W + l];
-                const auto gij = static_cast<scalar_t>(acc_t(0.5) * (gw_row[i] * w[j * W + l] - g[l] * s));
-                out[i * k + j] = gij;
-                out[j * k + i] = gij;
+            for (int64_t j = 0; j <= i; ++j) {
+              for (int l = 0; l < W; ++l) {
+                const acc_t gij = acc_t(0.5) * (gw_block[i * W + l] * w_block[j * W + l] - g[l] * s_inv[(i * k + j) * W + l]);
+                out[(i * k + j) * W + l] = gij;
+                out[(j * k + i) * W + l] = gij;
               }
             }
           }
         }
+        scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_out + b0 * k * k);
       }
     }
     if (value_sink.reduces) add_lane_sums<W>(k, value_acc.data(), value_sink.partials.chunk(chunk));
@@ -398,7 +390,7 @@ struct RsampleBlock {
 
   /// Loads eps and loc of samples [b0, b0 + count) and computes u, tanh(u) and its terms.
   template <typename Factors>
-  void load(const MvnProblem& p, int64_t k, const Factors& factors, int64_t b0, int count) {
+  C10_ALWAYS_INLINE void load(const MvnProblem& p, int64_t k, const Factors& factors, int64_t b0, int count) {
     // The problem's "value" operand is eps.
     gather_rows<W>(k, p.value.data.const_data_ptr<scalar_t>() + b0 * p.value.batch_stride, p.value.batch_stride,
                    count, eps.data());
@@ -410,18 +402,16 @@ struct RsampleBlock {
     acc_t* FUSEDGAUSS_RESTRICT tt2 = two_tanh.data();
     acc_t* FUSEDGAUSS_RESTRICT jacobian = log_det_jacobian;
     const acc_t* FUSEDGAUSS_RESTRICT pre_tanh = u.data();
-    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
-      for (int l = 0; l < W; ++l) jacobian[l] = 0;
-      for (int64_t i = 0; i < k; ++i) {
-        for (int l = 0; l < W; ++l) {
-          const math::TanhTerms<acc_t> tt = math::tanh_terms(pre_tanh[i * W + l]);
-          a[i * W + l] = tt.tanh;
-          dy[i * W + l] = tt.derivative;
-          tt2[i * W + l] = acc_t(2) * tt.tanh;
-          jacobian[l] += tt.log_det;
-        }
+    for (int l = 0; l < W; ++l) jacobian[l] = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      for (int l = 0; l < W; ++l) {
+        const math::TanhTerms<acc_t> tt = math::tanh_terms(pre_tanh[i * W + l]);
+        a[i * W + l] = tt.tanh;
+        dy[i * W + l] = tt.derivative;
+        tt2[i * W + l] = acc_t(2) * tt.tanh;
+        jacobian[l] += tt.log_det;
       }
-    });
+    }
   }
 
   std::vector<acc_t> eps, u, action, derivative, two_tanh;
@@ -437,7 +427,7 @@ void rsample_forward_kernel(const MvnProblem& p, RsampleOutputs& out) {
   scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
   scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * k));
-  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+  chunks.run_vectorised([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<Param::kScaleTril, kK, W, scalar_t> factors = shared_factors;
     RsampleBlock<kK, W, scalar_t> sample(k);
     for (int64_t b0 = begin; b0 < end; b0 += W) {
@@ -476,14 +466,14 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
   const scalar_t* grad_pre_tanh = data(upstream.pre_tanh);
   const scalar_t* grad_log_prob = data(upstream.log_prob);
 
-  chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+  chunks.run_vectorised([&](int64_t chunk, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<Param::kScaleTril, kK, W, scalar_t> factors = shared_factors;
     RsampleBlock<kK, W, scalar_t> sample(k);
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
     std::vector<acc_t> g_action = block(k), g_u = block(k), g_eps = block(k);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0), eps_acc = block(eps_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
-    std::vector<acc_t> g_u_row(static_cast<size_t>(k)), eps_row(static_cast<size_t>(k));
+    std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? k * k : 0);
     acc_t g_log_prob[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
@@ -536,14 +526,8 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
         }
         for (int l = 0; l < W; ++l) acc[k * k * W + l] += g_log_prob[l];
       } else if (matrix_sink.requested) {
-        for (int l = 0; l < count; ++l) {
-          for (int64_t i = 0; i < k; ++i) {
-            g_u_row[i] = g_u[i * W + l];
-            eps_row[i] = eps[i * W + l];
-          }
-          store_scale_tril_gradient<W>(k, g_u_row.data(), eps_row.data(), g_log_prob[l], L, l,
-                                       matrix_sink.rows() + (b0 + l) * k * k);
-        }
+        scale_tril_gradient_block<W>(k, g_u.data(), eps, g_log_prob, L, matrix_grad.data());
+        scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_sink.rows() + b0 * k * k);
       }
     }
     if (loc_sink.reduces) add_lane_sums<W>(k, loc_acc.data(), loc_sink.partials.chunk(chunk));

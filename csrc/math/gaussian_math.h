@@ -19,6 +19,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "elementary_math.h"
+
 // The functions are always inlined, so a caller that knows k at compile time gets every loop
 // unrolled. Arguments of these functions never overlap. Saying so lets the compiler keep the lane loops
 // in SIMD registers instead of reloading after every store.
@@ -32,9 +34,6 @@ constexpr double kLog2Pi = 1.8378770664093454835606594728112;
 // log(2)
 constexpr double kLog2 = 0.69314718055994530941723212145818;
 
-C10_HOST_DEVICE inline float sqrt_(float x) { return ::sqrtf(x); }
-C10_HOST_DEVICE inline double sqrt_(double x) { return ::sqrt(x); }
-C10_HOST_DEVICE inline double log_(double x) { return ::log(x); }
 
 /// Solves L x = b in place for each lane (forward substitution); `x` holds b on entry.
 ///   x_i = (b_i - sum_{j<i} L_ij x_j) / L_ii
@@ -103,37 +102,44 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed(int64_t k, const m
   }
 }
 
-/// out[l] = sum_i log L_ii for each lane, with one log per lane: the diagonal is multiplied
-/// in double and renormalised by frexp (an exact power-of-two scaling) as it goes, so that
+/// out[l] = sum_i log L_ii for each lane. A non-positive diagonal entry makes its lane NaN,
+/// as its log would.
+///
+/// float: a sum of float logs (elementary_math.h), which the lane loops vectorise.
+/// double: libm's log does not vectorise, so there is one log per lane: the diagonal is
+/// multiplied and renormalised by frexp (an exact power-of-two scaling) at every factor, so
 ///   sum_i log L_ii = log m + e log 2   for   prod_i L_ii = m 2^e
-/// never overflows or underflows. Four float factors times a mantissa in [0.5, 1) stay well
-/// inside double's range, so float inputs are renormalised every four factors; double ones
-/// at every factor. A non-positive diagonal entry makes its lane NaN, as its log would.
+/// never overflows or underflows.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_log_diagonal(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
-  constexpr int64_t kGroup = std::is_same<acc_t, float>::value ? 4 : 1;
-  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-  double mantissa[W];
-  int exponent[W];
-  for (int l = 0; l < W; ++l) {
-    mantissa[l] = 1;
-    exponent[l] = 0;
-  }
-  for (int64_t i0 = 0; i0 < k; i0 += kGroup) {
-    for (int64_t i = i0; i < i0 + kGroup && i < k; ++i) {
+  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+  if constexpr (std::is_same<acc_t, float>::value) {
+    for (int l = 0; l < W; ++l) out[l] = 0;
+    for (int64_t i = 0; i < k; ++i) {
       const mat_t* Lii = L + (i * k + i) * W;
       for (int l = 0; l < W; ++l) {
-        const double d = static_cast<double>(static_cast<acc_t>(Lii[l]));
-        mantissa[l] *= d > 0 ? d : kNaN;
+        const float d = static_cast<float>(Lii[l]);
+        out[l] += log_(d > 0.f ? d : kNaN);
       }
     }
+  } else {
+    double mantissa[W];
+    int exponent[W];
     for (int l = 0; l < W; ++l) {
-      int e = 0;
-      mantissa[l] = ::frexp(mantissa[l], &e);
-      exponent[l] += e;
+      mantissa[l] = 1;
+      exponent[l] = 0;
     }
+    for (int64_t i = 0; i < k; ++i) {
+      const mat_t* Lii = L + (i * k + i) * W;
+      for (int l = 0; l < W; ++l) {
+        const double d = static_cast<double>(Lii[l]);
+        int e = 0;
+        mantissa[l] = ::frexp(mantissa[l] * (d > 0 ? d : kNaN), &e);
+        exponent[l] += e;
+      }
+    }
+    for (int l = 0; l < W; ++l) out[l] = static_cast<acc_t>(log_(mantissa[l]) + exponent[l] * kLog2);
   }
-  for (int l = 0; l < W; ++l) out[l] = static_cast<acc_t>(log_(mantissa[l]) + exponent[l] * kLog2);
 }
 
 /// log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (k/2) log(2 pi),

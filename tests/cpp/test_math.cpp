@@ -193,7 +193,7 @@ void test_log_det_over_the_float_range() {
   EXPECT_TRUE(std::isnan(got));
 }
 
-/// The float exp and log of squash_math.h (the vectorisable polynomials) against libm, over
+/// The float exp and log of elementary_math.h (the vectorisable polynomials) against libm, over
 /// their whole domain, with the special values.
 void test_float_exp_and_log() {
   for (double x = -87.0; x <= 0.0; x += 0.0137) {

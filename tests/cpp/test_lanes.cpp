@@ -1,0 +1,74 @@
+// The moves between sample rows and lane-minor blocks (csrc/cpu/lanes.h): on a CPU with AVX2
+// the float ones go through 8 x 8 register transposes, whose edges (rows shorter than 8,
+// partial blocks, strides, the last row of a tensor) are checked here against the plain
+// definitions, element by element.
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "cpu/lanes.h"
+
+using namespace fusedgauss::cpu;
+
+namespace {
+
+std::mt19937 rng(7);
+
+std::vector<float> random_floats(size_t n) {
+  std::normal_distribution<float> normal;
+  std::vector<float> out(n);
+  for (float& x : out) x = normal(rng);
+  return out;
+}
+
+template <int W>
+void test_gathers(int64_t n, int count, int64_t stride) {
+  // Exactly as many floats as the rows need: a read past the last row would leave the
+  // allocation (and run under a sanitizer, fail).
+  const size_t size = static_cast<size_t>((count - 1) * stride + n);
+  const std::vector<float> a = random_floats(size), b = random_floats(size);
+  std::vector<float> rows(static_cast<size_t>(n * W)), differences(rows.size());
+  gather_rows<W>(n, a.data(), stride, count, rows.data());
+  gather_differences<W>(n, a.data(), stride, b.data(), stride, count, differences.data());
+  for (int l = 0; l < W; ++l) {
+    const int64_t sample = std::min(l, count - 1);  // lanes past count repeat the last sample
+    for (int64_t i = 0; i < n; ++i) {
+      EXPECT_TRUE(rows[i * W + l] == a[sample * stride + i]);
+      EXPECT_TRUE(differences[i * W + l] == a[sample * stride + i] - b[sample * stride + i]);
+    }
+  }
+}
+
+template <int W>
+void test_scatter(int64_t n, int count) {
+  const std::vector<float> lanes = random_floats(static_cast<size_t>(n * W));
+  const float sentinel = 12345.f;
+  std::vector<float> rows(static_cast<size_t>(n * W), sentinel);
+  scatter_rows<W>(n, lanes.data(), count, rows.data());
+  for (int l = 0; l < W; ++l) {
+    for (int64_t i = 0; i < n; ++i) {
+      // Rows past count are not the kernel's to write: they belong to the next block.
+      EXPECT_TRUE(rows[l * n + i] == (l < count ? lanes[i * W + l] : sentinel));
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 36, 289}) {
+    for (int count : {1, 3, 7, 8, 9, 16}) {
+      test_gathers<16>(n, count, n);
+      test_gathers<16>(n, count, n + 3);
+      test_gathers<16>(n, count, 0);  // an operand shared by the batch
+      test_scatter<16>(n, count);
+      if (count <= 8) {
+        test_gathers<8>(n, count, n);
+        test_scatter<8>(n, count);
+      }
+    }
+  }
+  std::printf("lanes: %s (AVX2 transposes %s)\n", failures() == 0 ? "ok" : "FAILED",
+              cpu_has_avx2_fma() ? "on" : "off, plain loops checked");
+  return failures();
+}
