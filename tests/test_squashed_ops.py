@@ -398,6 +398,10 @@ def test_saturated_rsample_log_prob(backend, parameter):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("parameter", ["scale", "scale_tril"])
 def test_action_at_the_bounds_is_clamped(backend, dtype, parameter):
+    check_action_at_the_bounds(backend, dtype, parameter)
+
+
+def check_action_at_the_bounds(backend, dtype, parameter, device="cpu"):
     """An action at exactly ±1 without its pre-tanh value: a finite log-prob, the one at
     u = ±atanh(1 - ε) with ε the dtype's epsilon (the documented clamp)."""
     k = 3
@@ -410,7 +414,7 @@ def test_action_at_the_bounds_is_clamped(backend, dtype, parameter):
     else:
         scale, op, ref = torch.eye(k, dtype=dtype)[None], ops.squashed_tril_log_prob, reference.squashed_tril_log_prob
     with backends.use(backend):
-        got = op(action, loc, scale, False)
+        got = op(action.to(device), loc.to(device), scale.to(device), False).cpu()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), ref(u, loc.double(), scale.double(), True), rtol=1e-5, atol=1e-5)
 

@@ -22,6 +22,7 @@ from test_squashed_ops import (
     CASE_IDS,
     CASES,
     SATURATED,
+    check_action_at_the_bounds,
     check_case,
     opcheck_cases,
     outputs_and_grads,
@@ -217,6 +218,14 @@ def test_squashed_saturation(parameter):
             assert torch.isfinite(g).all()
             scale = 1 + e.abs().max()
             torch.testing.assert_close(g.double() / scale, e / scale, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("parameter", ["scale", "scale_tril"])
+def test_action_at_the_bounds_is_clamped(dtype, parameter):
+    """The clamp bound 1 - ε is in the action's dtype: a float32 constant would round float64's
+    1 - 2^-52 to 1, and atanh(±1) is infinite."""
+    check_action_at_the_bounds("triton", dtype, parameter, DEVICE)
 
 
 def test_tanh_log_abs_det_jacobian():

@@ -64,10 +64,18 @@ def _tanh_terms(u):
 
 
 @triton.jit
+def _clamp_bound(x, EPS: tl.constexpr):
+    """1 - EPS in x's dtype. Written as the constexpr -1.0 + EPS, the bound would be a float32
+    constant, which rounds float64's 1 - 2^-52 to 1: atanh(±1) = ±inf."""
+    return tl.full(x.shape, 1.0, x.dtype) - EPS
+
+
+@triton.jit
 def _pre_tanh(x, SQUASH: tl.constexpr, EPS: tl.constexpr):
     """u of a value x: x itself, or atanh of the action x clamped to [-1 + EPS, 1 - EPS]."""
     if SQUASH == FROM_ACTION:
-        c = tl.minimum(tl.maximum(x, -1.0 + EPS), 1.0 - EPS)
+        bound = _clamp_bound(x, EPS)
+        c = tl.minimum(tl.maximum(x, -bound), bound)
         return 0.5 * _log1p(2.0 * c / (1.0 - c))
     else:
         return x
@@ -77,7 +85,8 @@ def _pre_tanh(x, SQUASH: tl.constexpr, EPS: tl.constexpr):
 def _value_gradient(x, d_u, SQUASH: tl.constexpr, EPS: tl.constexpr):
     """d/dx from d/du: times 1 / (1 - x^2) inside the clamp, 0 where it clamps (actions)."""
     if SQUASH == FROM_ACTION:
-        inside = (x >= -1.0 + EPS) & (x <= 1.0 - EPS)
+        bound = _clamp_bound(x, EPS)
+        inside = (x >= -bound) & (x <= bound)
         return tl.where(inside, d_u / ((1.0 - x) * (1.0 + x)), 0.0)
     else:
         return d_u
