@@ -59,4 +59,24 @@ TORCH_LIBRARY(fusedgauss, m) {
       "squashed_tril_rsample_log_prob_backward(Tensor? grad_action, Tensor? grad_pre_tanh, "
       "Tensor? grad_log_prob, Tensor loc, Tensor scale_tril, Tensor eps, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
+
+  // A policy head's packed scale_tril: packed (*, k(k+1)/2), row by row as
+  // torch.tril_indices(k, k) lists the lower triangle, into L (*, k, k), with L_ii =
+  // diag_transform(x_ii) + min_diag ("softplus", "exp" or "none") and zeros above the diagonal.
+  m.def("packed_to_scale_tril(Tensor packed, str diag_transform, float min_diag) -> Tensor");
+  m.def("packed_to_scale_tril_backward(Tensor grad, Tensor packed, str diag_transform) -> Tensor");
+  // The log-probs of mvn_tril_log_prob and squashed_tril_log_prob with scale_tril given packed
+  // (as packed_to_scale_tril reads it): L is unpacked inside the kernel and never written out,
+  // and the gradient is the packed operand's.
+  m.def(
+      "mvn_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag) -> Tensor");
+  m.def(
+      "mvn_packed_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor packed, str diag_transform, "
+      "float min_diag, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "squashed_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag, "
+      "bool value_is_pre_tanh) -> Tensor");
+  m.def(
+      "squashed_packed_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor packed, str diag_transform, "
+      "float min_diag, bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -60,6 +60,10 @@ def info() -> None:
         limit_text = "any event size" if limit is None else f"event sizes up to {limit}, larger go to torch"
         if runs_on:
             print(f"    {name}: runs {' and '.join(runs_on)} tensors; {limit_text}")
+            missing = [op for op in ops.OPS if backends.missing_op_reason(name, op) is not None]
+            if missing:
+                print(f"      no kernel for {', '.join(missing)}: "
+                      + "a packed log-prob runs packed_to_scale_tril and the scale_tril op, any other op the next backend")
         else:
             print(f"    {name}: unavailable: {reasons['cpu'] if name != 'cuda' else reasons['cuda']}")
 
@@ -81,6 +85,7 @@ def check() -> int:
                 L = torch.linalg.cholesky(cov)
                 scale = torch.rand(64, k, dtype=torch.float64, device=device_type) + 0.5
                 action = torch.tanh(value)
+                packed = torch.randn(64, k * (k + 1) // 2, dtype=torch.float64, device=device_type)
                 cases = {
                     "mvn_tril_log_prob": (ops.mvn_tril_log_prob, reference.mvn_tril_log_prob, (value, loc, L)),
                     "mvn_cov_log_prob": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob, (value, loc, cov)),
@@ -95,6 +100,12 @@ def check() -> int:
                                               reference.squashed_diag_rsample_log_prob, (loc, scale, value)),
                     "squashed_tril_rsample": (ops.squashed_tril_rsample_log_prob,
                                               reference.squashed_tril_rsample_log_prob, (loc, L, value)),
+                    "packed_to_scale_tril": (ops.packed_to_scale_tril, reference.packed_to_scale_tril,
+                                             (packed, "softplus", 1e-3)),
+                    "mvn_packed_log_prob": (ops.mvn_packed_log_prob, reference.mvn_packed_log_prob,
+                                            (value, loc, packed, "softplus", 1e-3)),
+                    "squashed_packed_log_prob": (ops.squashed_packed_log_prob, reference.squashed_packed_log_prob,
+                                                 (action, loc, packed, "exp", 0.0, False)),
                 }
                 for op_name, (op, ref, args) in cases.items():
                     # float32 inputs (flags stay as they are); the last output of an rsample
@@ -108,7 +119,7 @@ def check() -> int:
                     got = got.double()
                     error = float(((got - expected).abs() / (1 + expected.abs())).max())
                     worst = max(worst, error)
-                    print(f"{device_type:5s} {name:7s} {op_name:22s} k={k:2d}  float32 error {error:.2e}")
+                    print(f"{device_type:5s} {name:7s} {op_name:24s} k={k:2d}  float32 error {error:.2e}")
     ok = worst < 1e-4
     print(f"largest error {worst:.2e}: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1

@@ -8,7 +8,7 @@ import torch
 import torch.distributions as td
 from torch.distributions.kl import register_kl
 
-from . import ops
+from . import ops, reference, validation
 from .transforms import StableTanhTransform
 
 __all__ = ["DiagNormal", "MultivariateNormal", "TanhMultivariateNormal", "TanhNormal"]
@@ -52,6 +52,16 @@ def _check_lower_cholesky(scale_tril: torch.Tensor) -> None:
             f"scale_tril must have a positive diagonal, but at batch index {index} its diagonal "
             f"is {diagonal[index].tolist()}"
         )
+
+
+def _parameters_batch_shape(loc: torch.Tensor, name: str, parameter_batch: torch.Size) -> torch.Size:
+    """The broadcast of loc's batch shape and a parameter's, or an error naming both."""
+    try:
+        return torch.broadcast_shapes(parameter_batch, loc.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch shapes of loc {tuple(loc.shape[:-1])} and {name} {tuple(parameter_batch)} do not broadcast"
+        ) from None
 
 
 def _with_batch_shape(log_prob: torch.Tensor, value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
@@ -114,13 +124,7 @@ class MultivariateNormal(td.MultivariateNormal):
                 f"{name} must have shape (*, {k}, {k}) to match loc's event size {k}, "
                 f"got {tuple(matrix.shape)}"
             )
-        try:
-            batch_shape = torch.broadcast_shapes(matrix.shape[:-2], loc.shape[:-1])
-        except RuntimeError:
-            raise ValueError(
-                f"the batch shapes of loc {tuple(loc.shape[:-1])} and {name} "
-                f"{tuple(matrix.shape[:-2])} do not broadcast"
-            ) from None
+        batch_shape = _parameters_batch_shape(loc, name, matrix.shape[:-2])
 
         self._parameterization = name
         self._unbroadcasted_loc = loc
@@ -137,12 +141,53 @@ class MultivariateNormal(td.MultivariateNormal):
         if name == "scale_tril":
             self._unbroadcasted_scale_tril = matrix
 
+    @classmethod
+    def from_packed(
+        cls,
+        loc: torch.Tensor,
+        packed: torch.Tensor,
+        diag_transform: str = "softplus",
+        min_diag: float = 0.0,
+        validate_args: bool | None = None,
+    ) -> "MultivariateNormal":
+        r"""A full-covariance policy's distribution straight from its network's outputs: loc
+        (*, k) and packed (*, k(k+1)/2), the lower triangle of scale_tril row by row as
+        ``torch.tril_indices(k, k)`` lists it, with ``Lᵢᵢ = diag_transform(xᵢᵢ) + min_diag``
+        (``"softplus"``, ``"exp"`` or ``"none"``; see :func:`fusedgauss.packed_to_scale_tril`).
+        It replaces a plain-PyTorch head's zeros, index assignment, softplus and tril.
+
+        :meth:`log_prob` reads the packed values directly (``mvn_packed_log_prob``: L is
+        unpacked inside the kernel and never written), and :meth:`entropy` reads only the
+        diagonal entries. L itself is built (by the fused ``packed_to_scale_tril``) only when
+        something needs it (``rsample``, ``scale_tril``, KL...), and then once."""
+        validation.packed_scale_tril("MultivariateNormal.from_packed", packed, diag_transform, min_diag)
+        k = loc.shape[-1] if loc.dim() >= 1 else None
+        if k is None or packed.shape[-1] != k * (k + 1) // 2:
+            raise ValueError(
+                f"from_packed: packed must hold k(k+1)/2 values for loc's event size k, got loc "
+                f"{tuple(loc.shape)} and packed {tuple(packed.shape)}"
+            )
+        batch_shape = _parameters_batch_shape(loc, "packed", packed.shape[:-1])
+        new = cls.__new__(cls)
+        new._parameterization = "packed"
+        new._unbroadcasted_loc = loc
+        new._unbroadcasted_matrix = packed
+        new._packed_transform = (diag_transform, float(min_diag))
+        new.loc = loc.expand(batch_shape + (k,))
+        td.Distribution.__init__(new, batch_shape, (k,), validate_args=False)
+        new._validate_args = td.Distribution._validate_args if validate_args is None else validate_args
+        if new._validate_args:
+            new._check_parameters()
+        return new
+
     def _check_parameters(self) -> None:
         loc_nan = torch.isnan(self._unbroadcasted_loc).any(-1)
         if bool(loc_nan.any()):
             raise ValueError(f"loc contains NaN at batch index {_first_index(loc_nan)}")
         if self._parameterization == "scale_tril":
             _check_lower_cholesky(self._unbroadcasted_matrix)
+        elif self._parameterization == "packed":
+            _check_lower_cholesky(self._unbroadcasted_scale_tril)
         else:
             _check_positive_definite(self._parameterization, self._unbroadcasted_matrix)
 
@@ -153,6 +198,8 @@ class MultivariateNormal(td.MultivariateNormal):
         if L is None:
             if self._parameterization == "covariance_matrix":
                 L = ops.cholesky(self._unbroadcasted_matrix)
+            elif self._parameterization == "packed":
+                L = ops.packed_to_scale_tril(self._unbroadcasted_matrix, *self._packed_transform)
             else:
                 L = _precision_to_scale_tril(self._unbroadcasted_matrix)
             self.__dict__["_cholesky_factor"] = L
@@ -169,6 +216,8 @@ class MultivariateNormal(td.MultivariateNormal):
         new._parameterization = self._parameterization
         new._unbroadcasted_loc = self._unbroadcasted_loc
         new._unbroadcasted_matrix = self._unbroadcasted_matrix
+        if self._parameterization == "packed":
+            new._packed_transform = self._packed_transform
         new.loc = self.loc.expand(batch_shape + self.event_shape)
         if "_cholesky_factor" in self.__dict__:
             new.__dict__["_cholesky_factor"] = self.__dict__["_cholesky_factor"]
@@ -184,9 +233,20 @@ class MultivariateNormal(td.MultivariateNormal):
             self._validate_sample(value)
         if self._parameterization == "covariance_matrix":
             log_prob = ops.mvn_cov_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix)
+        elif self._parameterization == "packed":
+            log_prob = ops.mvn_packed_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix,
+                                               *self._packed_transform)
         else:
             log_prob = ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril)
         return _with_batch_shape(log_prob, value, self.batch_shape)
+
+    def entropy(self) -> torch.Tensor:
+        if self._parameterization != "packed" or "_cholesky_factor" in self.__dict__:
+            return super().entropy()
+        # From the packed diagonal alone: ½k(1 + log 2π) + Σᵢ log Lᵢᵢ.
+        diagonal = reference.packed_diagonal(self._unbroadcasted_matrix, *self._packed_transform)
+        k = self.event_shape[0]
+        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + diagonal.log().sum(-1)).expand(self.batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
@@ -441,8 +501,23 @@ class TanhMultivariateNormal(_TanhSquashedGaussian):
                                   validate_args=validate_args)
         self._init_squash(base, low, high, validate_args)
 
+    @classmethod
+    def from_packed(cls, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str = "softplus",
+                    min_diag: float = 0.0, low=-1.0, high=1.0,
+                    validate_args: bool | None = None) -> "TanhMultivariateNormal":
+        r"""The squashed policy straight from its network's outputs, as
+        :meth:`MultivariateNormal.from_packed`: :meth:`log_prob` reads the packed values directly
+        (``squashed_packed_log_prob``), and L is built only for sampling."""
+        new = cls.__new__(cls)
+        base = MultivariateNormal.from_packed(loc, packed, diag_transform, min_diag, validate_args=validate_args)
+        new._init_squash(base, low, high, validate_args)
+        return new
+
     def _log_prob_op(self, value: torch.Tensor, value_is_pre_tanh: bool) -> torch.Tensor:
         base = self.base_dist
+        if base._parameterization == "packed":
+            return ops.squashed_packed_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_matrix,
+                                                *base._packed_transform, value_is_pre_tanh)
         return ops.squashed_tril_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_scale_tril,
                                           value_is_pre_tanh)
 

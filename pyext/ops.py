@@ -139,6 +139,53 @@ def squashed_tril_rsample_log_prob(
     return _implementation("squashed_tril_rsample_log_prob", loc)(loc, scale_tril, eps)
 
 
+def packed_to_scale_tril(
+    packed: torch.Tensor, diag_transform: str = "softplus", min_diag: float = 0.0
+) -> torch.Tensor:
+    r"""A policy head's scale_tril from its flat output: packed (*, k(k+1)/2), the lower
+    triangle row by row as ``torch.tril_indices(k, k)`` lists it, into L (*, k, k) with zeros
+    above the diagonal and ``Lᵢᵢ = diag_transform(xᵢᵢ) + min_diag``, where diag_transform is
+    ``"softplus"`` (log(1 + eˣ)), ``"exp"`` or ``"none"``. One pass each way, in place of the
+    zeros, index assignment, softplus and tril of a plain-PyTorch head.
+    """
+    validation.packed_scale_tril("packed_to_scale_tril", packed, diag_transform, min_diag)
+    return _implementation("packed_to_scale_tril", packed, event_size=1)(packed, diag_transform, float(min_diag))
+
+
+def _packed_log_prob(op: str, tril_op, value, loc, packed, diag_transform, min_diag, *flags):
+    """Packed op `op` where the backend that runs `tril_op` has a kernel for it (one pass, L
+    never written); elsewhere `tril_op` on packed_to_scale_tril(packed), both fused ops of
+    that backend."""
+    value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
+    backend = backends.select(value.device.type, value.shape[-1], tril_op.__name__)
+    if backends.missing_op_reason(backend, op) is None:
+        return _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
+    return tril_op(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag), *flags)
+
+
+def mvn_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str = "softplus",
+    min_diag: float = 0.0,
+) -> torch.Tensor:
+    r""":func:`mvn_tril_log_prob` with ``scale_tril = packed_to_scale_tril(packed, diag_transform,
+    min_diag)``, reading the k(k+1)/2 packed values per sample directly: L is unpacked inside the
+    kernel, never written to memory, and the gradient comes back to ``packed``. A packed
+    operand shared by the batch (a state-independent factor) has its gradient reduced in the
+    kernel."""
+    return _packed_log_prob("mvn_packed_log_prob", mvn_tril_log_prob, value, loc, packed, diag_transform, min_diag)
+
+
+def squashed_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
+    value_is_pre_tanh: bool,
+) -> torch.Tensor:
+    r""":func:`squashed_tril_log_prob` with the scale_tril packed, as :func:`mvn_packed_log_prob`."""
+    return _packed_log_prob(
+        "squashed_packed_log_prob", squashed_tril_log_prob, value, loc, packed, diag_transform, min_diag,
+        bool(value_is_pre_tanh),
+    )
+
+
 # --- registration of the compiled ops: fake implementations and autograd --------------------
 
 
@@ -167,6 +214,11 @@ def _fake_rsample(parameter_dims: int):
         return loc.new_empty(rows), loc.new_empty(rows), loc.new_empty(batch)
 
     return fake
+
+
+def _fake_packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    k = reference.event_size_of_packed(packed.shape[-1])
+    return packed.new_empty(packed.shape[:-1] + (k, k))
 
 
 def _save_inputs(ctx, inputs, output) -> None:
@@ -228,6 +280,33 @@ def _rsample_autograd(backward_op):
     return backward
 
 
+def _packed_to_scale_tril_autograd(backward_op):
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return backward_op(grad, packed, ctx.diag_transform), None, None
+
+    return backward
+
+
+def _save_packed(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.diag_transform = inputs[1]
+
+
+def _packed_log_prob_autograd(backward_op):
+    def backward(ctx, grad):
+        mask = list(ctx.needs_input_grad[:3])
+        grads = backward_op(grad, *ctx.saved_tensors, *ctx.flags, mask)
+        return (*(g if wanted else None for g, wanted in zip(grads, mask)), *(None for _ in ctx.flags))
+
+    return backward
+
+
+def _save_packed_log_prob_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:3])
+    ctx.flags = inputs[3:]  # diag_transform, min_diag (and value_is_pre_tanh)
+
+
 def _tanh_log_abs_det_jacobian_autograd(backward_op):
     def backward(ctx, grad):
         (u,) = ctx.saved_tensors
@@ -240,7 +319,11 @@ def _tanh_log_abs_det_jacobian_autograd(backward_op):
 _LOG_PROB_OPS = ("mvn_tril_log_prob", "mvn_cov_log_prob", "diag_normal_log_prob")
 _SQUASHED_LOG_PROB_OPS = ("squashed_diag_log_prob", "squashed_tril_log_prob")
 _RSAMPLE_OPS = ("squashed_diag_rsample_log_prob", "squashed_tril_rsample_log_prob")
-OPS = (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, "tanh_log_abs_det_jacobian", "cholesky")
+_PACKED_LOG_PROB_OPS = ("mvn_packed_log_prob", "squashed_packed_log_prob")
+OPS = (
+    *_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, *_PACKED_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
+    "cholesky", "packed_to_scale_tril",
+)
 
 
 def register_autograd(namespace: str) -> None:
@@ -252,8 +335,10 @@ def register_autograd(namespace: str) -> None:
         **{name: (_mvn_log_prob_autograd, _save_inputs) for name in _LOG_PROB_OPS},
         **{name: (_squashed_log_prob_autograd, _save_squashed_inputs) for name in _SQUASHED_LOG_PROB_OPS},
         **{name: (_rsample_autograd, _save_inputs) for name in _RSAMPLE_OPS},
+        **{name: (_packed_log_prob_autograd, _save_packed_log_prob_inputs) for name in _PACKED_LOG_PROB_OPS},
         "tanh_log_abs_det_jacobian": (_tanh_log_abs_det_jacobian_autograd, _save_inputs),
         "cholesky": (_cholesky_autograd, _save_output),
+        "packed_to_scale_tril": (_packed_to_scale_tril_autograd, _save_packed),
     }
     for name in names:
         formula, setup_context = formulas[name]
@@ -275,12 +360,14 @@ _PARAMETER_DIMS = {
     "squashed_tril_log_prob": 2,
     "squashed_diag_rsample_log_prob": 1,
     "squashed_tril_rsample_log_prob": 2,
+    "mvn_packed_log_prob": 1,
+    "squashed_packed_log_prob": 1,
 }
 
 
 def _register_compiled() -> None:
     lib = "fusedgauss::"
-    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS):
+    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_PACKED_LOG_PROB_OPS):
         torch.library.register_fake(lib + name, _fake_log_prob(_PARAMETER_DIMS[name]))
         torch.library.register_fake(
             lib + name + "_backward", lambda grad, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1])
@@ -292,6 +379,8 @@ def _register_compiled() -> None:
     torch.library.register_fake(lib + "tanh_log_abs_det_jacobian_backward", lambda grad, u: torch.empty_like(u))
     torch.library.register_fake(lib + "cholesky", lambda A: torch.empty_like(A))
     torch.library.register_fake(lib + "cholesky_backward", lambda grad, L: torch.empty_like(L))
+    torch.library.register_fake(lib + "packed_to_scale_tril", _fake_packed_to_scale_tril)
+    torch.library.register_fake(lib + "packed_to_scale_tril_backward", lambda grad, packed, transform: torch.empty_like(packed))
     register_autograd("fusedgauss")
 
 

@@ -146,3 +146,65 @@ def squashed_tril_rsample_log_prob(
     half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
     gaussian = -0.5 * eps.pow(2).sum(-1) - half_log_det - 0.5 * k * LOG_2PI
     return _squashed_sample(u, gaussian.expand(u.shape[:-1]), out_dtype)
+
+
+# --- packed scale_tril of a policy head ------------------------------------------------------
+
+#: The transforms of a packed diagonal entry x into L_ii (before min_diag is added).
+DIAG_TRANSFORMS = ("softplus", "exp", "none")
+
+
+def event_size_of_packed(n: int) -> int | None:
+    """k with k(k+1)/2 = n, or None when there is none."""
+    k = (math.isqrt(8 * n + 1) - 1) // 2
+    return k if n > 0 and k * (k + 1) // 2 == n else None
+
+
+def _diag_transform(x: torch.Tensor, diag_transform: str) -> torch.Tensor:
+    if diag_transform == "softplus":
+        return torch.logaddexp(x, torch.zeros_like(x))  # log(1 + e^x), stable on both sides
+    if diag_transform == "exp":
+        return torch.exp(x)
+    return x
+
+
+def _diagonal_positions(k: int, device) -> torch.Tensor:
+    """The packed positions i(i+1)/2 + i of the diagonal entries (i, i)."""
+    i = torch.arange(k, device=device)
+    return i * (i + 1) // 2 + i
+
+
+def packed_diagonal(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    """The diagonal (*, k) of packed_to_scale_tril(packed, ...), from the k diagonal entries alone."""
+    x = packed.to(_compute_dtype(packed.dtype))
+    positions = _diagonal_positions(event_size_of_packed(x.shape[-1]), x.device)
+    return (_diag_transform(x.index_select(-1, positions), diag_transform) + min_diag).to(packed.dtype)
+
+
+def packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    """L (*, k, k) from packed (*, k(k+1)/2), row by row as ``torch.tril_indices(k, k)`` lists
+    the lower triangle, with L_ii = diag_transform(x_ii) + min_diag."""
+    x = packed.to(_compute_dtype(packed.dtype))
+    k = event_size_of_packed(x.shape[-1])
+    rows, cols = torch.tril_indices(k, k, device=x.device)
+    # Only the diagonal entries go through the transform: exp of a large off-diagonal entry
+    # would be inf, and its zero gradient through a torch.where NaN.
+    values = x.index_copy(-1, _diagonal_positions(k, x.device), packed_diagonal(x, diag_transform, min_diag))
+    L = x.new_zeros(x.shape[:-1] + (k * k,)).index_copy(-1, rows * k + cols, values)
+    return L.view(x.shape[:-1] + (k, k)).to(packed.dtype)
+
+
+def mvn_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
+) -> torch.Tensor:
+    """mvn_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)."""
+    return mvn_tril_log_prob(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag))
+
+
+def squashed_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
+    value_is_pre_tanh: bool,
+) -> torch.Tensor:
+    """squashed_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)."""
+    scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)
+    return squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)

@@ -28,6 +28,7 @@ from torch.library import triton_op, wrap_triton
 from . import backends, reference
 from .triton_kernels import cholesky as cholesky_kernels
 from .triton_kernels import mvn as mvn_kernels
+from .triton_kernels import packed as packed_kernels
 from .triton_kernels import squashed as squashed_kernels
 
 NAMESPACE = "fusedgauss_triton"
@@ -458,6 +459,36 @@ def _tanh_log_abs_det_jacobian_backward(grad: torch.Tensor, u: torch.Tensor) -> 
     return _elementwise(squashed_kernels._tanh_log_abs_det_jacobian_backward_kernel, u, grad, u)
 
 
+#: DIAG of the packed kernels, by diag_transform.
+_DIAG_TRANSFORMS = {"none": 0, "softplus": 1, "exp": 2}
+
+
+def _packed_launch(kernel, out: torch.Tensor, *tensors: torch.Tensor, k: int, diag_transform: str, **scalars) -> torch.Tensor:
+    entries = out.numel()
+    if entries > 0:
+        block = 1024
+        acc = tl.float64 if out.dtype == torch.float64 else tl.float32
+        _launchable(kernel)[(triton.cdiv(entries, block),)](
+            *(t.contiguous() for t in tensors), out, entries, *scalars.values(),
+            K=k, DIAG=_DIAG_TRANSFORMS[diag_transform], BLOCK=block, ACC=acc,
+        )
+    return out
+
+
+def _packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    k = reference.event_size_of_packed(packed.shape[-1])
+    out = packed.new_empty(packed.shape[:-1] + (k, k))
+    return _packed_launch(packed_kernels._packed_to_scale_tril_forward_kernel, out, packed, k=k,
+                          diag_transform=diag_transform, min_diag=min_diag)
+
+
+def _packed_to_scale_tril_backward(grad: torch.Tensor, packed: torch.Tensor, diag_transform: str) -> torch.Tensor:
+    k = reference.event_size_of_packed(packed.shape[-1])
+    out = torch.empty_like(packed, memory_format=torch.contiguous_format)
+    return _packed_launch(packed_kernels._packed_to_scale_tril_backward_kernel, out, grad, packed, k=k,
+                          diag_transform=diag_transform)
+
+
 def _cpu_kernel(name: str, launcher):
     """The CPU implementation of triton op `name`: the kernels through the interpreter, or the
     compiled CPU op."""
@@ -494,6 +525,8 @@ LAUNCHERS = {
     "squashed_tril_rsample_log_prob_backward": _squashed_tril_rsample_log_prob_backward,
     "tanh_log_abs_det_jacobian": _tanh_log_abs_det_jacobian,
     "tanh_log_abs_det_jacobian_backward": _tanh_log_abs_det_jacobian_backward,
+    "packed_to_scale_tril": _packed_to_scale_tril,
+    "packed_to_scale_tril_backward": _packed_to_scale_tril_backward,
 }
 
 

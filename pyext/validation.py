@@ -94,15 +94,20 @@ def square_matrices(op: str, name: str, matrix: torch.Tensor) -> torch.Tensor:
     return matrix
 
 
-def rows_operands(op: str, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Checks tensors of shape (*, k) each (value, loc, scale; or loc, scale, eps) and promotes
-    them to one dtype."""
+def _check_vectors(op: str, named: dict[str, torch.Tensor]) -> None:
+    """Floating-point tensors on one device, each with an event dimension."""
     for name, t in named.items():
         _check_tensor(op, name, t)
     _check_one_device(op, named)
     for name, t in named.items():
         if t.dim() < 1:
             raise ValueError(f"{op}: {name} needs an event dimension, got shape {tuple(t.shape)}")
+
+
+def rows_operands(op: str, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Checks tensors of shape (*, k) each (value, loc, scale; or loc, scale, eps) and promotes
+    them to one dtype."""
+    _check_vectors(op, named)
     sizes = {name: t.shape[-1] for name, t in named.items()}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} has {k}" for name, k in sizes.items())
@@ -114,3 +119,40 @@ def rows_operands(op: str, named: dict[str, torch.Tensor]) -> tuple[torch.Tensor
 def single_operand(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
     _check_tensor(op, name, t)
     return t
+
+
+def packed_scale_tril(op: str, packed: torch.Tensor, diag_transform: str, min_diag: float) -> int:
+    """Checks a packed lower triangle (*, k(k+1)/2) and its diagonal transform; returns k."""
+    from .reference import DIAG_TRANSFORMS, event_size_of_packed
+
+    _check_tensor(op, "packed", packed)
+    if packed.dim() < 1:
+        raise ValueError(f"{op}: packed needs an event dimension, got shape {tuple(packed.shape)}")
+    k = event_size_of_packed(packed.shape[-1])
+    if k is None:
+        raise ValueError(
+            f"{op}: the last dimension of packed must hold k(k+1)/2 values for some k >= 1 "
+            f"(1, 3, 6, 10, ...), got {packed.shape[-1]}"
+        )
+    if diag_transform not in DIAG_TRANSFORMS:
+        raise ValueError(f"{op}: diag_transform must be one of {', '.join(DIAG_TRANSFORMS)}, got {diag_transform!r}")
+    if not (isinstance(min_diag, (int, float)) and min_diag >= 0 and min_diag != float("inf")):
+        raise ValueError(f"{op}: min_diag must be a finite number >= 0, got {min_diag!r}")
+    return k
+
+
+def packed_mvn_operands(
+    op: str, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Checks value (*, k), loc (*, k) and a packed scale_tril (*, k(k+1)/2), and promotes them
+    to one dtype."""
+    named = {"value": value, "loc": loc, "packed": packed}
+    _check_vectors(op, named)
+    k = packed_scale_tril(op, packed, diag_transform, min_diag)
+    if value.shape[-1] != k or loc.shape[-1] != k:
+        raise ValueError(
+            f"{op}: event sizes differ: value has {value.shape[-1]}, loc has {loc.shape[-1]}, packed holds "
+            f"the scale_tril of event size {k} ({packed.shape[-1]} values)"
+        )
+    broadcast_batch_shape(op, {name: t.shape[:-1] for name, t in named.items()})
+    return _promote(value, loc, packed)

@@ -25,7 +25,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedgauss.triton_kernels import cholesky, mvn, squashed  # noqa: E402
+from fusedgauss.triton_kernels import cholesky, mvn, packed, squashed  # noqa: E402
 
 KERNELS = [
     mvn._mvn_tril_log_prob_forward_kernel,
@@ -44,6 +44,8 @@ KERNELS = [
     squashed._squashed_tril_rsample_log_prob_backward_kernel,
     squashed._tanh_log_abs_det_jacobian_forward_kernel,
     squashed._tanh_log_abs_det_jacobian_backward_kernel,
+    packed._packed_to_scale_tril_forward_kernel,
+    packed._packed_to_scale_tril_backward_kernel,
 ]
 POINTER_TYPES = {"float32": "*fp32", "float64": "*fp64"}
 
@@ -51,11 +53,11 @@ POINTER_TYPES = {"float32": "*fp32", "float64": "*fp64"}
 def constexprs(kernel, k: int, dtype: str) -> dict:
     """The launchers' constexprs (fusedgauss.triton_ops._tile, on a GPU), every switch on: a
     squashed kernel takes its value as an action (the longest path), clamped at float32's
-    epsilon."""
+    epsilon; a packed one takes the softplus diagonal (the longest)."""
     KP = triton.next_power_of_2(k)
     values = {"K": k, "KP": KP, "BLOCK": max(1, min(128, 4096 // (KP * KP))),
-              "ACC": tl.float64 if dtype == "float64" else tl.float32, "SQUASH": 2, "EPS": 2.0**-23}
-    if not any(p.name == "K" for p in kernel.params):  # elementwise
+              "ACC": tl.float64 if dtype == "float64" else tl.float32, "SQUASH": 2, "EPS": 2.0**-23, "DIAG": 1}
+    if not any(p.name == "KP" for p in kernel.params):  # elementwise
         values["BLOCK"] = 1024
     names = {p.name for p in kernel.params if p.is_constexpr}
     values = {name: value for name, value in values.items() if name in names}
@@ -71,6 +73,8 @@ def compile_kernel(kernel, k: int, dtype: str, arch: int) -> None:
             signature[p.name] = "constexpr"
         elif p.name == "partials_ptr":  # the partial sums are in the accumulation type
             signature[p.name] = "*fp64" if dtype == "float64" else "*fp32"
+        elif p.name == "min_diag":
+            signature[p.name] = "fp32"
         elif p.name.endswith("_ptr"):
             signature[p.name] = POINTER_TYPES[dtype]
         else:

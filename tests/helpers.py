@@ -42,3 +42,17 @@ def torch_mvn_log_prob(value, loc, *, scale_tril=None, covariance_matrix=None):
 def symmetrise(X):
     """X ↦ (X + Xᵀ)/2: lets gradcheck perturb a matrix argument that is read as symmetric."""
     return 0.5 * (X + X.mT)
+
+
+def plain_torch_scale_tril(packed, diag_transform="softplus", min_diag=0.0):
+    """The usual plain-PyTorch policy head: packed (*, k(k+1)/2) into a zero (*, k, k) by index
+    assignment, the diagonal through softplus (or exp) plus min_diag, tril. What
+    packed_to_scale_tril replaces, and its oracle."""
+    n = packed.shape[-1]
+    k = (math.isqrt(8 * n + 1) - 1) // 2
+    rows, cols = torch.tril_indices(k, k, device=packed.device)
+    L = packed.new_zeros(packed.shape[:-1] + (k, k))
+    L[..., rows, cols] = packed
+    transform = {"softplus": torch.nn.functional.softplus, "exp": torch.exp, "none": lambda x: x}[diag_transform]
+    diagonal = transform(L.diagonal(dim1=-2, dim2=-1)) + min_diag
+    return L.tril(-1) + torch.diag_embed(diagonal)

@@ -16,18 +16,25 @@ CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
 
 
 def policy_loss(loc, matrix, actions, advantages, parameterization):
-    dist = fusedgauss.MultivariateNormal(loc, validate_args=False, **{parameterization: matrix})
+    if parameterization == "packed":  # a policy head's flat output
+        dist = fusedgauss.MultivariateNormal.from_packed(loc, matrix, "softplus", 1e-3, validate_args=False)
+    else:
+        dist = fusedgauss.MultivariateNormal(loc, validate_args=False, **{parameterization: matrix})
     return -(dist.log_prob(actions) * advantages).mean() - 0.01 * dist.entropy().mean()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("parameterization", ["scale_tril", "covariance_matrix"])
+@pytest.mark.parametrize("parameterization", ["scale_tril", "covariance_matrix", "packed"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_compiled_loss_matches_eager(backend, parameterization, shared):
     torch._dynamo.reset()
     B, k = 32, 4
-    make = random_scale_tril if parameterization == "scale_tril" else random_spd
-    matrix = make(() if shared else (B,), k, dtype=torch.float32)
+    batch = () if shared else (B,)
+    if parameterization == "packed":
+        matrix = torch.randn(batch + (k * (k + 1) // 2,))
+    else:
+        make = random_scale_tril if parameterization == "scale_tril" else random_spd
+        matrix = make(batch, k, dtype=torch.float32)
     inputs = [torch.randn(B, k), matrix, torch.randn(B, k), torch.randn(B)]
     compiled = torch.compile(policy_loss, fullgraph=True, backend="aot_eager" if backend == "cpu" else "inductor")
 

@@ -6,7 +6,10 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <string>
+#include <vector>
 
+#include "../math/packed_math.h"
 #include "batching.h"
 
 namespace fusedgauss {
@@ -29,13 +32,17 @@ inline void check_square(const char* op, const char* name, const at::Tensor& t) 
               " must be a batch of square matrices (*, k, k), got shape ", t.sizes());
 }
 
-/// value (*, k), loc (*, k) and a (*, k, k) matrix, ready for a kernel.
+/// value (*, k), loc (*, k) and a (*, k, k) matrix, ready for a kernel; or, for the packed
+/// ops, the matrix operand is a packed scale_tril (*, k(k+1)/2) whose diagonal entries become
+/// diag_transform(x) + min_diag.
 struct MvnProblem {
   BatchLayout layout;
   int64_t k;
   BatchedOperand value;
   BatchedOperand loc;
   BatchedOperand matrix;
+  math::DiagTransform diag_transform = math::DiagTransform::kNone;
+  double min_diag = 0;
 };
 
 /// `value_name` names the vector operand beside loc in errors ("eps" for a sample).
@@ -80,6 +87,74 @@ inline RowsProblem prepare_rows_problem(const char* op, std::array<const char*, 
   return {layout, k,
           {batch_operand(*tensors[0], 1, layout), batch_operand(*tensors[1], 1, layout),
            batch_operand(*tensors[2], 1, layout)}};
+}
+
+/// The packed scale_tril of packed_to_scale_tril, ready for a kernel: `samples` rows of
+/// n = k(k+1)/2 contiguous values, and the shape of the (*, k, k) result.
+struct PackedProblem {
+  at::Tensor packed;  // (samples, n), contiguous
+  int64_t k;
+  int64_t samples;
+  math::DiagTransform transform;
+  std::vector<int64_t> scale_tril_sizes;
+};
+
+inline math::DiagTransform parse_diag_transform(const char* op, c10::string_view name) {
+  if (name == "softplus") return math::DiagTransform::kSoftplus;
+  if (name == "exp") return math::DiagTransform::kExp;
+  if (name == "none") return math::DiagTransform::kNone;
+  TORCH_CHECK(false, op, ": diag_transform must be \"softplus\", \"exp\" or \"none\", got \"",
+              std::string(name.data(), name.size()), "\"");
+}
+
+/// k with k(k+1)/2 = n, or an error naming n.
+inline int64_t event_size_of_packed(const char* op, int64_t n) {
+  const int64_t k = n > 0 ? math::packed_row(n) : 0;
+  TORCH_CHECK(n > 0 && math::packed_size(k) == n, op, ": the last dimension of packed must hold k(k+1)/2 values ",
+              "for some k >= 1 (1, 3, 6, 10, ...), got ", n);
+  return k;
+}
+
+/// With `grad` (a backward op), also checks that it is shaped like the scale_tril.
+inline PackedProblem prepare_packed_problem(const char* op, const at::Tensor& packed, c10::string_view diag_transform,
+                                            const at::Tensor* grad = nullptr) {
+  check_floating(op, "packed", packed);
+  TORCH_CHECK(packed.dim() >= 1, op, ": packed must have an event dimension, got shape ", packed.sizes());
+  const int64_t k = event_size_of_packed(op, packed.size(-1));
+  std::vector<int64_t> sizes(packed.sizes().begin(), packed.sizes().end() - 1);
+  sizes.push_back(k);
+  sizes.push_back(k);
+  if (grad != nullptr) {
+    check_same_dtype_and_device(op, "grad", *grad, packed);
+    TORCH_CHECK(grad->sizes() == at::IntArrayRef(sizes), op, ": grad has shape ", grad->sizes(),
+                " but the scale_tril of packed ", packed.sizes(), " has shape ", at::IntArrayRef(sizes));
+  }
+  const at::Tensor rows = packed.contiguous();
+  return {rows, k, packed.numel() / packed.size(-1), parse_diag_transform(op, diag_transform), sizes};
+}
+
+/// value (*, k), loc (*, k) and a packed scale_tril (*, k(k+1)/2), ready for a kernel.
+inline MvnProblem prepare_packed_mvn_problem(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                                             const at::Tensor& packed, c10::string_view diag_transform,
+                                             double min_diag) {
+  check_floating(op, "value", value);
+  check_same_dtype_and_device(op, "loc", loc, value);
+  check_same_dtype_and_device(op, "packed", packed, value);
+  TORCH_CHECK(value.dim() >= 1 && loc.dim() >= 1 && packed.dim() >= 1, op,
+              ": value, loc and packed must have an event dimension, got shapes ", value.sizes(), ", ", loc.sizes(),
+              " and ", packed.sizes());
+  const int64_t k = value.size(-1);
+  TORCH_CHECK(loc.size(-1) == k && packed.size(-1) == math::packed_size(k), op, ": event sizes differ: value has ", k,
+              ", loc has ", loc.size(-1), ", packed has ", packed.size(-1), " values (k(k+1)/2 = ",
+              math::packed_size(k), " for k = ", k, ")");
+  BatchLayout layout = broadcast_batch({{&value, 1}, {&loc, 1}, {&packed, 1}});
+  return {layout,
+          k,
+          batch_operand(value, 1, layout),
+          batch_operand(loc, 1, layout),
+          batch_operand(packed, 1, layout),
+          parse_diag_transform(op, diag_transform),
+          min_diag};
 }
 
 }  // namespace fusedgauss

@@ -13,20 +13,25 @@
 
 namespace fusedgauss {
 
-/// Which matrix parameterises the Gaussian: the Cholesky factor itself, or the covariance
-/// (factorised inside the kernel, never written out).
-enum class Param { kScaleTril, kCovariance };
+/// Which matrix parameterises the Gaussian: the Cholesky factor itself, the covariance
+/// (factorised inside the kernel, never written out), or the Cholesky factor packed as a
+/// policy head outputs it (unpacked inside the kernel, its diagonal through a transform).
+enum class Param { kScaleTril, kCovariance, kPacked };
 
 constexpr const char* matrix_name(Param param) {
-  return param == Param::kScaleTril ? "scale_tril" : "covariance";
+  return param == Param::kScaleTril ? "scale_tril" : param == Param::kCovariance ? "covariance" : "packed";
 }
 
 constexpr const char* forward_op_name(Param param) {
-  return param == Param::kScaleTril ? "mvn_tril_log_prob" : "mvn_cov_log_prob";
+  return param == Param::kScaleTril ? "mvn_tril_log_prob"
+         : param == Param::kCovariance ? "mvn_cov_log_prob"
+                                       : "mvn_packed_log_prob";
 }
 
 constexpr const char* backward_op_name(Param param) {
-  return param == Param::kScaleTril ? "mvn_tril_log_prob_backward" : "mvn_cov_log_prob_backward";
+  return param == Param::kScaleTril ? "mvn_tril_log_prob_backward"
+         : param == Param::kCovariance ? "mvn_cov_log_prob_backward"
+                                       : "mvn_packed_log_prob_backward";
 }
 
 /// A log-prob kernel's value operand: the values themselves (value - loc), or, squashed, the
@@ -120,6 +125,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward_o
                          [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
                            return run(p, grad, mask, squash);
                          });
+}
+
+/// mvn_packed_log_prob and squashed_packed_log_prob (`squash` says which): a device's
+/// `run(problem, out, squash)` of its packed log-prob kernel.
+template <typename Run>
+at::Tensor packed_log_prob_op(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                              const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                              ValueSquash squash, const Run& run) {
+  const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+  run(p, out, squash);
+  return out;
+}
+
+/// The backward op of a packed_log_prob_op: `run(problem, grad, mask, squash)`.
+template <typename Run>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_log_prob_backward_op(
+    const char* op, const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+    c10::string_view diag_transform, double min_diag, ValueSquash squash, std::array<bool, 3> mask, const Run& run) {
+  const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+  const std::array<at::Tensor, 3> grads = run(p, batch_gradient(op, grad, value, p.layout), mask, squash);
+  return gradients_for_inputs(grads, {&value, &loc, &packed}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
 }
 
 /// A log-prob over three (*, k) operands (value, loc, scale): `run(problem, out)` fills `out`.

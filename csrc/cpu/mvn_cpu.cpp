@@ -3,10 +3,11 @@
 //   mvn_cov_log_prob(value, loc, covariance)    and its backward
 //   squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)   and its backward
 //   squashed_tril_rsample_log_prob(loc, scale_tril, eps)               and its backward
-// One templated forward and one templated backward serve the three log-probs: they differ in
-// where the Cholesky factor comes from (the operand itself, or a factorisation in scratch that
-// is never written out), in the formula of the matrix gradient, and, squashed, in mapping the
-// value to its pre-tanh value first. Samples are computed in blocks of W lanes, lane-minor
+//   mvn_packed_log_prob, squashed_packed_log_prob (value, loc, packed scale_tril, ...) and theirs
+// One templated forward and one templated backward serve the log-probs: they differ in where
+// the Cholesky factor comes from (the operand itself, a factorisation in scratch that is never
+// written out, or the unpacking of a policy head's packed output), in the formula of the
+// matrix gradient, and, squashed, in mapping the value to its pre-tanh value first. Samples are computed in blocks of W lanes, lane-minor
 // (csrc/math), so the arithmetic vectorises across samples.
 
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@
 
 #include "../common/op_wrappers.h"
 #include "../math/gaussian_math.h"
+#include "../math/packed_math.h"
 #include "../math/squash_math.h"
 #include "chunked.h"
 #include "gradient_sink.h"
@@ -42,18 +44,23 @@ int64_t work_per_sample(const MvnProblem& p) {
 
 /// The Cholesky factors of a block of samples, lane-minor. A shared matrix is factorised
 /// (covariance) and broadcast to every lane once; a per-sample one is gathered (and, for a
-/// covariance, factorised) block by block into this object's scratch.
+/// covariance, factorised; packed, unpacked) block by block into this object's scratch.
 template <Param kParam, int kK, int W, typename scalar_t>
 class BlockFactors {
  public:
   using acc_t = at::opmath_type<scalar_t>;
+  static constexpr bool kPacked = kParam == Param::kPacked;
 
   BlockFactors(const MvnProblem& p, bool need_log_det)
       : k_(p.k),
         matrix_(p.matrix.data.const_data_ptr<scalar_t>()),
         stride_(p.matrix.batch_stride),
         need_log_det_(need_log_det),
-        L_(static_cast<size_t>(p.k * p.k * W)) {
+        L_(static_cast<size_t>(p.k * p.k * W)),
+        packed_(static_cast<size_t>(kPacked ? math::packed_size(p.k) * W : 0)),
+        diag_derivative_(static_cast<size_t>(kPacked ? p.k * W : 0)),
+        diag_transform_(p.diag_transform),
+        min_diag_(static_cast<acc_t>(p.min_diag)) {
     if (shared()) {
       load(0, 1);
     }
@@ -78,6 +85,8 @@ class BlockFactors {
     return L;
   }
   const acc_t* log_det() const { return log_det_; }
+  /// dL_ii/dx_ii of a packed factor, lane-minor k x W.
+  const acc_t* diag_derivative() const { return diag_derivative_.data(); }
   /// Whether lane l's covariance was positive-definite (always true for a scale_tril).
   bool ok(int l) const { return ok_[l]; }
 
@@ -86,7 +95,12 @@ class BlockFactors {
   int64_t k() const { return kK > 0 ? kK : k_; }
 
   C10_ALWAYS_INLINE void load(int64_t b0, int count) {
-    gather_matrices<W>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
+    if constexpr (kPacked) {
+      gather_rows<W>(math::packed_size(k()), matrix_ + b0 * stride_, stride_, count, packed_.data());
+      unpack();
+    } else {
+      gather_matrices<W>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
+    }
     if constexpr (kParam == Param::kCovariance) {
       math::cholesky_in_place<W>(k(), L_.data(), ok_);
     } else {
@@ -97,11 +111,35 @@ class BlockFactors {
     }
   }
 
+  /// L (its upper triangle stays zero) and dL_ii/dx_ii from the packed rows: row i's entries
+  /// below the diagonal are one contiguous run in both layouts.
+  C10_ALWAYS_INLINE void unpack() {
+    const acc_t* FUSEDGAUSS_RESTRICT x = packed_.data();
+    acc_t* FUSEDGAUSS_RESTRICT L = L_.data();
+    acc_t* FUSEDGAUSS_RESTRICT derivative = diag_derivative_.data();
+    const acc_t min_diag = min_diag_;
+    math::with_diag_transform(diag_transform_, [&](auto transform) FUSEDGAUSS_INLINE_BODY {
+      for (int64_t i = 0; i < k(); ++i) {
+        const acc_t* row = x + math::packed_index(i, 0) * W;
+        for (int64_t e = 0; e < i * W; ++e) L[i * k() * W + e] = row[e];
+        for (int l = 0; l < W; ++l) {
+          const math::DiagEntry<acc_t> d = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag);
+          L[(i * k() + i) * W + l] = d.value;
+          derivative[i * W + l] = d.derivative;
+        }
+      }
+    });
+  }
+
   int64_t k_;
   const scalar_t* matrix_;
   int64_t stride_;
   bool need_log_det_;
   std::vector<acc_t> L_;
+  std::vector<acc_t> packed_;
+  std::vector<acc_t> diag_derivative_;
+  math::DiagTransform diag_transform_;
+  acc_t min_diag_;
   acc_t log_det_[W] = {};
   bool ok_[W] = {};
 };
@@ -144,6 +182,19 @@ void finish_shared_scale_tril_gradient(int64_t k, const acc_t* L, acc_t c_sum, a
   for (int64_t i = 0; i < k; ++i) {
     m[i * k + i] -= c_sum / L[i * k + i];
     for (int64_t j = i + 1; j < k; ++j) m[i * k + j] = 0;
+  }
+}
+
+/// A packed factor's gradient from its scale_tril gradient `grad` (lane-minor k x k): the lower
+/// triangle row by row, the diagonal entries times dL_ii/dx_ii.
+template <int W, typename acc_t>
+C10_ALWAYS_INLINE void pack_scale_tril_gradient(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT grad,
+                                                const acc_t* FUSEDGAUSS_RESTRICT diag_derivative,
+                                                acc_t* FUSEDGAUSS_RESTRICT out) {
+  for (int64_t i = 0; i < k; ++i) {
+    acc_t* row = out + math::packed_index(i, 0) * W;
+    for (int64_t e = 0; e < i * W; ++e) row[e] = grad[i * k * W + e];
+    for (int l = 0; l < W; ++l) row[i * W + l] = grad[(i * k + i) * W + l] * diag_derivative[i * W + l];
   }
 }
 
@@ -243,15 +294,22 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
                                                    std::array<bool, 3> mask, ValueSquash squash = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kCovariance = kParam == Param::kCovariance;
+  constexpr bool kPacked = kParam == Param::kPacked;
   const int64_t k = kK > 0 ? kK : p.k;
   const int64_t n = p.layout.batch_numel;
+  // Entries of the matrix operand's gradient, and where entry (i, j <= i) of a reduced one
+  // accumulates: k x k row-major, or packed.
+  const int64_t matrix_entries = kPacked ? math::packed_size(k) : k * k;
+  const auto slot = [k](int64_t i, int64_t j) { return kPacked ? math::packed_index(i, j) : i * k + j; };
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
   const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
-  GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, {k, k}, chunks, n, /*extra_slots=*/1);
+  GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, kPacked ? std::vector<int64_t>{matrix_entries}
+                                                                  : std::vector<int64_t>{k, k},
+                                     chunks, n, /*extra_slots=*/1);
   // The covariance gradient needs Sigma^{-1} per sample, unless the matrix is shared and its
   // gradient reduced (then Sigma^{-1} enters once, at the end).
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
@@ -264,10 +322,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? k * k : 0);
+    std::vector<acc_t> packed_grad = block(kPacked && matrix_sink.requested && !matrix_sink.reduces ? matrix_entries : 0);
     // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
     std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
-    std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
+    std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? matrix_entries + 1 : 0);
     scalar_t* value_out = value_sink.rows();
     scalar_t* loc_out = loc_sink.rows();
     scalar_t* matrix_out = matrix_sink.rows();
@@ -317,10 +376,10 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         acc_t* FUSEDGAUSS_RESTRICT acc = matrix_acc.data();
         for (int64_t i = 0; i < k; ++i) {
           for (int64_t j = 0; j <= i; ++j) {
-            for (int l = 0; l < W; ++l) acc[(i * k + j) * W + l] += gw_block[i * W + l] * v[j * W + l];
+            for (int l = 0; l < W; ++l) acc[slot(i, j) * W + l] += gw_block[i * W + l] * v[j * W + l];
           }
         }
-        for (int l = 0; l < W; ++l) acc[k * k * W + l] += g[l];
+        for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
       } else if (matrix_out != nullptr) {
         if constexpr (!kCovariance) {
           // d/dL = tril(g w z^T) - g diag(1/L_ii)
@@ -340,12 +399,19 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             }
           }
         }
-        scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_out + b0 * k * k);
+        if constexpr (kPacked) {
+          pack_scale_tril_gradient<W>(k, matrix_grad.data(), factors.diag_derivative(), packed_grad.data());
+          scatter_rows<W>(matrix_entries, packed_grad.data(), count, matrix_out + b0 * matrix_entries);
+        } else {
+          scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_out + b0 * k * k);
+        }
       }
     }
     if (value_sink.reduces) add_lane_sums<W>(k, value_acc.data(), value_sink.partials.chunk(chunk));
     if (loc_sink.reduces) add_lane_sums<W>(k, loc_acc.data(), loc_sink.partials.chunk(chunk));
-    if (matrix_sink.reduces) add_lane_sums<W>(k * k + 1, matrix_acc.data(), matrix_sink.partials.chunk(chunk));
+    if (matrix_sink.reduces) {
+      add_lane_sums<W>(matrix_entries + 1, matrix_acc.data(), matrix_sink.partials.chunk(chunk));
+    }
   });
 
   const auto options = p.value.data.options();
@@ -359,7 +425,13 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     const acc_t grad_sum = extra[0];
     acc_t* m = acc.template data_ptr<acc_t>();
     const std::vector<acc_t> L = shared_factors.first_lane();
-    if constexpr (!kCovariance) {
+    if constexpr (kPacked) {
+      // As finish_shared_scale_tril_gradient, in packed order, then through the transform.
+      for (int64_t i = 0; i < k; ++i) {
+        acc_t& d = m[math::packed_index(i, i)];
+        d = (d - grad_sum / L[i * k + i]) * shared_factors.diag_derivative()[i * W];
+      }
+    } else if constexpr (!kCovariance) {
       finish_shared_scale_tril_gradient(k, L.data(), grad_sum, m);
     } else {
       std::vector<acc_t> L_inv(static_cast<size_t>(k * k)), sigma_inv(static_cast<size_t>(k * k));
@@ -372,7 +444,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         }
       }
     }
-    grads[2] = acc.view({k, k}).to(options.dtype());
+    grads[2] = (kPacked ? acc : acc.view({k, k})).to(options.dtype());
   }
   return grads;
 }
@@ -569,7 +641,7 @@ void with_block_shape(const MvnProblem& p, const F& fn) {
       default: break;
     }
   }
-  const bool streaming = kParam == Param::kScaleTril && !p.matrix.shared() && p.k > 16;
+  const bool streaming = kParam != Param::kCovariance && !p.matrix.shared() && p.k > 16;
   if (streaming) {
     return fn(std::integral_constant<int, 0>{}, std::integral_constant<int, kStreamingLanes>{});
   }
@@ -630,6 +702,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward(
                                             run_log_prob_backward<Param::kScaleTril>);
 }
 
+at::Tensor mvn_packed_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                               c10::string_view diag_transform, double min_diag) {
+  return packed_log_prob_op("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag, ValueSquash{},
+                            run_log_prob_forward<Param::kPacked>);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_packed_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+    c10::string_view diag_transform, double min_diag, std::array<bool, 3> mask) {
+  return packed_log_prob_backward_op("mvn_packed_log_prob_backward", grad, value, loc, packed, diag_transform,
+                                     min_diag, ValueSquash{}, mask, run_log_prob_backward<Param::kPacked>);
+}
+
+at::Tensor squashed_packed_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh) {
+  return packed_log_prob_op("squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag,
+                            ValueSquash{true, !value_is_pre_tanh}, run_log_prob_forward<Param::kPacked>);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_packed_log_prob_backward(
+    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh, std::array<bool, 3> mask) {
+  return packed_log_prob_backward_op("squashed_packed_log_prob_backward", grad, value, loc, packed, diag_transform,
+                                     min_diag, ValueSquash{true, !value_is_pre_tanh}, mask,
+                                     run_log_prob_backward<Param::kPacked>);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob(const at::Tensor& loc,
                                                                               const at::Tensor& scale_tril,
                                                                               const at::Tensor& eps) {
@@ -670,6 +769,10 @@ TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
   m.impl("mvn_cov_log_prob_backward", &log_prob_backward<Param::kCovariance>);
   m.impl("squashed_tril_log_prob", &squashed_tril_log_prob);
   m.impl("squashed_tril_log_prob_backward", &squashed_tril_log_prob_backward);
+  m.impl("mvn_packed_log_prob", &mvn_packed_log_prob);
+  m.impl("mvn_packed_log_prob_backward", &mvn_packed_log_prob_backward);
+  m.impl("squashed_packed_log_prob", &squashed_packed_log_prob);
+  m.impl("squashed_packed_log_prob_backward", &squashed_packed_log_prob_backward);
   m.impl("squashed_tril_rsample_log_prob", &squashed_tril_rsample_log_prob);
   m.impl("squashed_tril_rsample_log_prob_backward", &squashed_tril_rsample_log_prob_backward);
 }

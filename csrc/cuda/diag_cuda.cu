@@ -45,10 +45,6 @@ struct RowsOperands {
   }
 };
 
-#define FUSEDGAUSS_GRID_STRIDE_LOOP(b, n)                                                       \
-  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < (n); \
-       b += static_cast<int64_t>(gridDim.x) * blockDim.x)
-
 template <Squash kSquash, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     diag_log_prob_kernel(const RowsOperands<scalar_t> a, scalar_t* __restrict__ out) {

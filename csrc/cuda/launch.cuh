@@ -32,6 +32,12 @@ inline int blocks_for(int64_t n, int threads) {
   return static_cast<int>(std::clamp<int64_t>((n + threads - 1) / threads, 1, kMaxBlocks));
 }
 
+/// `for (b = ...)` over [0, n) with a grid of any size: each thread takes every
+/// (blocks x threads)-th index.
+#define FUSEDGAUSS_GRID_STRIDE_LOOP(b, n)                                                       \
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < (n); \
+       b += static_cast<int64_t>(gridDim.x) * blockDim.x)
+
 /// Runs fn(K, kMaxK) with std::integral_constants: K = k, kMaxK = k for the small event sizes
 /// of float inputs, where a compile-time k unrolls a sample's math into registers; K = 0 (a
 /// runtime k) and kMaxK the smallest tier of 8, 16, 32, 64 that holds k otherwise.

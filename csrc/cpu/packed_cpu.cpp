@@ -1,0 +1,128 @@
+// CPU kernels of packed_to_scale_tril(packed, diag_transform, min_diag) and its backward: a
+// policy head's k(k+1)/2 outputs per sample into its k x k scale_tril, and back. A chunk of
+// the batch goes in blocks of samples: the off-diagonal entries are copied row by row, and
+// the diagonal ones (the only arithmetic: csrc/math/packed_math.h's transform) are gathered
+// into one contiguous run per block and transformed in a flat loop, so that the exp and log
+// of the transform vectorise across samples instead of running one latency chain at a time.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/checks.h"
+#include "../math/packed_math.h"
+#include "chunked.h"
+#include "simd.h"
+
+namespace fusedgauss {
+namespace cpu {
+namespace {
+
+using math::DiagTransform;
+
+/// Samples per block: a block's diagonal entries stay in L1.
+constexpr int64_t kBlockSamples = 256;
+
+/// out[e] = f(in[e]) over a block's diagonal entries, in the best SIMD with the transform fixed.
+template <typename acc_t, typename F>
+void transform_diagonal(DiagTransform transform, int64_t count, const acc_t* in, acc_t* out, const F& f) {
+  math::with_diag_transform(transform, [&](auto t) {
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+      const acc_t* FUSEDGAUSS_RESTRICT x = in;
+      acc_t* FUSEDGAUSS_RESTRICT y = out;
+      for (int64_t e = 0; e < count; ++e) y[e] = f(decltype(t)::value, x[e]);
+    });
+  });
+}
+
+at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_transform, double min_diag) {
+  const PackedProblem p = prepare_packed_problem("packed_to_scale_tril", packed, diag_transform);
+  at::Tensor out = at::empty(p.scale_tril_sizes, packed.options());
+  const int64_t k = p.k, n = math::packed_size(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), "packed_to_scale_tril", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
+    scalar_t* L = out.data_ptr<scalar_t>();
+    const acc_t shift = static_cast<acc_t>(min_diag);
+    const Chunks chunks(p.samples, grain_size(k * k));
+    chunks.run([&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), values(diagonal.size());
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+        const int64_t count = std::min(kBlockSamples, end - b0);
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          const scalar_t* x = in + b * n;
+          scalar_t* row = L + b * k * k;
+          for (int64_t i = 0; i < k; ++i, row += k) {
+            const scalar_t* xi = x + math::packed_index(i, 0);
+            std::copy(xi, xi + i, row);
+            std::fill(row + i, row + k, scalar_t(0));
+            diagonal[(b - b0) * k + i] = static_cast<acc_t>(xi[i]);
+          }
+        }
+        transform_diagonal(p.transform, count * k, diagonal.data(), values.data(),
+                           [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+                             return math::diag_entry(t, x, shift).value;
+                           });
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          for (int64_t i = 0; i < k; ++i) L[(b * k + i) * k + i] = static_cast<scalar_t>(values[(b - b0) * k + i]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+/// d/dpacked from the gradient of the scale_tril: its lower triangle, packed, with the
+/// diagonal entries times the transform's derivative. The upper triangle is constant zero.
+at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tensor& packed,
+                                         c10::string_view diag_transform) {
+  constexpr const char* op = "packed_to_scale_tril_backward";
+  const PackedProblem p = prepare_packed_problem(op, packed, diag_transform, &grad);
+  const at::Tensor upstream = grad.contiguous();
+  at::Tensor out = at::empty(packed.sizes(), packed.options());
+  const int64_t k = p.k, n = math::packed_size(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
+    const scalar_t* g = upstream.const_data_ptr<scalar_t>();
+    scalar_t* d_packed = out.data_ptr<scalar_t>();
+    const Chunks chunks(p.samples, grain_size(k * k));
+    chunks.run([&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), derivative(diagonal.size());
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+        const int64_t count = std::min(kBlockSamples, end - b0);
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          for (int64_t i = 0; i < k; ++i) diagonal[(b - b0) * k + i] = static_cast<acc_t>(in[b * n + math::packed_index(i, i)]);
+        }
+        transform_diagonal(p.transform, count * k, diagonal.data(), derivative.data(),
+                           [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+                             return math::diag_entry(t, x, acc_t(0)).derivative;
+                           });
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          const scalar_t* g_row = g + b * k * k;
+          scalar_t* d_row = d_packed + b * n;
+          for (int64_t i = 0; i < k; ++i, g_row += k) {
+            std::copy(g_row, g_row + i, d_row + math::packed_index(i, 0));
+            d_row[math::packed_index(i, i)] =
+                static_cast<scalar_t>(static_cast<acc_t>(g_row[i]) * derivative[(b - b0) * k + i]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
+  m.impl("packed_to_scale_tril", &packed_to_scale_tril);
+  m.impl("packed_to_scale_tril_backward", &packed_to_scale_tril_backward);
+}
+
+}  // namespace cpu
+}  // namespace fusedgauss

@@ -1,0 +1,376 @@
+"""packed_to_scale_tril, the fused policy head, on every backend that runs here: against the
+float64 reference and the plain-PyTorch head it replaces, gradients included; gradcheck,
+opcheck, half precision, non-contiguous, zero-size and saturated inputs, and its errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from helpers import plain_torch_scale_tril
+
+from fusedgauss import backends, ops, reference
+
+from conftest import requires_compiled_cpu
+
+ON_GPU = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+# (backend, device) pairs; each skips cleanly where it cannot run.
+BACKENDS = [
+    pytest.param("cpu", "cpu", marks=requires_compiled_cpu, id="cpu"),
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param(
+        "cuda", "cuda", id="cuda",
+        marks=pytest.mark.skipif(not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels"),
+    ),
+    pytest.param(
+        "triton", TRITON_DEVICE, id="triton",
+        marks=pytest.mark.skipif(
+            backends.unavailable_reason("triton", TRITON_DEVICE) is not None,
+            reason=f"the triton backend cannot run here: {backends.unavailable_reason('triton', TRITON_DEVICE)}",
+        ),
+    ),
+]
+EVENT_SIZES = [1, 2, 3, 6, 17, 32]
+BATCH_SHAPES = [(), (7,), (4, 3)]
+TRANSFORMS = ["softplus", "exp", "none"]
+
+
+def packed_size(k):
+    return k * (k + 1) // 2
+
+
+def random_packed(batch_shape, k, dtype=torch.float64):
+    return torch.randn(tuple(batch_shape) + (packed_size(k),), dtype=dtype)
+
+
+def value_and_grad(fn, packed, seed=1):
+    """fn(packed) and the gradient of a random weighting of it (the same weights for every fn)."""
+    x = packed.detach().requires_grad_()
+    out = fn(x)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (grad,) = torch.autograd.grad((out.double() * weights.to(out.device)).sum(), x)
+    return out.detach(), grad
+
+
+def on_backend(backend, diag_transform, min_diag):
+    def run(packed):
+        with backends.use(backend):
+            return ops.packed_to_scale_tril(packed, diag_transform, min_diag)
+
+    return run
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+class TestAgainstReference:
+    def test_values_and_gradients(self, backend, device, k, batch_shape, diag_transform, dtype):
+        packed = random_packed(batch_shape, k, dtype)
+        min_diag = 1e-3
+        expected, expected_grad = value_and_grad(
+            lambda x: plain_torch_scale_tril(x, diag_transform, min_diag), packed.double()
+        )
+        got, got_grad = value_and_grad(on_backend(backend, diag_transform, min_diag), packed.to(device))
+        assert got.shape == batch_shape + (k, k) and got.dtype == dtype
+        assert got_grad.shape == packed.shape and got_grad.dtype == dtype
+        tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+        torch.testing.assert_close(got.cpu().double(), expected, **tolerance)
+        torch.testing.assert_close(got_grad.cpu().double(), expected_grad, **tolerance)
+        assert (got.cpu().triu(1) == 0).all()
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+def test_gradcheck(backend, device, diag_transform):
+    packed = random_packed((3, 2), 4).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(on_backend(backend, diag_transform, 0.5), (packed,))
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_float32(backend, device, dtype):
+    packed = random_packed((50,), 6, dtype).to(device)
+    got, got_grad = value_and_grad(on_backend(backend, "softplus", 0.0), packed)
+    expected, expected_grad = value_and_grad(
+        lambda x: reference.packed_to_scale_tril(x.float(), "softplus", 0.0), packed
+    )
+    assert got.dtype == dtype and got_grad.dtype == dtype
+    torch.testing.assert_close(got.cpu(), expected.to(dtype).cpu())
+    torch.testing.assert_close(got_grad.cpu(), expected_grad.to(dtype).cpu())
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_non_contiguous_input(backend, device):
+    wide = random_packed((12,), 6).to(device)[:, ::1].repeat(1, 2)[:, ::2]  # every other column
+    assert not wide.is_contiguous()
+    got, got_grad = value_and_grad(on_backend(backend, "softplus", 0.1), wide)
+    expected, expected_grad = value_and_grad(lambda x: plain_torch_scale_tril(x, "softplus", 0.1), wide.cpu())
+    torch.testing.assert_close(got.cpu(), expected)
+    torch.testing.assert_close(got_grad.cpu(), expected_grad)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_zero_size_batch(backend, device):
+    packed = random_packed((0, 3), 4).to(device).requires_grad_()
+    L = on_backend(backend, "exp", 0.0)(packed)
+    assert L.shape == (0, 3, 4, 4)
+    L.sum().backward()
+    assert packed.grad.shape == packed.shape
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+def test_large_entries_stay_finite(backend, device, diag_transform):
+    """Entries of ±30 (float32): softplus and exp of the diagonal without overflow in the
+    forward or NaN in the gradient, and large off-diagonal entries untouched."""
+    packed = (30.0 * torch.randn(64, packed_size(5)).sign()).to(device)
+    got, got_grad = value_and_grad(on_backend(backend, diag_transform, 0.0), packed)
+    expected, expected_grad = value_and_grad(
+        lambda x: reference.packed_to_scale_tril(x, diag_transform, 0.0), packed.double().cpu()
+    )
+    assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad.cpu().double(), expected_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_upper_triangle_gradient_is_ignored(backend, device):
+    """The upper triangle of L is constant zero: a gradient there reaches nothing."""
+    packed = random_packed((5,), 4).to(device).requires_grad_()
+    upper = torch.ones(4, 4, dtype=torch.float64, device=device).triu(1)
+    (on_backend(backend, "none", 0.0)(packed) * upper).sum().backward()
+    assert (packed.grad == 0).all()
+
+
+@requires_compiled_cpu
+class TestOpcheck:
+    @staticmethod
+    def sample_inputs(device="cpu"):
+        for diag_transform in TRANSFORMS:
+            for shape in [(3,), (2, 3), ()]:
+                yield random_packed(shape, 3, torch.float32).to(device).requires_grad_(), diag_transform, 0.25
+
+    def test_forward(self):
+        for args in self.sample_inputs():
+            torch.library.opcheck(torch.ops.fusedgauss.packed_to_scale_tril.default, args)
+
+    def test_backward(self):
+        for packed, diag_transform, _ in self.sample_inputs():
+            grad = torch.randn(packed.shape[:-1] + (3, 3))
+            torch.library.opcheck(
+                torch.ops.fusedgauss.packed_to_scale_tril_backward.default, (grad, packed.detach(), diag_transform)
+            )
+
+
+@pytest.mark.skipif(not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")
+def test_triton_opcheck():
+    from fusedgauss import triton_ops  # noqa: F401
+
+    for args in TestOpcheck.sample_inputs("cuda"):
+        torch.library.opcheck(torch.ops.fusedgauss_triton.packed_to_scale_tril.default, args)
+
+
+@pytest.mark.skipif(not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")
+def test_cuda_opcheck():
+    for args in TestOpcheck.sample_inputs("cuda"):
+        torch.library.opcheck(torch.ops.fusedgauss.packed_to_scale_tril.default, args)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((torch.randn(4, 5),), ValueError, "k(k+1)/2 values for some k >= 1"),
+        ((torch.randn(4, 0),), ValueError, "k(k+1)/2 values for some k >= 1"),
+        ((torch.randn(()),), ValueError, "packed needs an event dimension"),
+        ((torch.ones(4, 6, dtype=torch.int64),), TypeError, "packed must be a floating-point tensor"),
+        ((torch.randn(4, 6), "relu"), ValueError, "diag_transform must be one of softplus, exp, none, got 'relu'"),
+        ((torch.randn(4, 6), "softplus", -1e-3), ValueError, "min_diag must be a finite number >= 0"),
+    ],
+)
+def test_errors(args, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        ops.packed_to_scale_tril(*args)
+
+
+@requires_compiled_cpu
+def test_compiled_op_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="diag_transform must be"):
+        torch.ops.fusedgauss.packed_to_scale_tril(torch.randn(2, 3), "relu", 0.0)
+    with pytest.raises(RuntimeError, match="got 5"):
+        torch.ops.fusedgauss.packed_to_scale_tril(torch.randn(2, 5), "exp", 0.0)
+
+
+# --- log-probs that read the packed factor directly ------------------------------------------
+
+# (value, loc, packed) batch shapes: per-sample, a packed factor shared by the batch (a
+# state-independent L), a shared loc, and a partial broadcast.
+LOG_PROB_LAYOUTS = {
+    "per_sample": ((7,), (7,), (7,)),
+    "shared_packed": ((4, 3), (4, 3), ()),
+    "shared_loc": ((5,), (), (5,)),
+    "partial": ((4, 1), (1, 3), (4, 3)),
+}
+LOG_PROB_OPS = {
+    "mvn": (lambda v, m, p, t, d: ops.mvn_packed_log_prob(v, m, p, t, d),
+            lambda v, m, p, t, d: reference.mvn_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d))),
+    "squashed_pre_tanh": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v, m, p, t, d, True),
+                          lambda v, m, p, t, d: reference.squashed_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d), True)),
+    "squashed_action": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v.tanh(), m, p, t, d, False),
+                        lambda v, m, p, t, d: reference.squashed_tril_log_prob(v.tanh(), m, plain_torch_scale_tril(p, t, d), False)),
+}
+
+
+def log_prob_inputs(layout, k, dtype=torch.float64):
+    value_shape, loc_shape, packed_shape = LOG_PROB_LAYOUTS[layout]
+    value = torch.randn(value_shape + (k,), dtype=torch.float64)
+    loc = 0.3 * torch.randn(loc_shape + (k,), dtype=torch.float64)
+    packed = 0.5 * torch.randn(packed_shape + (packed_size(k),), dtype=torch.float64)
+    return [t.to(dtype) for t in (value, loc, packed)]
+
+
+def log_prob_and_grads(fn, inputs, diag_transform, min_diag):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves, diag_transform, min_diag)
+    weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((out.double() * weights.to(out.device)).sum(), leaves)
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("op", LOG_PROB_OPS)
+@pytest.mark.parametrize("layout", LOG_PROB_LAYOUTS)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_packed_log_prob_against_reference(backend, device, op, layout, k, diag_transform, dtype):
+    """The packed log-probs, gradients to value, loc and packed included, against the scale_tril
+    op of the float64 reference on the plain-PyTorch head's L."""
+    if backend == "triton" and k > 6:
+        pytest.skip("the Triton backend composes packed_to_scale_tril and the scale_tril ops, "
+                    "whose larger sizes test_triton.py covers; the interpreter is slow")
+    fused, oracle = LOG_PROB_OPS[op]
+    inputs = log_prob_inputs(layout, k, dtype)
+    if diag_transform == "none":  # keep the diagonal positive
+        inputs[2] = inputs[2].clone()
+        inputs[2][..., [i * (i + 3) // 2 for i in range(k)]] = 0.5 + inputs[2][..., [i * (i + 3) // 2 for i in range(k)]].abs()
+    expected = log_prob_and_grads(oracle, [t.double() for t in inputs], diag_transform, 1e-3)
+    with backends.use(backend):
+        got = log_prob_and_grads(fused, [t.to(device) for t in inputs], diag_transform, 1e-3)
+    for g, e, like in zip(got, expected, [None, *inputs]):
+        assert g.dtype == dtype and g.shape == e.shape
+        if like is not None:
+            assert g.shape == like.shape
+        if dtype == torch.float64:
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-9, atol=1e-9)
+        else:
+            scale = 1 + e.abs().max()
+            torch.testing.assert_close(g.cpu().double() / scale, e / scale, rtol=0, atol=1e-5 * k + 1e-5)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("op", LOG_PROB_OPS)
+@pytest.mark.parametrize("layout", ["per_sample", "shared_packed"])
+def test_packed_log_prob_gradcheck(backend, device, op, layout):
+    fused, _ = LOG_PROB_OPS[op]
+    value, loc, packed = (t.to(device).requires_grad_() for t in log_prob_inputs(layout, 3))
+    with backends.use(backend):
+        assert torch.autograd.gradcheck(lambda v, m, p: fused(v, m, p, "softplus", 0.1), (value, loc, packed))
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_packed_log_prob_zero_size_and_half(backend, device):
+    value, loc, packed = log_prob_inputs("per_sample", 6)
+    with backends.use(backend):
+        empty = ops.mvn_packed_log_prob(value[:0].to(device), loc[:0].to(device), packed[:0].to(device).requires_grad_())
+        assert empty.shape == (0,)
+        for dtype in (torch.float16, torch.bfloat16):
+            got = ops.mvn_packed_log_prob(*(t.to(dtype).to(device) for t in (value, loc, packed)))
+            expected = reference.mvn_packed_log_prob(*(t.to(dtype).float() for t in (value, loc, packed)), "softplus", 0.0)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.cpu().float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@requires_compiled_cpu
+def test_packed_log_prob_opcheck():
+    for layout in ("per_sample", "shared_packed", "partial"):
+        value, loc, packed = (t.float() for t in log_prob_inputs(layout, 3))
+        args = (value, loc.requires_grad_(), packed.requires_grad_(), "softplus", 0.01)
+        torch.library.opcheck(torch.ops.fusedgauss.mvn_packed_log_prob.default, args)
+        torch.library.opcheck(torch.ops.fusedgauss.squashed_packed_log_prob.default, (*args, True))
+        grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], packed.shape[:-1]))
+        for mask in ([True, True, True], [False, False, True]):
+            plain = (grad, value, loc.detach(), packed.detach(), "exp", 0.0)
+            torch.library.opcheck(torch.ops.fusedgauss.mvn_packed_log_prob_backward.default, (*plain, mask))
+            torch.library.opcheck(torch.ops.fusedgauss.squashed_packed_log_prob_backward.default, (*plain, False, mask))
+
+
+def test_packed_log_prob_errors():
+    value, loc, packed = log_prob_inputs("per_sample", 3)
+    with pytest.raises(ValueError, match=re.escape("event sizes differ: value has 3, loc has 3, packed holds the scale_tril of event size 2")):
+        ops.mvn_packed_log_prob(value, loc, packed[..., :3])
+    with pytest.raises(ValueError, match="batch shapes do not broadcast"):
+        ops.mvn_packed_log_prob(value, loc, packed[:2])
+    with pytest.raises(ValueError, match="diag_transform must be one of"):
+        ops.squashed_packed_log_prob(value, loc, packed, "relu", 0.0, True)
+
+
+# --- the distributions' from_packed ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("k", [1, 6, 17])
+def test_multivariate_normal_from_packed(backend, device, k):
+    """from_packed gives torch.distributions' numbers for the plain-PyTorch head's L: log-prob,
+    entropy, rsample (with the same seed), scale_tril, KL, and gradients to packed."""
+    import fusedgauss
+
+    loc, packed = torch.randn(9, k, dtype=torch.float64, device=device), random_packed((9,), k).to(device)
+    value = torch.randn(9, k, dtype=torch.float64, device=device)
+    with backends.use(backend):
+        x_ours, x_torch = packed.clone().requires_grad_(), packed.clone().requires_grad_()
+        ours = fusedgauss.MultivariateNormal.from_packed(loc, x_ours, "softplus", 1e-3)
+        theirs = torch.distributions.MultivariateNormal(loc, scale_tril=plain_torch_scale_tril(x_torch, "softplus", 1e-3))
+        torch.testing.assert_close(ours.log_prob(value), theirs.log_prob(value))
+        torch.testing.assert_close(ours.entropy(), theirs.entropy())
+        loss_ours = (ours.log_prob(value) + ours.entropy()).sum()
+        loss_theirs = (theirs.log_prob(value) + theirs.entropy()).sum()
+        torch.testing.assert_close(torch.autograd.grad(loss_ours, x_ours)[0], torch.autograd.grad(loss_theirs, x_torch)[0])
+        torch.manual_seed(3)
+        sample = ours.rsample((2,))
+        torch.manual_seed(3)
+        torch.testing.assert_close(sample, theirs.rsample((2,)))
+        torch.testing.assert_close(ours.scale_tril, theirs.scale_tril)
+        torch.testing.assert_close(ours.expand((3, 9)).log_prob(value), theirs.expand((3, 9)).log_prob(value))
+        other = fusedgauss.MultivariateNormal(loc.flip(0), scale_tril=theirs.scale_tril.flip(0))
+        torch.testing.assert_close(
+            torch.distributions.kl_divergence(ours, other),
+            torch.distributions.kl_divergence(theirs, torch.distributions.MultivariateNormal(loc.flip(0), scale_tril=theirs.scale_tril.flip(0))),
+        )
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_tanh_multivariate_normal_from_packed(backend, device):
+    import fusedgauss
+
+    loc, packed = torch.randn(9, 4, dtype=torch.float64, device=device), random_packed((9,), 4).to(device)
+    with backends.use(backend):
+        ours = fusedgauss.TanhMultivariateNormal.from_packed(loc, packed, "exp", 0.0, low=-2.0, high=3.0)
+        theirs = fusedgauss.TanhMultivariateNormal(loc, scale_tril=plain_torch_scale_tril(packed, "exp"), low=-2.0, high=3.0)
+        action, log_prob, pre_tanh = ours.rsample_log_prob(return_pre_tanh=True)
+        torch.testing.assert_close(ours.log_prob(action.detach().clone(), pre_tanh=pre_tanh), log_prob)
+        torch.testing.assert_close(ours.log_prob(action.detach().clone()), theirs.log_prob(action.detach().clone()))
+        torch.testing.assert_close(ours.log_prob(action, pre_tanh=pre_tanh), theirs.log_prob(action, pre_tanh=pre_tanh))
+
+
+def test_from_packed_errors():
+    import fusedgauss
+
+    with pytest.raises(ValueError, match=re.escape("packed must hold k(k+1)/2 values for loc's event size k")):
+        fusedgauss.MultivariateNormal.from_packed(torch.zeros(3), torch.randn(3))
+    with pytest.raises(ValueError, match="scale_tril must have a positive diagonal"):
+        fusedgauss.MultivariateNormal.from_packed(torch.zeros(2), torch.tensor([1.0, 0.5, -1.0]), "none", 0.0,
+                                                  validate_args=True)
