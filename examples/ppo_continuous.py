@@ -125,11 +125,12 @@ class Agent(nn.Module):
         if head == "diag":
             self.log_std = nn.Parameter(torch.zeros(k))
         else:
-            # Start with L about the identity, as the diagonal head's std of 1.
+            # Start with L about the identity, as the diagonal head starts with a std of 1:
+            # the diagonal outputs' bias is softplus^-1(1) = log(e - 1), less min_diag.
             rows, cols = torch.tril_indices(k, k)
             diagonal = k + torch.nonzero(rows == cols).squeeze(-1)
             with torch.no_grad():
-                self.actor[-1].bias[diagonal] = math.log(math.e - 1.0) - min_diag  # softplus^-1(1)
+                self.actor[-1].bias[diagonal] = math.log(math.e - 1.0) - min_diag
         low = torch.as_tensor(-1.0 if action_low is None else action_low, dtype=torch.float32)
         high = torch.as_tensor(1.0 if action_high is None else action_high, dtype=torch.float32)
         self.register_buffer("action_center", ((high + low) / 2).expand(k).clone())
