@@ -19,10 +19,12 @@ import torch
 from . import backends, reference, validation
 
 
-def _implementation(name: str, like: torch.Tensor, event_size: int | None = None):
+def _implementation(name: str, like: torch.Tensor, event_size: int | None = None, backend: str | None = None):
     """The function that runs op `name` for inputs like `like` (device, and event size unless
-    given: an elementwise op has none that limits a backend)."""
-    backend = backends.select(like.device.type, like.shape[-1] if event_size is None else event_size, name)
+    given: an elementwise op has none that limits a backend) on `backend`, or on the backend
+    chosen for them."""
+    if backend is None:
+        backend = backends.select(like.device.type, like.shape[-1] if event_size is None else event_size, name)
     if backend == "torch":
         return getattr(reference, name)
     if backend == "triton":
@@ -159,7 +161,7 @@ def _packed_log_prob(op: str, tril_op, value, loc, packed, diag_transform, min_d
     value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
     backend = backends.select(value.device.type, value.shape[-1], tril_op.__name__)
     if backends.missing_op_reason(backend, op) is None:
-        return _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
+        return _implementation(op, value, backend=backend)(value, loc, packed, diag_transform, float(min_diag), *flags)
     return tril_op(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag), *flags)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import DIAG_TRANSFORMS, event_size_of_packed
+
 
 def _check_tensor(op: str, name: str, t: object) -> None:
     if not isinstance(t, torch.Tensor):
@@ -123,8 +125,6 @@ def single_operand(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
 
 def packed_scale_tril(op: str, packed: torch.Tensor, diag_transform: str, min_diag: float) -> int:
     """Checks a packed lower triangle (*, k(k+1)/2) and its diagonal transform; returns k."""
-    from .reference import DIAG_TRANSFORMS, event_size_of_packed
-
     _check_tensor(op, "packed", packed)
     if packed.dim() < 1:
         raise ValueError(f"{op}: packed needs an event dimension, got shape {tuple(packed.shape)}")
