@@ -86,7 +86,10 @@ def _extension():
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     # FP exceptions are never inspected, so branch-free selects in the elementwise math
     # (csrc/math/squash_math.h) may compute both sides: that is what lets those loops vectorise.
-    cxx_flags = [*opt, *openmp, "-fno-trapping-math", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x030B0000"]
+    # Nor is errno: with it, every sqrtf sits behind a domain-check branch (the Cholesky
+    # pivots of a block of lanes were the hottest instructions of a covariance backward).
+    cxx_flags = [*opt, *openmp, "-fno-trapping-math", "-fno-math-errno", "-fdiagnostics-color=always",
+                 "-DPy_LIMITED_API=0x030B0000"]
     kwargs = dict(
         name="fusedgauss._C",
         include_dirs=[str(ROOT / "csrc")],

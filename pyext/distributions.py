@@ -57,7 +57,7 @@ def _check_lower_cholesky(scale_tril: torch.Tensor) -> None:
 def _parameters_batch_shape(loc: torch.Tensor, name: str, parameter_batch: torch.Size) -> torch.Size:
     """The broadcast of loc's batch shape and a parameter's, or an error naming both."""
     try:
-        return torch.broadcast_shapes(parameter_batch, loc.shape[:-1])
+        return validation.broadcast_shapes(parameter_batch, loc.shape[:-1])
     except RuntimeError:
         raise ValueError(
             f"the batch shapes of loc {tuple(loc.shape[:-1])} and {name} {tuple(parameter_batch)} do not broadcast"
@@ -67,7 +67,7 @@ def _parameters_batch_shape(loc: torch.Tensor, name: str, parameter_batch: torch
 def _with_batch_shape(log_prob: torch.Tensor, value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     """A log-prob computed from unbroadcast parameters, broadcast to the shape PyTorch gives:
     value's batch dimensions against the distribution's (which expand() may have grown)."""
-    shape = torch.broadcast_shapes(value.shape[:-1], batch_shape)
+    shape = validation.broadcast_shapes(value.shape[:-1], batch_shape)
     return log_prob if log_prob.shape == shape else log_prob.expand(shape)
 
 

@@ -44,22 +44,34 @@ def test_gradcheck(backend):
         assert torch.autograd.gradcheck(lambda X: ops.cholesky(symmetrise(X)), (A,))
 
 
+# 37 matrices: two whole blocks of the CPU kernel's lanes and a part; k = 4 takes its
+# compile-time event size, 11 a runtime one; float32 moves whole matrices through the
+# transposes (the upper triangle included), float64 the lower triangles alone.
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_reads_the_lower_triangle_only(backend):
-    A = random_spd((3,), 4)
-    garbage_above = A + torch.randn(3, 4, 4, dtype=torch.float64).triu(1)
+@pytest.mark.parametrize("k", [4, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reads_the_lower_triangle_only_and_writes_zeros_above(backend, k, dtype):
+    A = random_spd((37,), k).to(dtype)
+    garbage_above = A + torch.randn(37, k, k, dtype=dtype).triu(1)
     with backends.use(backend):
-        torch.testing.assert_close(ops.cholesky(garbage_above), torch.linalg.cholesky(A))
+        L = ops.cholesky(garbage_above)
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(L, torch.linalg.cholesky(A), **tol)
+    assert (L.triu(1) == 0).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_not_positive_definite_gives_nan_for_that_matrix_only(backend):
-    A = random_spd((4,), 3)
-    A[1] = -A[1]
+@pytest.mark.parametrize("k", [3, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_not_positive_definite_gives_nan_for_that_matrix_only(backend, k, dtype):
+    A = random_spd((37,), k).to(dtype)
+    failing = [1, 20, 36]
+    A[failing] = -A[failing]
     with backends.use(backend):
         L = ops.cholesky(A)
-    assert torch.isnan(L[1]).all()
-    assert torch.isfinite(L[[0, 2, 3]]).all()
+    assert torch.isnan(L[failing]).all()
+    others = [b for b in range(37) if b not in failing]
+    assert torch.isfinite(L[others]).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -35,6 +35,27 @@ constexpr int kLanes = 16;
 /// fewest the 8 x 8 transposes take.
 constexpr int kStreamingLanes = 8;
 
+/// Runs fn(K) with K a std::integral_constant: k itself for the small event sizes of float
+/// inputs, where a compile-time k unrolls every loop of a sample's math (the common policy
+/// sizes, and the hot dtype), 0 (a runtime k) otherwise.
+template <typename scalar_t, typename F>
+void with_static_event_size(int64_t k, const F& fn) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    switch (k) {
+      case 1: return fn(std::integral_constant<int, 1>{});
+      case 2: return fn(std::integral_constant<int, 2>{});
+      case 3: return fn(std::integral_constant<int, 3>{});
+      case 4: return fn(std::integral_constant<int, 4>{});
+      case 5: return fn(std::integral_constant<int, 5>{});
+      case 6: return fn(std::integral_constant<int, 6>{});
+      case 7: return fn(std::integral_constant<int, 7>{});
+      case 8: return fn(std::integral_constant<int, 8>{});
+      default: break;
+    }
+  }
+  fn(std::integral_constant<int, 0>{});
+}
+
 namespace detail {
 
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)

@@ -621,31 +621,18 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
   return grads;
 }
 
-/// Runs fn(K, W) with std::integral_constants: K = k for the small event sizes of float
-/// inputs, where a compile-time k unrolls every loop of a sample's math (the common policy
-/// sizes, and the hot dtype), K = 0 (a runtime k) otherwise; W lanes, kStreamingLanes for a
-/// per-sample scale_tril with k > 16 and kLanes otherwise.
+/// Runs fn(K, W) with std::integral_constants: K as with_static_event_size (lanes.h) gives
+/// it; W lanes, kStreamingLanes for a per-sample scale_tril with k > 16 and kLanes otherwise.
 template <Param kParam, typename scalar_t, typename F>
 void with_block_shape(const MvnProblem& p, const F& fn) {
   using Lanes = std::integral_constant<int, kLanes>;
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    switch (p.k) {
-      case 1: return fn(std::integral_constant<int, 1>{}, Lanes{});
-      case 2: return fn(std::integral_constant<int, 2>{}, Lanes{});
-      case 3: return fn(std::integral_constant<int, 3>{}, Lanes{});
-      case 4: return fn(std::integral_constant<int, 4>{}, Lanes{});
-      case 5: return fn(std::integral_constant<int, 5>{}, Lanes{});
-      case 6: return fn(std::integral_constant<int, 6>{}, Lanes{});
-      case 7: return fn(std::integral_constant<int, 7>{}, Lanes{});
-      case 8: return fn(std::integral_constant<int, 8>{}, Lanes{});
-      default: break;
-    }
-  }
   const bool streaming = kParam != Param::kCovariance && !p.matrix.shared() && p.k > 16;
-  if (streaming) {
-    return fn(std::integral_constant<int, 0>{}, std::integral_constant<int, kStreamingLanes>{});
-  }
-  fn(std::integral_constant<int, 0>{}, Lanes{});
+  with_static_event_size<scalar_t>(p.k, [&](auto K) {
+    if constexpr (decltype(K)::value == 0) {
+      if (streaming) return fn(K, std::integral_constant<int, kStreamingLanes>{});
+    }
+    fn(K, Lanes{});
+  });
 }
 
 template <Param kParam>
