@@ -182,7 +182,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void cholesky_in_place(int64_t k, acc_t* A, bo
         const acc_t* Ajj = A + (j * k + j) * W;
         for (int l = 0; l < W; ++l) A[(i * k + j) * W + l] = s[l] / Ajj[l];
       } else {
-        // Two branch-free loops, so that the pivots of all lanes take one vector sqrt.
+        // Two loops and no short-circuit &&: the lanes' square roots then run side by side
+        // instead of as a chain of branches.
         for (int l = 0; l < W; ++l) {
           A[(i * k + i) * W + l] = sqrt_(s[l] > acc_t(0) ? s[l] : std::numeric_limits<acc_t>::quiet_NaN());
         }
