@@ -32,6 +32,14 @@ def info() -> None:
     extension = "loaded" if backends.EXTENSION_LOADED else f"not loaded: {backends.EXTENSION_ERROR}"
     print(f"  compiled extension fusedgauss._C: {extension}")
     print(f"    CPU kernels:  {'yes' if backends.COMPILED_CPU else 'no'}")
+    if backends.COMPILED_CPU:
+        try:
+            level = backends.cpu_simd_level()
+        except ValueError as error:  # a FUSEDGAUSS_CPU_SIMD this CPU cannot run
+            level = f"none: {error}"
+        env = os.environ.get("FUSEDGAUSS_CPU_SIMD")
+        print(f"      SIMD level: {level}" + (f" (FUSEDGAUSS_CPU_SIMD={env})" if env else "")
+              + f"; this CPU runs {', '.join(backends.cpu_simd_levels())}")
     cuda_missing = "no (the build lacked nvcc or a CUDA build of torch, or FUSEDGAUSS_SKIP_CUDA was set)"
     print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else cuda_missing}")
     if backends.TRITON_KERNELS:

@@ -169,3 +169,33 @@ def select(device_type: str, event_size: int, op: str | None = None) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"fusedgauss backend {name!r} was forced but cannot run: {reason}")
     return name
+
+
+def cpu_simd_levels() -> list[str]:
+    """The SIMD levels the CPU kernels can run on this CPU, narrowest first: "baseline"
+    (SSE2), "avx2" (AVX2 and FMA), "avx512"."""
+    if not EXTENSION_LOADED:
+        return []
+    return _C.cpu_simd_levels()
+
+
+def cpu_simd_level() -> str | None:
+    """The SIMD level the CPU kernels run: the widest this CPU has, unless
+    ``FUSEDGAUSS_CPU_SIMD`` or :func:`use_cpu_simd` chose another (None: no compiled kernels)."""
+    if not EXTENSION_LOADED:
+        return None
+    return _C.cpu_simd_level()
+
+
+@contextlib.contextmanager
+def use_cpu_simd(level: str) -> Iterator[None]:
+    """Run the CPU kernels at SIMD `level` inside the block, to test or time a narrower level's
+    code; a level this CPU lacks is an error. The level is process-wide, not per thread."""
+    if not EXTENSION_LOADED:
+        raise BackendUnavailableError(f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})")
+    previous = _C.cpu_simd_level()
+    _C.set_cpu_simd_level(level)
+    try:
+        yield
+    finally:
+        _C.set_cpu_simd_level(previous)

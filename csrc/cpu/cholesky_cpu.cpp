@@ -28,7 +28,7 @@ void cholesky_kernel(int64_t n, int64_t runtime_k, const scalar_t* A, scalar_t* 
   constexpr int W = kLanes;
   const int64_t k = kK > 0 ? kK : runtime_k;
   const Chunks chunks(n, grain_size(k * k * k));
-  chunks.run_vectorised([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
+  chunks.run_vectorised<kWidestCholeskySimd>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     std::vector<acc_t> L(static_cast<size_t>(k * k * W));
     bool ok[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
@@ -57,7 +57,7 @@ void cholesky_backward_kernel(int64_t n, int64_t runtime_k, const scalar_t* grad
   constexpr int W = kLanes;
   const int64_t k = kK > 0 ? kK : runtime_k;
   const Chunks chunks(n, grain_size(k * k * k));
-  chunks.run_vectorised([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
+  chunks.run_vectorised<kWidestCholeskySimd>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     std::vector<acc_t> G(static_cast<size_t>(k * k * W)), factor(static_cast<size_t>(k * k * W));
     std::vector<acc_t> work(static_cast<size_t>(k * k * W));
     for (int64_t b0 = begin; b0 < end; b0 += W) {

@@ -39,12 +39,12 @@ class Chunks {
     });
   }
 
-  /// run(fn) with each chunk in with_best_simd (simd.h); fn must be a lambda marked
+  /// run(fn) with each chunk in with_best_simd<kWidest> (simd.h); fn must be a lambda marked
   /// FUSEDGAUSS_INLINE_BODY.
-  template <typename F>
+  template <SimdLevel kWidest = SimdLevel::kAvx512, typename F>
   void run_vectorised(const F& fn) const {
     run([&](int64_t chunk, int64_t begin, int64_t end) {
-      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { fn(chunk, begin, end); });
+      with_best_simd<kWidest>([&]() FUSEDGAUSS_INLINE_BODY { fn(chunk, begin, end); });
     });
   }
 

@@ -6,9 +6,10 @@
 // more than the math the block then does (a k=6 log-prob's gathers took half its time). For
 // float, with W a multiple of 8, on a CPU with AVX2, it goes through 8 x 8 register
 // transposes instead: eight row loads, 24 shuffles and eight column stores per 64 elements,
-// about 2x faster, and the gather prefetches the rows of the block two ahead, so that the
-// loads from DRAM overlap the math of the blocks before (a third off a k=6 log-prob). Either
-// way the results are the same bits.
+// about 2x faster (with AVX-512 and W a multiple of 16, the gathers use 16 x 16 ones), and
+// the gather prefetches the rows of the block two ahead, so that the loads from DRAM overlap
+// the math of the blocks before (a third off a k=6 log-prob). Either way the results are the
+// same bits.
 
 #include <c10/macros/Macros.h>
 
@@ -188,6 +189,77 @@ FUSEDGAUSS_AVX2_TARGET void lanes_to_rows_avx2(int64_t n, const float* src, int 
   }
 }
 
+// GCC 12's 512-bit shuffle intrinsics start from _mm512_undefined_ps(), which its own
+// -Wmaybe-uninitialized then reports at every use (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+/// v[r][c] -> v[c][r] for a 16 x 16 block of floats held as sixteen row vectors: pairs of
+/// rows interleave, then 4-row groups gather each column within a 128-bit lane, then two rounds
+/// of 128-bit lane shuffles put the four lanes of a column in order (64 shuffles).
+FUSEDGAUSS_AVX512_TARGET C10_ALWAYS_INLINE void transpose_16x16(__m512* v) {
+  __m512 t[16], u[16];
+  for (int p = 0; p < 8; ++p) {
+    t[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
+    t[2 * p + 1] = _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]);
+  }
+  // u[4q + c], 128-bit lane L: rows 4q..4q+3 of column 4L + c.
+  for (int q = 0; q < 4; ++q) {
+    u[4 * q] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+    u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+    u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+    u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 even_top = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // lanes 0, 2 of rows 0-7
+    const __m512 odd_top = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);   // lanes 1, 3 of rows 0-7
+    const __m512 even_bottom = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 odd_bottom = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    v[c] = _mm512_shuffle_f32x4(even_top, even_bottom, 0x88);
+    v[8 + c] = _mm512_shuffle_f32x4(even_top, even_bottom, 0xDD);
+    v[4 + c] = _mm512_shuffle_f32x4(odd_top, odd_bottom, 0x88);
+    v[12 + c] = _mm512_shuffle_f32x4(odd_top, odd_bottom, 0xDD);
+  }
+}
+
+/// Rows up to this long (vectors, and the matrices of k <= 8) gather through the 16 x 16
+/// transposes; longer ones through the 8 x 8 ones, which were about 10% faster for them (a
+/// k=17 covariance forward), where the 16 x 16 ones were for k=6 (1.2-1.4x).
+constexpr int64_t kWideGatherMaxColumns = 64;
+
+/// rows_to_lanes_avx2 with 16 x 16 transposes: fewer loads, stores and shuffles per element,
+/// masked loads at the row ends, and each lane row written by one 512-bit store, which the
+/// math's 512-bit loads then take straight from the store buffer.
+template <int W>
+FUSEDGAUSS_AVX512_TARGET void rows_to_lanes_avx512(int64_t n, const float* a, int64_t a_stride, const float* b,
+                                                   int64_t b_stride, int count, float* dst) {
+  static_assert(W % 16 == 0, "16 x 16 transposes need whole groups of 16 lanes");
+  prefetch_ahead<W>(a, a_stride);
+  if (b != nullptr) prefetch_ahead<W>(b, b_stride);
+  for (int g = 0; g < W; g += 16) {
+    const float* a_rows[16];
+    const float* b_rows[16];
+    for (int r = 0; r < 16; ++r) {
+      const int64_t sample = std::min(g + r, count - 1);
+      a_rows[r] = a + sample * a_stride;
+      b_rows[r] = b != nullptr ? b + sample * b_stride : nullptr;
+    }
+    __m512 v[16];
+    for (int64_t c0 = 0; c0 < n; c0 += 16) {
+      const int width = static_cast<int>(std::min<int64_t>(16, n - c0));
+      const __mmask16 columns = static_cast<__mmask16>((1u << width) - 1);
+      for (int r = 0; r < 16; ++r) {
+        v[r] = _mm512_maskz_loadu_ps(columns, a_rows[r] + c0);
+        if (b != nullptr) v[r] = _mm512_sub_ps(v[r], _mm512_maskz_loadu_ps(columns, b_rows[r] + c0));
+      }
+      transpose_16x16(v);
+      for (int c = 0; c < width; ++c) _mm512_storeu_ps(dst + (c0 + c) * W + g, v[c]);
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
 #endif  // FUSEDGAUSS_X86_TRANSPOSES
 
 /// Whether blocks of this kind can move through the AVX2 transposes (on a CPU that has AVX2).
@@ -210,7 +282,12 @@ C10_ALWAYS_INLINE void gather_differences(int64_t k, const src_t* __restrict__ a
                                           acc_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, src_t>) {
-    if (cpu_has_avx2_fma()) return detail::rows_to_lanes_avx2<W>(k, a, a_stride, b, b_stride, count, dst);
+    if constexpr (W % 16 == 0) {
+      if (simd_level() == SimdLevel::kAvx512 && k <= detail::kWideGatherMaxColumns) {
+        return detail::rows_to_lanes_avx512<W>(k, a, a_stride, b, b_stride, count, dst);
+      }
+    }
+    if (simd_at_least_avx2()) return detail::rows_to_lanes_avx2<W>(k, a, a_stride, b, b_stride, count, dst);
   }
 #endif
   for (int l = 0; l < W; ++l) {
@@ -227,7 +304,12 @@ C10_ALWAYS_INLINE void gather_rows(int64_t n, const src_t* __restrict__ a, int64
                                    acc_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, src_t>) {
-    if (cpu_has_avx2_fma()) return detail::rows_to_lanes_avx2<W>(n, a, stride, nullptr, 0, count, dst);
+    if constexpr (W % 16 == 0) {
+      if (simd_level() == SimdLevel::kAvx512 && n <= detail::kWideGatherMaxColumns) {
+        return detail::rows_to_lanes_avx512<W>(n, a, stride, nullptr, 0, count, dst);
+      }
+    }
+    if (simd_at_least_avx2()) return detail::rows_to_lanes_avx2<W>(n, a, stride, nullptr, 0, count, dst);
   }
 #endif
   for (int l = 0; l < W; ++l) {
@@ -240,8 +322,10 @@ C10_ALWAYS_INLINE void gather_rows(int64_t n, const src_t* __restrict__ a, int64
 template <int W, typename dst_t, typename acc_t>
 C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
+  // No 16 x 16 version: the rows of a sample are rarely 64-byte aligned, and 512-bit stores
+  // across cache lines made a k=6 backward slower than these 256-bit ones (AMD Zen).
   if constexpr (detail::kTransposable<W, acc_t, dst_t>) {
-    if (cpu_has_avx2_fma()) return detail::lanes_to_rows_avx2<W>(n, src, count, dst);
+    if (simd_at_least_avx2()) return detail::lanes_to_rows_avx2<W>(n, src, count, dst);
   }
 #endif
   for (int l = 0; l < count; ++l) {
@@ -269,7 +353,7 @@ C10_ALWAYS_INLINE void gather_lower(int64_t k, const src_t* __restrict__ src, in
 template <int W, typename acc_t, typename src_t>
 C10_ALWAYS_INLINE void gather_matrices(int64_t k, const src_t* __restrict__ src, int64_t stride, int count,
                                        acc_t* __restrict__ dst) {
-  if (detail::kTransposable<W, acc_t, src_t> && cpu_has_avx2_fma()) {
+  if (detail::kTransposable<W, acc_t, src_t> && simd_at_least_avx2()) {
     gather_rows<W>(k * k, src, stride, count, dst);
   } else {
     gather_lower<W>(k, src, stride, count, dst);

@@ -63,6 +63,31 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float exp_nonpositive(float x) {
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE double exp_nonpositive(double x) { return ::exp(x); }
 
+/// x = m 2^e with m in [1, 2), exactly, for x > 0 (subnormals included); +inf and NaN come
+/// back as m = x. A float frexp of bit operations, which vectorises where libm's does not.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float split_exponent(float x, int32_t& e) {
+#if defined(__CUDA_ARCH__)
+  int half_e = 0;
+  const float half_m = ::frexpf(x, &half_e);  // in [1/2, 1)
+  e = half_e - 1;
+  return 2.f * half_m;
+#else
+  const bool subnormal = x < 1.17549435e-38f;
+  const float normal = subnormal ? x * 8388608.f : x;  // 2^23
+  const int32_t bits = detail::float_bits(normal);
+  e = ((bits >> 23) & 0xff) - 127 - (subnormal ? 23 : 0);
+  const float m = detail::bits_float((bits & 0x007fffff) | 0x3f800000);
+  return x < std::numeric_limits<float>::infinity() ? m : x;
+#endif
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE double split_exponent(double x, int32_t& e) {
+  int half_e = 0;
+  const double half_m = ::frexp(x, &half_e);
+  e = half_e - 1;
+  return 2 * half_m;
+}
+
 /// log(x) for any float. Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), f = m - 1,
 ///   log x = e log 2 + f - f^2/2 + f^3 P(f);
 /// subnormals are scaled into the normal range first; 0 gives -inf, negatives and NaN give NaN,

@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include "elementary_math.h"
 
@@ -105,41 +104,37 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed(int64_t k, const m
 /// out[l] = sum_i log L_ii for each lane. A non-positive diagonal entry makes its lane NaN,
 /// as its log would.
 ///
-/// float: a sum of float logs (elementary_math.h), which the lane loops vectorise.
-/// double: libm's log does not vectorise, so there is one log per lane: the diagonal is
-/// multiplied and renormalised by frexp (an exact power-of-two scaling) at every factor, so
-///   sum_i log L_ii = log m + e log 2   for   prod_i L_ii = m 2^e
-/// never overflows or underflows.
+/// One log per lane instead of k (the logs were most of a small-k forward's arithmetic): the
+/// diagonal's mantissas are multiplied and its exponents added (split_exponent, exact),
+///   sum_i log L_ii = log(prod_i m_i) + (sum_i e_i) log 2,   L_ii = m_i 2^{e_i}, m_i in [1, 2),
+/// with the product renormalised every 32 factors, so that it stays below 2^32 and never
+/// overflows or underflows whatever k and the scale of L.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_log_diagonal(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
   constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-  if constexpr (std::is_same<acc_t, float>::value) {
-    for (int l = 0; l < W; ++l) out[l] = 0;
-    for (int64_t i = 0; i < k; ++i) {
-      const mat_t* Lii = L + (i * k + i) * W;
-      for (int l = 0; l < W; ++l) {
-        const float d = static_cast<float>(Lii[l]);
-        out[l] += log_(d > 0.f ? d : kNaN);
-      }
-    }
-  } else {
-    double mantissa[W];
-    int exponent[W];
+  acc_t mantissa[W];
+  int32_t exponent[W];
+  for (int l = 0; l < W; ++l) {
+    mantissa[l] = 1;
+    exponent[l] = 0;
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const mat_t* Lii = L + (i * k + i) * W;
     for (int l = 0; l < W; ++l) {
-      mantissa[l] = 1;
-      exponent[l] = 0;
+      const acc_t d = static_cast<acc_t>(Lii[l]);
+      int32_t e = 0;
+      mantissa[l] *= split_exponent(d > acc_t(0) ? d : kNaN, e);
+      exponent[l] += e;
     }
-    for (int64_t i = 0; i < k; ++i) {
-      const mat_t* Lii = L + (i * k + i) * W;
+    if (i % 32 == 31) {
       for (int l = 0; l < W; ++l) {
-        const double d = static_cast<double>(Lii[l]);
-        int e = 0;
-        mantissa[l] = ::frexp(mantissa[l] * (d > 0 ? d : kNaN), &e);
+        int32_t e = 0;
+        mantissa[l] = split_exponent(mantissa[l], e);
         exponent[l] += e;
       }
     }
-    for (int l = 0; l < W; ++l) out[l] = static_cast<acc_t>(log_(mantissa[l]) + exponent[l] * kLog2);
   }
+  for (int l = 0; l < W; ++l) out[l] = log_(mantissa[l]) + static_cast<acc_t>(exponent[l]) * static_cast<acc_t>(kLog2);
 }
 
 /// log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (k/2) log(2 pi),

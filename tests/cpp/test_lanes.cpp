@@ -1,5 +1,5 @@
 // The moves between sample rows and lane-minor blocks (csrc/cpu/lanes.h): on a CPU with AVX2
-// the float ones go through 8 x 8 register transposes, whose edges (rows shorter than 8,
+// the float ones go through 8 x 8 register transposes (16 x 16 for gathers with AVX-512), whose edges (rows shorter than 8,
 // partial blocks, strides, the last row of a tensor) are checked here against the plain
 // definitions, element by element.
 #include <random>
@@ -56,19 +56,24 @@ void test_scatter(int64_t n, int count) {
 }  // namespace
 
 int main() {
-  for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 36, 289}) {
-    for (int count : {1, 3, 7, 8, 9, 16}) {
-      test_gathers<16>(n, count, n);
-      test_gathers<16>(n, count, n + 3);
-      test_gathers<16>(n, count, 0);  // an operand shared by the batch
-      test_scatter<16>(n, count);
-      if (count <= 8) {
-        test_gathers<8>(n, count, n);
-        test_scatter<8>(n, count);
+  // Every level this CPU runs: the transposes at avx2 and above, the plain loops at baseline.
+  for (int level = 0; level <= static_cast<int>(best_supported_simd()); ++level) {
+    set_simd_level(static_cast<SimdLevel>(level));
+    for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 36, 289}) {
+      for (int count : {1, 3, 7, 8, 9, 16}) {
+        test_gathers<16>(n, count, n);
+        test_gathers<16>(n, count, n + 3);
+        test_gathers<16>(n, count, 0);  // an operand shared by the batch
+        test_scatter<16>(n, count);
+        if (count <= 8) {
+          test_gathers<8>(n, count, n);
+          test_scatter<8>(n, count);
+        }
       }
     }
+    const char* transposes[] = {"none, plain loops checked", "8 x 8", "8 x 8, and 16 x 16 for gathers of 16 lanes"};
+    std::printf("lanes at SIMD level %s: %s (transposes: %s)\n", simd_level_name(simd_level()),
+                failures() == 0 ? "ok" : "FAILED", transposes[level]);
   }
-  std::printf("lanes: %s (AVX2 transposes %s)\n", failures() == 0 ? "ok" : "FAILED",
-              cpu_has_avx2_fma() ? "on" : "off, plain loops checked");
   return failures();
 }

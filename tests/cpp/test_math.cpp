@@ -191,6 +191,44 @@ void test_log_det_over_the_float_range() {
   L[3 * k + 3] = -1.0f;
   sum_log_diagonal<1>(k, L.data(), &got);
   EXPECT_TRUE(std::isnan(got));
+  L[3 * k + 3] = INFINITY;
+  sum_log_diagonal<1>(k, L.data(), &got);
+  EXPECT_TRUE(std::isinf(got) && got > 0);
+}
+
+/// Over 32 factors the product is renormalised: 100 diagonal entries near the top of the
+/// float range (their product is about 2^12700), in 16 lanes with different diagonals.
+void test_log_det_of_a_long_diagonal() {
+  constexpr int W = 16;
+  const int k = 100;
+  std::vector<float> L(static_cast<size_t>(k * k * W), 0.0f);
+  double expected[W] = {};
+  for (int i = 0; i < k; ++i) {
+    for (int l = 0; l < W; ++l) {
+      const float d = 1.5e38f / static_cast<float>(1 + (i * 7 + l) % 13);
+      L[(i * k + i) * W + l] = d;
+      expected[l] += std::log(static_cast<double>(d));
+    }
+  }
+  float got[W];
+  sum_log_diagonal<W>(k, L.data(), got);
+  for (int l = 0; l < W; ++l) EXPECT_CLOSE(got[l], expected[l], 1e-6);
+}
+
+/// split_exponent is an exact frexp with the mantissa in [1, 2), subnormals included.
+void test_split_exponent() {
+  for (double e10 = -45.0; e10 <= 38.5; e10 += 0.0377) {
+    const float x = static_cast<float>(std::pow(10.0, e10));
+    if (x == 0.0f) continue;
+    int32_t e = 0;
+    const float m = split_exponent(x, e);
+    EXPECT_TRUE(m >= 1.0f && m < 2.0f);
+    EXPECT_TRUE(std::ldexp(static_cast<double>(m), e) == static_cast<double>(x));
+    const double md = split_exponent(static_cast<double>(x), e);
+    EXPECT_TRUE(md >= 1.0 && md < 2.0 && std::ldexp(md, e) == static_cast<double>(x));
+  }
+  int32_t e = 0;
+  EXPECT_TRUE(std::isinf(split_exponent(INFINITY, e)) && std::isnan(split_exponent(std::nanf(""), e)));
 }
 
 /// The float exp and log of elementary_math.h (the vectorisable polynomials) against libm, over
@@ -248,6 +286,8 @@ void test_atanh_clamped() {
 
 int main() {
   test_log_det_over_the_float_range();
+  test_log_det_of_a_long_diagonal();
+  test_split_exponent();
   test_float_exp_and_log();
   test_tanh_terms();
   test_atanh_clamped();
