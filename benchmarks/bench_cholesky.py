@@ -2,7 +2,7 @@
 
 The op behind ``MultivariateNormal(covariance_matrix=...)`` wherever L itself is needed
 (rsample, entropy, scale_tril). For each event size k and batch size B, in one run, with the
-conventions of bench_ops.py (torch.utils.benchmark medians, fresh random SPD matrices):
+conventions of bench_ops.py (torch.utils.benchmark, interleaved rounds, fresh random SPD matrices):
 
   torch          torch.linalg.cholesky, eager
   torch.compile  the same function under torch.compile
@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import fusedgauss  # noqa: E402
-from bench_ops import DTYPE, MATRIX_POOL, add_grid_arguments, run_grid, timed  # noqa: E402
+from bench_ops import DTYPE, MATRIX_POOL, add_grid_arguments, run_columns, run_grid  # noqa: E402
 from helpers import random_spd  # noqa: E402
 
 CASES = ("cholesky",)
@@ -61,11 +61,8 @@ def steps(batch: int, k: int, passes: str):
 
 
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
-    torch_step, compiled_step, fused_step = steps(batch, k, passes)
-    torch_ms = timed(torch_step, min_run_time) * 1e3
-    fused_ms = timed(fused_step, min_run_time) * 1e3
-    compile_ms = timed(compiled_step(), min_run_time) * 1e3 if compile_torch else None
-    return torch_ms, compile_ms, fused_ms, bytes_moved(batch, k, passes)
+    columns = run_columns(*steps(batch, k, passes), compile_torch, min_run_time)
+    return (*columns, bytes_moved(batch, k, passes))
 
 
 def main(argv=None) -> None:

@@ -1,8 +1,8 @@
 """fusedgauss against torch.distributions on the CPU: the full-covariance log-prob.
 
 For each case (per-sample scale_tril, shared scale_tril, per-sample covariance), event size k
-and batch size B, times in one run, with torch.utils.benchmark (medians, warm-up excluded,
-fresh random inputs):
+and batch size B, times in one run, with torch.utils.benchmark (warm-up excluded, fresh
+random inputs; the columns of a cell in interleaved rounds, see timed_columns):
 
   torch          torch.distributions.MultivariateNormal(...).log_prob, eager
   torch.compile  the same function under torch.compile
@@ -23,6 +23,7 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,10 +107,25 @@ def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
     return 4 * (forward + (backward if passes == "forward+backward" else 0))
 
 
-def timed(fn, min_run_time: float) -> float:
-    fn()  # warm-up (and compilation) outside the measurement
-    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+#: Interleaved rounds per cell: each round times every column once.
+ROUNDS = 5
+
+
+def timed_columns(steps, min_run_time: float, rounds: int = ROUNDS) -> list[float | None]:
+    """Seconds per call of each zero-argument step (None stays None), in `rounds` interleaved
+    rounds of min_run_time / rounds each: the median over the rounds of each round's median.
+    A shared machine's speed drifts within seconds; interleaving lets the drift reach every
+    column alike, so the ratios hold even when the absolute times move."""
+    live = [step for step in steps if step is not None]
+    for step in live:
+        step()  # warm-up (and compilation) outside the measurement
+    timers = [benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads()) for step in live]
+    per_round = [[] for _ in live]
+    for _ in range(rounds):
+        for timer, times in zip(timers, per_round):
+            times.append(timer.blocked_autorange(min_run_time=min_run_time / rounds).median)
+    medians = iter(statistics.median(times) for times in per_round)
+    return [next(medians) if step is not None else None for step in steps]
 
 
 def log_prob_steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
@@ -136,20 +152,26 @@ def log_prob_steps(case: str, batch: int, k: int, passes: str, device: str = "cp
     return as_step(torch_log_prob), compiled_step, as_step(fused_log_prob)
 
 
+def run_columns(torch_step, compiled_step, fused_step, compile_torch: bool, min_run_time: float):
+    """(torch ms, torch.compile ms or None, fusedgauss ms), timed interleaved."""
+    compiled = compiled_step() if compile_torch else None
+    torch_s, compile_s, fused_s = timed_columns([torch_step, compiled, fused_step], min_run_time)
+    return torch_s * 1e3, compile_s * 1e3 if compile_s is not None else None, fused_s * 1e3
+
+
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
-    torch_step, compiled_step, fused_step = log_prob_steps(case, batch, k, passes)
-    torch_ms = timed(torch_step, min_run_time) * 1e3
-    fused_ms = timed(fused_step, min_run_time) * 1e3
-    compile_ms = timed(compiled_step(), min_run_time) * 1e3 if compile_torch else None
-    return torch_ms, compile_ms, fused_ms, bytes_moved(case, batch, k, passes)
+    columns = run_columns(*log_prob_steps(case, batch, k, passes), compile_torch, min_run_time)
+    return (*columns, bytes_moved(case, batch, k, passes))
 
 
 def to_markdown(rows: list[Row], meta: dict) -> str:
     lines = [
         f"# {meta['title']} ({meta['date']})",
         "",
-        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']}; "
-        f"float32; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s. Medians of torch.utils.benchmark.",
+        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']} "
+        f"(CPU kernels at SIMD level {meta.get('cpu_simd')}); float32; copy bandwidth "
+        f"{meta['copy_bandwidth_gbps']:.1f} GB/s. Medians over {meta.get('rounds', 1)} interleaved rounds of "
+        "torch.utils.benchmark medians.",
         "",
         "| case | k | B | passes | torch ms | torch.compile ms | fusedgauss ms | × torch | × compile | bandwidth |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -220,6 +242,8 @@ def run_grid(args, title: str, run_cell) -> list[Row]:
         "torch": torch.__version__,
         "fusedgauss": fusedgauss.__version__,
         "backend": fusedgauss.backends.default_backend("cpu"),
+        "cpu_simd": fusedgauss.backends.cpu_simd_level(),
+        "rounds": ROUNDS,
         "copy_bandwidth_gbps": bandwidth / 1e9,
         "python": platform.python_version(),
     }

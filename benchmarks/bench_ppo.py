@@ -127,7 +127,8 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"# PPO update phase ({meta['date']})",
         "",
-        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']}; float32. "
+        f"{meta['cpu']}, {meta['threads']} threads; torch {meta['torch']}, fusedgauss {meta['fusedgauss']} "
+        f"(CPU kernels at SIMD level {meta.get('cpu_simd')}); float32. "
         f"One epoch over {meta['buffer']} transitions in minibatches of {meta['minibatch']} (forward+backward of the "
         f"clipped PPO loss); medians over {meta['rounds']} interleaved rounds timed with torch.utils.benchmark, all "
         "columns in one run. The last column, torch ÷ MLP alone, is the ceiling of any speed-up of the distribution.",
@@ -162,6 +163,7 @@ def main(argv=None) -> list[dict]:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fusedgauss": fusedgauss.__version__,
+        "cpu_simd": fusedgauss.backends.cpu_simd_level(),
         "buffer": args.buffer,
         "minibatch": args.minibatch,
         "rounds": args.rounds,

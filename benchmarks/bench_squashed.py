@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import fusedgauss  # noqa: E402
-from bench_ops import MATRIX_POOL, add_grid_arguments, run_grid, timed  # noqa: E402
+from bench_ops import MATRIX_POOL, add_grid_arguments, run_columns, run_grid  # noqa: E402
 from helpers import random_scale_tril  # noqa: E402
 
 CASES = ("sac_diag", "sac_tril", "ppo_diag", "ppo_tril", "diag_normal", "diag_normal_shared")
@@ -148,11 +148,8 @@ def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
 
 
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
-    torch_step, compiled_step, fused_step = steps(case, batch, k, passes)
-    torch_ms = timed(torch_step, min_run_time) * 1e3
-    fused_ms = timed(fused_step, min_run_time) * 1e3
-    compile_ms = timed(compiled_step(), min_run_time) * 1e3 if compile_torch else None
-    return torch_ms, compile_ms, fused_ms, bytes_moved(case, batch, k, passes)
+    columns = run_columns(*steps(case, batch, k, passes), compile_torch, min_run_time)
+    return (*columns, bytes_moved(case, batch, k, passes))
 
 
 def main(argv=None) -> None:
