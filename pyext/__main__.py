@@ -68,6 +68,9 @@ def info() -> None:
         limit_text = "any event size" if limit is None else f"event sizes up to {limit}, larger go to torch"
         if runs_on:
             print(f"    {name}: runs {' and '.join(runs_on)} tensors; {limit_text}")
+            if name == "cuda":
+                print(f"      a sample with a matrix of its own: a thread per sample below "
+                      f"k={backends.CUDA_WARP_MIN_EVENT_SIZE}, a warp per sample from there")
             missing = [op for op in ops.OPS if backends.missing_op_reason(name, op) is not None]
             if missing:
                 print(f"      no kernel for {', '.join(missing)}: "

@@ -77,11 +77,17 @@ def test_half_precision_in_float32(dtype, matrix, layout):
         torch.testing.assert_close(g.double(), e, rtol=4 * eps, atol=8 * eps * (1 + e.abs().max().item()))
 
 
+# The last event size with a thread per sample, the first with a warp, and one whose vectors
+# take two slots per lane.
+THREAD_AND_WARP_SIZES = [backends.CUDA_WARP_MIN_EVENT_SIZE - 1, backends.CUDA_WARP_MIN_EVENT_SIZE, 40]
+
+
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
 @pytest.mark.parametrize("layout", ["per_sample", "shared_value", "shared_matrix", "partial"])
-def test_gradcheck(matrix, layout):
+@pytest.mark.parametrize("k", [3, backends.CUDA_WARP_MIN_EVENT_SIZE])
+def test_gradcheck(matrix, layout, k):
     op, _ = OPS[matrix]
-    value, loc, M = (t.requires_grad_() for t in on_gpu(make_operands(layout, (2, 3), 3, matrix=matrix)))
+    value, loc, M = (t.requires_grad_() for t in on_gpu(make_operands(layout, (2, 3), k, matrix=matrix)))
     fix = (lambda L: L.tril()) if matrix == "scale_tril" else symmetrise
     with backends.use("cuda"):
         assert torch.autograd.gradcheck(lambda v, m, A: op(v, m, fix(A)), (value, loc, M))
@@ -116,8 +122,9 @@ def test_shared_gradient_is_deterministic(matrix, k):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
 
 
-def test_not_positive_definite_poisons_its_samples_only():
-    value, loc, cov = make_operands("per_sample", (5,), 3, matrix="covariance")
+@pytest.mark.parametrize("k", THREAD_AND_WARP_SIZES)
+def test_not_positive_definite_poisons_its_samples_only(k):
+    value, loc, cov = make_operands("per_sample", (5,), k, matrix="covariance")
     cov[2] = -cov[2]
     value, loc, cov = on_gpu([value, loc, cov])
     cov.requires_grad_()
@@ -153,11 +160,12 @@ def test_two_to_the_24_samples(matrix):
 
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
 @pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
-def test_cuda_graph_capture_and_replay(matrix, layout):
+@pytest.mark.parametrize("k", [6, 20])
+def test_cuda_graph_capture_and_replay(matrix, layout, k):
     """Forward and backward run without a host synchronisation, so a training step using them
     can be captured in a CUDA graph; replays on new data give the eager results."""
     op, _ = OPS[matrix]
-    value, loc, M = on_gpu(make_operands(layout, (1024,), 6, matrix=matrix, dtype=torch.float32))
+    value, loc, M = on_gpu(make_operands(layout, (1024,), k, matrix=matrix, dtype=torch.float32))
     loc.requires_grad_()
     M.requires_grad_()
 
@@ -175,7 +183,7 @@ def test_cuda_graph_capture_and_replay(matrix, layout):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = step()
-        new_value, new_loc, new_M = on_gpu(make_operands(layout, (1024,), 6, matrix=matrix, dtype=torch.float32))
+        new_value, new_loc, new_M = on_gpu(make_operands(layout, (1024,), k, matrix=matrix, dtype=torch.float32))
         with torch.no_grad():
             value.copy_(new_value)
             loc.copy_(new_loc)
@@ -186,27 +194,66 @@ def test_cuda_graph_capture_and_replay(matrix, layout):
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+@pytest.mark.parametrize(
+    ("layout", "batch_shape"),
+    [("per_sample", (7,)), ("shared_value", (7,)), ("shared_loc", (4, 3)), ("partial", (4, 3))],
+    ids=str,
+)
+@pytest.mark.parametrize("k", THREAD_AND_WARP_SIZES)
+def test_thread_and_warp_per_sample_against_reference(matrix, layout, batch_shape, k):
+    """On both sides of CUDA_WARP_MIN_EVENT_SIZE, where a per-sample matrix moves from a thread
+    to a warp per sample, and the gradients of shared operands from per-thread terms to
+    per-warp sums."""
+    check_float64(cuda_grads, matrix, layout, batch_shape, k)
+    check_float32(cuda_grads, matrix, layout, batch_shape, k)
+
+
+@pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
+def test_warp_per_sample_grid_stride_and_deterministic_reduction(matrix):
+    """More samples than the grid has warps, so each warp takes several; a shared loc's
+    gradient has the same bits on every run."""
+    n, k = 2048 * 4 * 2 + 5, backends.CUDA_WARP_MIN_EVENT_SIZE + 3
+    op, ref = OPS[matrix]
+    inputs = make_operands("shared_loc", (n,), k, matrix=matrix)
+    weights = torch.randn(n, dtype=torch.float64)
+    expected, expected_grads = grads_of(ref, inputs, weights)
+    gpu_inputs = on_gpu([t.float() for t in inputs])
+    with backends.use("cuda"):
+        runs = [grads_of(op, gpu_inputs, weights.float().cuda()) for _ in range(3)]
+    out, grads = runs[0]
+    torch.testing.assert_close(out.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        scale = 1 + e.abs().max()
+        torch.testing.assert_close(g.double().cpu() / scale, e / scale, rtol=0, atol=1e-4 * k)
+    for _, other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(grads, other))
+
+
 class TestCholesky:
     @pytest.mark.parametrize("k", [1, 2, 3, 6, 17, 32, 64])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     def test_against_torch_linalg(self, k, dtype):
         check_against_torch_linalg("cuda", k, (4, 3), dtype, device="cuda")
 
-    def test_gradcheck(self):
-        A = random_spd((2,), 4).cuda().requires_grad_()
+    @pytest.mark.parametrize("k", [4, backends.CUDA_WARP_MIN_EVENT_SIZE])
+    def test_gradcheck(self, k):
+        A = random_spd((2,), k).cuda().requires_grad_()
         with backends.use("cuda"):
             assert torch.autograd.gradcheck(lambda X: ops.cholesky(symmetrise(X)), (A,))
 
-    def test_not_positive_definite_gives_nan_for_that_matrix_only(self):
-        A = random_spd((4,), 3)
+    @pytest.mark.parametrize("k", THREAD_AND_WARP_SIZES)
+    def test_not_positive_definite_gives_nan_for_that_matrix_only(self, k):
+        A = random_spd((4,), k)
         A[1] = -A[1]
         with backends.use("cuda"):
             L = ops.cholesky(A.cuda()).cpu()
         assert torch.isnan(L[1]).all() and torch.isfinite(L[[0, 2, 3]]).all()
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_half_precision(self, dtype):
-        A = random_spd((16,), 5).to(dtype)
+    @pytest.mark.parametrize("k", [5, backends.CUDA_WARP_MIN_EVENT_SIZE])
+    def test_half_precision(self, dtype, k):
+        A = random_spd((16,), k).to(dtype)
         with backends.use("cuda"):
             L = ops.cholesky(A.cuda()).cpu()
         eps = torch.finfo(dtype).eps
@@ -216,7 +263,8 @@ class TestCholesky:
 class TestOpcheck:
     @staticmethod
     def sample_inputs():
-        return opcheck_inputs("cuda")
+        # Both sides of CUDA_WARP_MIN_EVENT_SIZE: a thread and a warp per sample.
+        return opcheck_inputs("cuda", event_sizes=(3, backends.CUDA_WARP_MIN_EVENT_SIZE))
 
     def test_log_prob_ops(self):
         for matrix, args in self.sample_inputs():
@@ -231,8 +279,9 @@ class TestOpcheck:
                     (grad, value, loc.detach(), M.detach(), mask),
                 )
 
-    def test_cholesky_ops(self):
-        A = random_spd((2, 2), 4).float().cuda()
+    @pytest.mark.parametrize("k", [4, backends.CUDA_WARP_MIN_EVENT_SIZE])
+    def test_cholesky_ops(self, k):
+        A = random_spd((2, 2), k).float().cuda()
         torch.library.opcheck(torch.ops.fusedgauss.cholesky.default, (A.requires_grad_(),))
         L = torch.linalg.cholesky(A.detach()).contiguous()
         torch.library.opcheck(torch.ops.fusedgauss.cholesky_backward.default, (torch.randn_like(L), L))
@@ -274,11 +323,17 @@ def test_squashed_against_reference(case, layout, batch_shape, k, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("layout", ["per_sample", "shared_parameter"])
-def test_squashed_gradcheck_and_many_blocks(case, layout):
-    inputs = [t.cuda().requires_grad_() for t in case.inputs(layout, (2, 3), 3)]
+@pytest.mark.parametrize("layout", ["per_sample", "shared_loc", "shared_parameter"])
+@pytest.mark.parametrize("k", [3, backends.CUDA_WARP_MIN_EVENT_SIZE])
+def test_squashed_gradcheck(case, layout, k):
+    inputs = [t.cuda().requires_grad_() for t in case.inputs(layout, (2, 3), k)]
     with backends.use("cuda"):
         assert torch.autograd.gradcheck(case.op, inputs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("layout", ["per_sample", "shared_parameter"])
+def test_squashed_many_blocks(case, layout):
     # Enough samples for every block of the grid, so shared gradients add many partial rows.
     big = case.inputs(layout, (300000,), 6)
     expected, expected_grads = reference_on_float64(case, big)

@@ -288,12 +288,13 @@ def test_double_backward_raises_clearly():
             g.sum().backward()
 
 
-def opcheck_inputs(device="cpu"):
+def opcheck_inputs(device="cpu", event_sizes=(3,)):
     """(matrix, (value, loc, matrix)) for opcheck: per-sample, shared and partly broadcast."""
-    for matrix in ("scale_tril", "covariance"):
-        for layout in ("per_sample", "shared_matrix", "partial"):
-            value, loc, M = make_operands(layout, (2, 3), 3, matrix=matrix, dtype=torch.float32)
-            yield matrix, (value.to(device), loc.to(device).requires_grad_(), M.to(device).requires_grad_())
+    for k in event_sizes:
+        for matrix in ("scale_tril", "covariance"):
+            for layout in ("per_sample", "shared_matrix", "partial"):
+                value, loc, M = make_operands(layout, (2, 3), k, matrix=matrix, dtype=torch.float32)
+                yield matrix, (value.to(device), loc.to(device).requires_grad_(), M.to(device).requires_grad_())
 
 
 @requires_compiled_cpu

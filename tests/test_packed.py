@@ -32,7 +32,8 @@ BACKENDS = [
         ),
     ),
 ]
-EVENT_SIZES = [1, 2, 3, 6, 17, 32]
+# 17, 32 and 40: a CUDA warp per sample, with one and two slots per lane.
+EVENT_SIZES = [1, 2, 3, 6, 17, 32, 40]
 BATCH_SHAPES = [(), (7,), (4, 3)]
 TRANSFORMS = ["softplus", "exp", "none"]
 
@@ -294,14 +295,22 @@ def test_packed_log_prob_zero_size_and_half(backend, device):
             torch.testing.assert_close(got.cpu().float(), expected, rtol=2e-2, atol=2e-2)
 
 
-@requires_compiled_cpu
-def test_packed_log_prob_opcheck():
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=requires_compiled_cpu),
+        pytest.param("cuda", marks=pytest.mark.skipif(not (ON_GPU and backends.COMPILED_CUDA),
+                                                      reason="needs a GPU and the CUDA kernels")),
+    ],
+)
+@pytest.mark.parametrize("k", [3, backends.CUDA_WARP_MIN_EVENT_SIZE])
+def test_packed_log_prob_opcheck(device, k):
     for layout in ("per_sample", "shared_packed", "partial"):
-        value, loc, packed = (t.float() for t in log_prob_inputs(layout, 3))
+        value, loc, packed = (t.float().to(device) for t in log_prob_inputs(layout, k))
         args = (value, loc.requires_grad_(), packed.requires_grad_(), "softplus", 0.01)
         torch.library.opcheck(torch.ops.fusedgauss.mvn_packed_log_prob.default, args)
         torch.library.opcheck(torch.ops.fusedgauss.squashed_packed_log_prob.default, (*args, True))
-        grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], packed.shape[:-1]))
+        grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], packed.shape[:-1]), device=device)
         for mask in ([True, True, True], [False, False, True]):
             plain = (grad, value, loc.detach(), packed.detach(), "exp", 0.0)
             torch.library.opcheck(torch.ops.fusedgauss.mvn_packed_log_prob_backward.default, (*plain, mask))

@@ -4,6 +4,7 @@
 // differ only in the kernels they run inside these wrappers.
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <tuple>
@@ -89,65 +90,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
   return gradients_for_inputs(grads, {&value, &loc, &matrix}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
 }
 
-template <Param kParam, typename Run>
-at::Tensor log_prob_forward_op(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix,
-                               const Run& run) {
-  return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix, run);
-}
+/// The ten log-prob ops of one device around its kernels: mvn_tril_log_prob,
+/// mvn_cov_log_prob, squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob and
+/// their backward ops. `Kernels` runs a checked problem:
+///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash);
+///   template <Param kParam> static std::array<at::Tensor, 3> backward(
+///       const MvnProblem&, const at::Tensor& contiguous_grad, std::array<bool, 3> mask, ValueSquash);
+/// backward returns the gradients of value, loc and the matrix operand as the kernel lays
+/// them out (see mvn_backward_op). A squashed op maps the value to its pre-tanh value first
+/// (ValueSquash); a packed one reads the factor as a policy head's packed output.
+template <class Kernels>
+struct LogProbOps {
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-template <Param kParam, typename Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward_op(const at::Tensor& grad,
-                                                                    const at::Tensor& value,
-                                                                    const at::Tensor& loc,
-                                                                    const at::Tensor& matrix,
-                                                                    std::array<bool, 3> mask,
-                                                                    const Run& run) {
-  return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask, run);
-}
+  template <Param kParam>
+  static at::Tensor mvn(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
+    return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix,
+                          [](const MvnProblem& p, at::Tensor& out) { Kernels::template forward<kParam>(p, out, {}); });
+  }
 
-/// squashed_tril_log_prob: a device's `run(problem, out, squash)` of its scale_tril log-prob
-/// kernel, with the value mapped to its pre-tanh value.
-template <typename Run>
-at::Tensor squashed_tril_log_prob_op(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-                                     bool value_is_pre_tanh, const Run& run) {
-  const ValueSquash squash{true, !value_is_pre_tanh};
-  return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
-                        [&](const MvnProblem& p, at::Tensor& out) { run(p, out, squash); });
-}
+  template <Param kParam>
+  static Grads mvn_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                            const at::Tensor& matrix, std::array<bool, 3> mask) {
+    return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask,
+                           [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+                             return Kernels::template backward<kParam>(p, grad, mask, {});
+                           });
+  }
 
-/// squashed_tril_log_prob_backward: a device's `run(problem, grad, mask, squash)`.
-template <typename Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward_op(
-    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-    bool value_is_pre_tanh, std::array<bool, 3> mask, const Run& run) {
-  const ValueSquash squash{true, !value_is_pre_tanh};
-  return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
-                         [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                           return run(p, grad, mask, squash);
-                         });
-}
+  static at::Tensor squashed_tril(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                  bool value_is_pre_tanh) {
+    const ValueSquash squash{true, !value_is_pre_tanh};
+    return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
+                          [&](const MvnProblem& p, at::Tensor& out) {
+                            Kernels::template forward<Param::kScaleTril>(p, out, squash);
+                          });
+  }
 
-/// mvn_packed_log_prob and squashed_packed_log_prob (`squash` says which): a device's
-/// `run(problem, out, squash)` of its packed log-prob kernel.
-template <typename Run>
-at::Tensor packed_log_prob_op(const char* op, const at::Tensor& value, const at::Tensor& loc,
-                              const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
-                              ValueSquash squash, const Run& run) {
-  const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
-  run(p, out, squash);
-  return out;
-}
+  static Grads squashed_tril_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                                      const at::Tensor& scale_tril, bool value_is_pre_tanh, std::array<bool, 3> mask) {
+    const ValueSquash squash{true, !value_is_pre_tanh};
+    return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
+                           [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
+                             return Kernels::template backward<Param::kScaleTril>(p, grad, mask, squash);
+                           });
+  }
 
-/// The backward op of a packed_log_prob_op: `run(problem, grad, mask, squash)`.
-template <typename Run>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> packed_log_prob_backward_op(
-    const char* op, const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-    c10::string_view diag_transform, double min_diag, ValueSquash squash, std::array<bool, 3> mask, const Run& run) {
-  const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-  const std::array<at::Tensor, 3> grads = run(p, batch_gradient(op, grad, value, p.layout), mask, squash);
-  return gradients_for_inputs(grads, {&value, &loc, &packed}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
-}
+  static at::Tensor mvn_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                               c10::string_view diag_transform, double min_diag) {
+    return packed_forward("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag, {});
+  }
+
+  static Grads mvn_packed_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                                   const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                                   std::array<bool, 3> mask) {
+    return packed_backward("mvn_packed_log_prob_backward", grad, value, loc, packed, diag_transform, min_diag, {},
+                           mask);
+  }
+
+  static at::Tensor squashed_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh) {
+    return packed_forward("squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag,
+                          {true, !value_is_pre_tanh});
+  }
+
+  static Grads squashed_packed_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                                        const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                                        bool value_is_pre_tanh, std::array<bool, 3> mask) {
+    return packed_backward("squashed_packed_log_prob_backward", grad, value, loc, packed, diag_transform, min_diag,
+                           {true, !value_is_pre_tanh}, mask);
+  }
+
+  static void register_kernels(torch::Library& m) {
+    m.impl("mvn_tril_log_prob", &mvn<Param::kScaleTril>);
+    m.impl("mvn_tril_log_prob_backward", &mvn_backward<Param::kScaleTril>);
+    m.impl("mvn_cov_log_prob", &mvn<Param::kCovariance>);
+    m.impl("mvn_cov_log_prob_backward", &mvn_backward<Param::kCovariance>);
+    m.impl("squashed_tril_log_prob", &squashed_tril);
+    m.impl("squashed_tril_log_prob_backward", &squashed_tril_backward);
+    m.impl("mvn_packed_log_prob", &mvn_packed);
+    m.impl("mvn_packed_log_prob_backward", &mvn_packed_backward);
+    m.impl("squashed_packed_log_prob", &squashed_packed);
+    m.impl("squashed_packed_log_prob_backward", &squashed_packed_backward);
+  }
+
+ private:
+  static at::Tensor packed_forward(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                                   const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                                   ValueSquash squash) {
+    const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+    at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+    Kernels::template forward<Param::kPacked>(p, out, squash);
+    return out;
+  }
+
+  static Grads packed_backward(const char* op, const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                               const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                               ValueSquash squash, std::array<bool, 3> mask) {
+    const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+    const std::array<at::Tensor, 3> grads =
+        Kernels::template backward<Param::kPacked>(p, batch_gradient(op, grad, value, p.layout), mask, squash);
+    return gradients_for_inputs(grads, {&value, &loc, &packed}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
+  }
+};
 
 /// A log-prob over three (*, k) operands (value, loc, scale): `run(problem, out)` fills `out`.
 template <typename Run>

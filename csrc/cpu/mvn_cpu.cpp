@@ -641,8 +641,17 @@ void with_block_shape(const MvnProblem& p, const F& fn) {
   });
 }
 
+/// The kernels behind this device's log-prob ops (LogProbOps, csrc/common/op_wrappers.h).
+struct LogProbKernels {
+  template <Param kParam>
+  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash);
+  template <Param kParam>
+  static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
+                                            ValueSquash squash);
+};
+
 template <Param kParam>
-void run_log_prob_forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
+void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
     with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
       log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>(),
@@ -652,8 +661,8 @@ void run_log_prob_forward(const MvnProblem& p, at::Tensor& out, ValueSquash squa
 }
 
 template <Param kParam>
-std::array<at::Tensor, 3> run_log_prob_backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                                ValueSquash squash) {
+std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
+                                                   std::array<bool, 3> mask, ValueSquash squash) {
   std::array<at::Tensor, 3> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
     with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
@@ -662,64 +671,6 @@ std::array<at::Tensor, 3> run_log_prob_backward(const MvnProblem& p, const at::T
     });
   });
   return grads;
-}
-
-template <Param kParam>
-at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
-  return log_prob_forward_op<kParam>(value, loc, matrix, [](const MvnProblem& p, at::Tensor& out) {
-    run_log_prob_forward<kParam>(p, out, ValueSquash{});
-  });
-}
-
-template <Param kParam>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tensor& grad,
-                                                                 const at::Tensor& value,
-                                                                 const at::Tensor& loc,
-                                                                 const at::Tensor& matrix,
-                                                                 std::array<bool, 3> mask) {
-  return log_prob_backward_op<kParam>(grad, value, loc, matrix, mask,
-                                      [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                                        return run_log_prob_backward<kParam>(p, grad, mask, ValueSquash{});
-                                      });
-}
-
-at::Tensor squashed_tril_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-                                  bool value_is_pre_tanh) {
-  return squashed_tril_log_prob_op(value, loc, scale_tril, value_is_pre_tanh, run_log_prob_forward<Param::kScaleTril>);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward(
-    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-    bool value_is_pre_tanh, std::array<bool, 3> mask) {
-  return squashed_tril_log_prob_backward_op(grad, value, loc, scale_tril, value_is_pre_tanh, mask,
-                                            run_log_prob_backward<Param::kScaleTril>);
-}
-
-at::Tensor mvn_packed_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-                               c10::string_view diag_transform, double min_diag) {
-  return packed_log_prob_op("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag, ValueSquash{},
-                            run_log_prob_forward<Param::kPacked>);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_packed_log_prob_backward(
-    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-    c10::string_view diag_transform, double min_diag, std::array<bool, 3> mask) {
-  return packed_log_prob_backward_op("mvn_packed_log_prob_backward", grad, value, loc, packed, diag_transform,
-                                     min_diag, ValueSquash{}, mask, run_log_prob_backward<Param::kPacked>);
-}
-
-at::Tensor squashed_packed_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-                                    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh) {
-  return packed_log_prob_op("squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag,
-                            ValueSquash{true, !value_is_pre_tanh}, run_log_prob_forward<Param::kPacked>);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_packed_log_prob_backward(
-    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh, std::array<bool, 3> mask) {
-  return packed_log_prob_backward_op("squashed_packed_log_prob_backward", grad, value, loc, packed, diag_transform,
-                                     min_diag, ValueSquash{true, !value_is_pre_tanh}, mask,
-                                     run_log_prob_backward<Param::kPacked>);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob(const at::Tensor& loc,
@@ -756,16 +707,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob_ba
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
-  m.impl("mvn_tril_log_prob", &log_prob_forward<Param::kScaleTril>);
-  m.impl("mvn_tril_log_prob_backward", &log_prob_backward<Param::kScaleTril>);
-  m.impl("mvn_cov_log_prob", &log_prob_forward<Param::kCovariance>);
-  m.impl("mvn_cov_log_prob_backward", &log_prob_backward<Param::kCovariance>);
-  m.impl("squashed_tril_log_prob", &squashed_tril_log_prob);
-  m.impl("squashed_tril_log_prob_backward", &squashed_tril_log_prob_backward);
-  m.impl("mvn_packed_log_prob", &mvn_packed_log_prob);
-  m.impl("mvn_packed_log_prob_backward", &mvn_packed_log_prob_backward);
-  m.impl("squashed_packed_log_prob", &squashed_packed_log_prob);
-  m.impl("squashed_packed_log_prob_backward", &squashed_packed_log_prob_backward);
+  LogProbOps<LogProbKernels>::register_kernels(m);
   m.impl("squashed_tril_rsample_log_prob", &squashed_tril_rsample_log_prob);
   m.impl("squashed_tril_rsample_log_prob_backward", &squashed_tril_rsample_log_prob_backward);
 }

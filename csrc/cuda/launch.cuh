@@ -19,8 +19,9 @@ namespace cuda {
 constexpr int kThreads = 128;
 
 /// Largest event size of the CUDA kernels. A thread keeps its sample's vectors, and for a
-/// covariance its Cholesky factor, in private arrays sized by a tier of this (below); larger
-/// events go to the torch backend (pyext/backends.py MAX_EVENT_SIZE says so).
+/// covariance its Cholesky factor, in private arrays sized by a tier of this (below), and a
+/// warp per sample (warp.cuh) holds a factor of this size in shared memory; larger events go
+/// to the torch backend (pyext/backends.py MAX_EVENT_SIZE says so).
 constexpr int64_t kMaxEventSize = 64;
 
 /// Blocks of a grid-stride loop: enough to fill the largest GPUs, and a constant rather than
@@ -32,19 +33,30 @@ inline int blocks_for(int64_t n, int threads) {
   return static_cast<int>(std::clamp<int64_t>((n + threads - 1) / threads, 1, kMaxBlocks));
 }
 
+/// Blocks, threads per block and dynamic shared memory of a kernel launch.
+struct LaunchShape {
+  int blocks;
+  int threads;
+  size_t shared_bytes;
+};
+
 /// `for (b = ...)` over [0, n) with a grid of any size: each thread takes every
 /// (blocks x threads)-th index.
 #define FUSEDGAUSS_GRID_STRIDE_LOOP(b, n)                                                       \
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < (n); \
        b += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
+inline void check_event_size(const char* op, int64_t k) {
+  TORCH_CHECK(k <= kMaxEventSize, op, ": the CUDA kernels handle event sizes up to ", kMaxEventSize,
+              ", got ", k, " (the torch backend handles any)");
+}
+
 /// Runs fn(K, kMaxK) with std::integral_constants: K = k, kMaxK = k for the small event sizes
 /// of float inputs, where a compile-time k unrolls a sample's math into registers; K = 0 (a
 /// runtime k) and kMaxK the smallest tier of 8, 16, 32, 64 that holds k otherwise.
 template <typename scalar_t, typename F>
 void with_event_size(const char* op, int64_t k, const F& fn) {
-  TORCH_CHECK(k <= kMaxEventSize, op, ": the CUDA kernels handle event sizes up to ", kMaxEventSize,
-              ", got ", k, " (the torch backend handles any)");
+  check_event_size(op, k);
   using std::integral_constant;
   if constexpr (std::is_same_v<scalar_t, float>) {
     switch (k) {
@@ -77,6 +89,12 @@ void launch(void (*kernel)(KernelArgs...), int blocks, int threads, size_t share
   }
   kernel<<<blocks, threads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+/// Dynamic shared memory of a block, aligned for any acc_t.
+__device__ inline void* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  return shared_bytes;
 }
 
 /// quiet NaN in any floating type, c10::Half and c10::BFloat16 included.

@@ -3,9 +3,12 @@
 //   mvn_cov_log_prob(value, loc, covariance)    and its backward
 //   squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)   and its backward
 //   squashed_tril_rsample_log_prob(loc, scale_tril, eps)               and its backward
+//   mvn_packed_log_prob, squashed_packed_log_prob (value, loc, packed scale_tril, ...) and theirs
 // One thread per sample, around the per-sample math of csrc/math with one lane (W = 1). A
 // per-sample scale_tril is read in place from global memory; a per-sample covariance is
-// factorised into the thread's private array and never written out. A matrix shared by the
+// factorised, and a packed factor unpacked, into the thread's private array and never
+// written out. From kWarpMinEventSize (warp.cuh) a per-sample matrix gets a warp per sample
+// instead, around the team math of csrc/math/team_math.h. A matrix shared by the
 // batch is staged once per block in shared memory (and factorised there, for a covariance).
 // Gradients of shared operands are reduced without atomics: each block sums its samples in a
 // fixed order into its own row of partial sums, and one more block adds the rows in order,
@@ -20,9 +23,12 @@
 
 #include "../common/op_wrappers.h"
 #include "../math/gaussian_math.h"
+#include "../math/packed_math.h"
 #include "../math/squash_math.h"
+#include "../math/team_math.h"
 #include "launch.cuh"
 #include "rsample_upstream.cuh"
+#include "warp.cuh"
 
 namespace fusedgauss {
 namespace cuda {
@@ -40,6 +46,9 @@ struct MvnOperands {
   int64_t n;  // samples
   int64_t k;  // event size
   ValueSquash squash;
+  // A packed factor's diagonal: L_ii = diag_transform(x_ii) + min_diag.
+  math::DiagTransform diag_transform;
+  double min_diag;
 
   explicit MvnOperands(const MvnProblem& p, ValueSquash squash = {})
       : value(p.value.data.const_data_ptr<scalar_t>()),
@@ -50,21 +59,59 @@ struct MvnOperands {
         matrix_stride(p.matrix.batch_stride),
         n(p.layout.batch_numel),
         k(p.k),
-        squash(squash) {}
+        squash(squash),
+        diag_transform(p.diag_transform),
+        min_diag(p.min_diag) {}
 };
 
-/// Dynamic shared memory of a block, aligned for any acc_t.
-__device__ inline void* dynamic_shared_memory() {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  return shared_bytes;
+/// Entries of one sample's row of the matrix operand: k x k, or packed.
+template <Param kParam>
+__host__ __device__ inline int64_t matrix_row_width(int64_t k) {
+  return kParam == Param::kPacked ? math::packed_size(k) : k * k;
 }
 
-/// A matrix shared by the batch, staged in shared memory by the whole block: copied, and
-/// factorised by thread 0 when it is a covariance. `ok` is false when that factorisation
-/// fails; `log_det` (optional) receives sum_i log L_ii.
+/// Entry (i, j), j <= i, of the scale_tril or covariance whose row of the matrix operand is
+/// `m`: read in place or, packed, unpacked (the diagonal through its transform).
+template <Param kParam, typename scalar_t>
+__device__ C10_ALWAYS_INLINE at::opmath_type<scalar_t> lower_entry(const MvnOperands<scalar_t>& a, const scalar_t* m,
+                                                                   int64_t k, int64_t i, int64_t j) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kParam == Param::kPacked) {
+    const acc_t x = static_cast<acc_t>(m[math::packed_index(i, j)]);
+    return i == j ? math::diag_entry(a.diag_transform, x, static_cast<acc_t>(a.min_diag)).value : x;
+  } else {
+    return static_cast<acc_t>(m[i * k + j]);
+  }
+}
+
+/// Writes entry (i, j) of a scale_tril gradient, gij, into the matrix operand's gradient row
+/// `out` (whose operand row is `m`): k x k, or, packed, at (i, j <= i)'s packed place, a
+/// diagonal entry times dL_ii/dx_ii (entries above the diagonal have no packed place).
 template <Param kParam, typename scalar_t, typename acc_t>
-__device__ void stage_shared_factor(const scalar_t* matrix, int64_t k, acc_t* staged, bool* ok, acc_t* log_det) {
-  for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x) staged[e] = static_cast<acc_t>(matrix[e]);
+__device__ C10_ALWAYS_INLINE void write_matrix_gradient(const MvnOperands<scalar_t>& a, const scalar_t* m,
+                                                        scalar_t* out, int64_t k, int64_t i, int64_t j, acc_t gij) {
+  if constexpr (kParam == Param::kPacked) {
+    if (j > i) return;
+    const int64_t e = math::packed_index(i, j);
+    if (i == j) gij *= math::diag_entry(a.diag_transform, static_cast<acc_t>(m[e]), acc_t(0)).derivative;
+    out[e] = static_cast<scalar_t>(gij);
+  } else {
+    out[i * k + j] = static_cast<scalar_t>(gij);
+  }
+}
+
+/// A matrix shared by the batch, staged in shared memory by the whole block: its lower
+/// triangle copied (unpacked, for a packed factor; zero above), and factorised by thread 0
+/// when it is a covariance. `ok` is false when that factorisation fails; `log_det`
+/// (optional) receives sum_i log L_ii.
+template <Param kParam, typename scalar_t, typename acc_t>
+__device__ void stage_shared_factor(const MvnOperands<scalar_t>& a, int64_t k, acc_t* staged, bool* ok,
+                                    acc_t* log_det) {
+  for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x) {
+    const int64_t i = e / k;
+    const int64_t j = e % k;
+    staged[e] = j <= i ? lower_entry<kParam>(a, a.matrix, k, i, j) : acc_t(0);
+  }
   __syncthreads();
   if (threadIdx.x == 0) {
     bool factor_ok = true;
@@ -87,21 +134,25 @@ __device__ C10_ALWAYS_INLINE acc_t pre_tanh_of(ValueSquash squash, acc_t x) {
              : x;
 }
 
+/// Entry i of d = value - loc for sample b; squashed, d_i = u_i - loc_i, and the Jacobian term
+/// log(1 - tanh(u_i)^2) is added to `jacobian`.
+template <typename scalar_t, typename acc_t>
+__device__ C10_ALWAYS_INLINE acc_t difference_entry(const MvnOperands<scalar_t>& a, int64_t b, int64_t i,
+                                                    acc_t& jacobian) {
+  acc_t u = static_cast<acc_t>(a.value[b * a.value_stride + i]);
+  if (a.squash.squashed) {
+    u = pre_tanh_of<scalar_t>(a.squash, u);
+    jacobian += math::tanh_terms(u).log_det;
+  }
+  return u - static_cast<acc_t>(a.loc[b * a.loc_stride + i]);
+}
+
 /// d = value - loc for sample b; squashed, d = u - loc and the return value is the Jacobian
 /// sum_i log(1 - tanh(u_i)^2) (0 otherwise).
 template <typename scalar_t, typename acc_t>
 __device__ C10_ALWAYS_INLINE acc_t load_difference(const MvnOperands<scalar_t>& a, int64_t b, int64_t k, acc_t* d) {
-  const scalar_t* value = a.value + b * a.value_stride;
-  const scalar_t* loc = a.loc + b * a.loc_stride;
   acc_t jacobian = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    acc_t u = static_cast<acc_t>(value[i]);
-    if (a.squash.squashed) {
-      u = pre_tanh_of<scalar_t>(a.squash, u);
-      jacobian += math::tanh_terms(u).log_det;
-    }
-    d[i] = u - static_cast<acc_t>(loc[i]);
-  }
+  for (int64_t i = 0; i < k; ++i) d[i] = difference_entry(a, b, i, jacobian);
   return jacobian;
 }
 
@@ -115,16 +166,16 @@ __device__ C10_ALWAYS_INLINE acc_t value_gradient(ValueSquash squash, acc_t x, a
   return squash.from_action ? d_u * math::atanh_clamped_derivative(x, eps) : d_u;
 }
 
-/// The lower triangle of sample b's covariance, factorised in `L`; false if not
-/// positive-definite.
-template <typename scalar_t, typename acc_t>
-__device__ C10_ALWAYS_INLINE bool factorise(const MvnOperands<scalar_t>& a, int64_t b, int64_t k, acc_t* L) {
-  const scalar_t* sigma = a.matrix + b * a.matrix_stride;
+/// Sample b's factor in the thread's array `L` (lower triangle): a covariance factorised, a
+/// packed factor unpacked. Returns false when the covariance is not positive-definite.
+template <Param kParam, typename scalar_t, typename acc_t>
+__device__ C10_ALWAYS_INLINE bool load_factor(const MvnOperands<scalar_t>& a, int64_t b, int64_t k, acc_t* L) {
+  const scalar_t* m = a.matrix + b * a.matrix_stride;
   for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j <= i; ++j) L[i * k + j] = static_cast<acc_t>(sigma[i * k + j]);
+    for (int64_t j = 0; j <= i; ++j) L[i * k + j] = lower_entry<kParam>(a, m, k, i, j);
   }
   bool ok = true;
-  math::cholesky_in_place<1>(k, L, &ok);
+  if constexpr (kParam == Param::kCovariance) math::cholesky_in_place<1>(k, L, &ok);
   return ok;
 }
 
@@ -138,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ bool staged_ok;
   __shared__ acc_t staged_log_det;
   if (shared_matrix) {
-    stage_shared_factor<kParam>(a.matrix, k, staged, &staged_ok, &staged_log_det);
+    stage_shared_factor<kParam>(a, k, staged, &staged_ok, &staged_log_det);
   }
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < a.n;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -157,7 +208,7 @@ __global__ void __launch_bounds__(kThreads)
       math::sum_log_diagonal<1>(k, L, &log_det);
     } else {
       acc_t L[kMaxK * kMaxK];
-      ok = factorise(a, b, k, L);
+      ok = load_factor<kParam>(a, b, k, L);
       math::whiten<1>(k, L, z, &squared_norm);
       math::sum_log_diagonal<1>(k, L, &log_det);
     }
@@ -234,6 +285,8 @@ __global__ void __launch_bounds__(kThreads)
     log_prob_backward_kernel(const MvnOperands<scalar_t> a, const BackwardOutputs<scalar_t> o) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kCovariance = kParam == Param::kCovariance;
+  // A per-sample factor the thread builds itself, rather than reads in place.
+  constexpr bool kOwnFactor = kParam != Param::kScaleTril;
   const int64_t k = kK > 0 ? kK : a.k;
   const bool shared_matrix = a.matrix_stride == 0;
   const bool reduces = o.partials != nullptr;
@@ -247,7 +300,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* g_row = v_rows + threads * k;
   __shared__ bool staged_ok;
   if (shared_matrix) {
-    stage_shared_factor<kParam>(a.matrix, k, staged, &staged_ok, static_cast<acc_t*>(nullptr));
+    stage_shared_factor<kParam>(a, k, staged, &staged_ok, static_cast<acc_t*>(nullptr));
   }
   const int64_t width = partial_width(k);
   acc_t* block_partials = reduces ? o.partials + blockIdx.x * width : nullptr;
@@ -267,11 +320,11 @@ __global__ void __launch_bounds__(kThreads)
       g = static_cast<acc_t>(o.grad[b]);
       load_difference(a, b, k, z);
       // L: the staged factor, a per-sample scale_tril in place, or a per-sample covariance
-      // factorised here.
-      acc_t factor[kCovariance ? kMaxK * kMaxK : 1];
+      // factorised (packed factor unpacked) here.
+      acc_t factor[kOwnFactor ? kMaxK * kMaxK : 1];
       const scalar_t* tril = a.matrix + b * a.matrix_stride;
       bool ok = true;
-      if (!shared_matrix && kCovariance) ok = factorise(a, b, k, factor);
+      if (!shared_matrix && kOwnFactor) ok = load_factor<kParam>(a, b, k, factor);
       const auto solve = [&](auto L) {
         math::solve_lower<1>(k, L, z);
         for (int64_t i = 0; i < k; ++i) w[i] = z[i];
@@ -280,7 +333,7 @@ __global__ void __launch_bounds__(kThreads)
       if (shared_matrix) {
         solve(static_cast<const acc_t*>(staged));
         ok = staged_ok;
-      } else if constexpr (kCovariance) {
+      } else if constexpr (kOwnFactor) {
         solve(static_cast<const acc_t*>(factor));
       } else {
         solve(tril);
@@ -295,15 +348,21 @@ __global__ void __launch_bounds__(kThreads)
         if (o.loc_rows != nullptr) o.loc_rows[b * k + i] = static_cast<scalar_t>(g * w[i]);
       }
       if (o.matrix_rows != nullptr) {
-        scalar_t* out = o.matrix_rows + b * k * k;
+        scalar_t* out = o.matrix_rows + b * matrix_row_width<kParam>(k);
         if constexpr (!kCovariance) {
-          // d/dL = tril(w z^T) - diag(1/L_ii)
-          const scalar_t* L = shared_matrix ? nullptr : tril;
+          // d/dL = tril(w z^T) - diag(1/L_ii), packed through dL_ii/dx_ii.
           for (int64_t i = 0; i < k; ++i) {
-            const acc_t L_ii = shared_matrix ? staged[i * k + i] : static_cast<acc_t>(L[i * k + i]);
+            acc_t L_ii;
+            if (shared_matrix) {
+              L_ii = staged[i * k + i];
+            } else if constexpr (kOwnFactor) {
+              L_ii = factor[i * k + i];
+            } else {
+              L_ii = static_cast<acc_t>(tril[i * k + i]);
+            }
             for (int64_t j = 0; j < k; ++j) {
               const acc_t gij = j < i ? g * w[i] * z[j] : j == i ? g * w[i] * z[i] - g / L_ii : acc_t(0);
-              out[i * k + j] = static_cast<scalar_t>(gij);
+              write_matrix_gradient<kParam>(a, tril, out, k, i, j, gij);
             }
           }
         } else {
@@ -331,20 +390,206 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// A warp per sample, for per-sample matrices with k >= kWarpMinEventSize: the sample's factor
+// sits in the warp's rows of shared memory and its vectors in kSlots slots per lane, with the
+// team math of csrc/math/team_math.h. Warps are independent; the samples of a grid stride
+// go to the grid's warps in order.
+
+/// Whether a problem runs a warp per sample.
+inline bool warp_per_sample(const MvnProblem& p) { return !p.matrix.shared() && p.k >= kWarpMinEventSize; }
+
+/// Stages sample b's matrix in the warp's rows `L` (ld apart): the lower triangle of its
+/// scale_tril (packed: unpacked), or of its covariance, factorised there. Returns, in every lane, false when the
+/// covariance is not positive-definite.
+template <Param kParam, typename scalar_t, typename acc_t>
+__device__ bool stage_sample_factor(const Warp& warp, const MvnOperands<scalar_t>& a, int64_t b, int64_t k, acc_t* L,
+                                    int64_t ld) {
+  const scalar_t* m = a.matrix + b * a.matrix_stride;
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = warp.lane(); j <= i; j += kWarpSize) L[i * ld + j] = lower_entry<kParam>(a, m, k, i, j);
+  }
+  if constexpr (kParam == Param::kCovariance) {
+    return math::team_cholesky_in_place(warp, k, L, ld);
+  }
+  warp.sync();
+  return true;
+}
+
+/// This lane's slots of d = value - loc for sample b (zero past k); the return value is the
+/// Jacobian of a squashed value, summed over the warp.
+template <int kSlots, typename scalar_t, typename acc_t>
+__device__ acc_t load_difference_slots(const Warp& warp, const MvnOperands<scalar_t>& a, int64_t b, int64_t k,
+                                       acc_t (&d)[kSlots]) {
+  acc_t jacobian = 0;
+  for (int t = 0; t < kSlots; ++t) {
+    const int64_t i = math::entry_index(warp, t);
+    d[t] = i < k ? difference_entry(a, b, i, jacobian) : acc_t(0);
+  }
+  return a.squash.squashed ? warp.sum(jacobian) : acc_t(0);
+}
+
+/// The gradient terms a warp sums for a shared value or loc (the matrix is per sample on
+/// this path): a k-vector in slots and a number, added over the warp's samples in order.
+/// write_block_partials then adds the block's warps in order into its row of partial sums, in
+/// the layout of partial_width (the vector, the matrix part zero, the number), for
+/// finish_reduction_kernel.
+template <int kSlots, typename acc_t>
+struct WarpSums {
+  acc_t vector[kSlots] = {};
+  acc_t number = 0;
+
+  __device__ void add(const acc_t (&v)[kSlots], acc_t c) {
+    for (int t = 0; t < kSlots; ++t) vector[t] += v[t];
+    number += c;
+  }
+
+  /// Every thread of the block calls this once, after its samples. `rows` is shared-memory
+  /// scratch of (k + 1) entries per warp.
+  __device__ void write_block_partials(const Warp& warp, const WarpGrid& grid, int64_t k, acc_t* rows,
+                                       acc_t* partials) const {
+    acc_t* mine = rows + grid.index * (k + 1);
+    for (int t = 0; t < kSlots; ++t) {
+      const int64_t i = math::entry_index(warp, t);
+      if (i < k) mine[i] = vector[t];
+    }
+    if (warp.lane() == 0) mine[k] = number;
+    __syncthreads();
+    const int64_t width = partial_width(k);
+    acc_t* block_partials = partials + blockIdx.x * width;
+    for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
+      const int64_t column = e < k ? e : e == width - 1 ? k : -1;
+      acc_t s = 0;
+      if (column >= 0) {
+        for (int r = 0; r < grid.warps; ++r) s += rows[r * (k + 1) + column];
+      }
+      block_partials[e] = s;
+    }
+  }
+};
+
+/// This lane's slots of a sample's noise (the "value" operand of an rsample) and loc, zero
+/// past k.
+template <int kSlots, typename scalar_t, typename acc_t>
+__device__ void load_noise_and_loc(const Warp& warp, const MvnOperands<scalar_t>& a, int64_t b, int64_t k,
+                                   acc_t (&eps)[kSlots], acc_t (&loc)[kSlots]) {
+  for (int t = 0; t < kSlots; ++t) {
+    const int64_t i = math::entry_index(warp, t);
+    eps[t] = i < k ? static_cast<acc_t>(a.value[b * a.value_stride + i]) : acc_t(0);
+    loc[t] = i < k ? static_cast<acc_t>(a.loc[b * a.loc_stride + i]) : acc_t(0);
+  }
+}
+
+template <Param kParam, int kSlots, typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads)
+    warp_log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Warp warp;
+  const WarpGrid grid;
+  const int64_t k = a.k;
+  const WarpMatrices<acc_t> matrices(grid, k, 1);
+  const int64_t ld = matrices.ld;
+  acc_t* L = matrices[0];
+  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
+    const bool ok = stage_sample_factor<kParam>(warp, a, b, k, L, ld);
+    acc_t z[kSlots];
+    const acc_t jacobian = load_difference_slots(warp, a, b, k, z);
+    math::team_solve_lower(warp, k, L, ld, z);
+    const acc_t squared_norm = math::team_dot(warp, k, z, z);
+    const acc_t log_det = math::team_sum_log_diagonal(warp, k, L, ld);
+    if (warp.lane() == 0) {
+      out[b] = ok ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian)
+                  : quiet_nan<scalar_t>();
+    }
+    warp.sync();  // every lane is done with L before the next sample is staged
+  }
+}
+
+/// The backward of warp_log_prob_forward_kernel, with the gradients of log_prob_backward_kernel.
+/// A covariance's gradient 1/2 g (w w^T - Sigma^{-1}) takes Sigma^{-1} from L^{-1}, kept in a
+/// second matrix of the warp's shared memory. A shared value or loc gets the sums of g w and
+/// g (WarpSums).
+template <Param kParam, int kSlots, typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads)
+    warp_log_prob_backward_kernel(const MvnOperands<scalar_t> a, const BackwardOutputs<scalar_t> o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool kCovariance = kParam == Param::kCovariance;
+  const Warp warp;
+  const WarpGrid grid;
+  const int64_t k = a.k;
+  // Shared memory: each warp's matrices (L, then L^{-1} for a covariance), then each warp's
+  // sums of g w (k) and g.
+  const WarpMatrices<acc_t> matrices(grid, k, kCovariance ? 2 : 1);
+  const int64_t ld = matrices.ld;
+  acc_t* L = matrices[0];
+  acc_t* L_inv = kCovariance ? matrices[1] : nullptr;
+  WarpSums<kSlots, acc_t> sums;
+  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
+    const bool ok = stage_sample_factor<kParam>(warp, a, b, k, L, ld);
+    acc_t z[kSlots];
+    load_difference_slots(warp, a, b, k, z);
+    math::team_solve_lower(warp, k, L, ld, z);
+    acc_t w[kSlots];
+    for (int t = 0; t < kSlots; ++t) w[t] = z[t];
+    math::team_solve_lower_transposed(warp, k, L, ld, w);
+    const acc_t g = ok ? static_cast<acc_t>(o.grad[b]) : quiet_nan<acc_t>();
+    acc_t gw[kSlots];
+    for (int t = 0; t < kSlots; ++t) gw[t] = g * w[t];
+    sums.add(gw, g);
+    // d log p / d value = -w, d log p / d loc = w.
+    for (int t = 0; t < kSlots; ++t) {
+      const int64_t i = math::entry_index(warp, t);
+      if (i >= k) continue;
+      if (o.value_rows != nullptr) {
+        const acc_t x = static_cast<acc_t>(a.value[b * a.value_stride + i]);
+        o.value_rows[b * k + i] = static_cast<scalar_t>(value_gradient<scalar_t>(a.squash, x, -gw[t], g));
+      }
+      if (o.loc_rows != nullptr) o.loc_rows[b * k + i] = static_cast<scalar_t>(gw[t]);
+    }
+    if (o.matrix_rows != nullptr) {
+      // Row by row, the lanes across the columns: lane j % 32 holds z_j and w_j.
+      const scalar_t* m = a.matrix + b * a.matrix_stride;
+      scalar_t* out = o.matrix_rows + b * matrix_row_width<kParam>(k);
+      if constexpr (kCovariance) math::team_invert_lower(warp, k, L, ld, L_inv, ld);
+      for (int64_t i = 0; i < k; ++i) {
+        const acc_t gw_i = g * math::team_entry(warp, w, i);
+        for (int t = 0; t < kSlots; ++t) {
+          const int64_t j = math::entry_index(warp, t);
+          if (j >= k) continue;
+          acc_t gij;
+          if constexpr (kCovariance) {
+            // d/dSigma = 1/2 g (w w^T - Sigma^{-1}), symmetric to the bit: both products commute.
+            gij = acc_t(0.5) * (gw_i * w[t] - g * math::inverse_product_entry(k, L_inv, ld, i, j));
+          } else {
+            // d/dL = g (tril(w z^T) - diag(1/L_ii)), packed through dL_ii/dx_ii.
+            gij = j < i ? gw_i * z[t] : j == i ? gw_i * z[t] - g / L[i * ld + i] : acc_t(0);
+          }
+          write_matrix_gradient<kParam>(a, m, out, k, i, j, gij);
+        }
+      }
+    }
+    warp.sync();  // every lane is done with L before the next sample is staged
+  }
+  if (o.partials != nullptr) sums.write_block_partials(warp, grid, k, matrices.past_matrices, o.partials);
+}
+
 /// One block: adds the blocks' partial sums in block order, then writes the reduced
 /// gradients: value -sum g w (squashed: through value_gradient, with the value shared by every
 /// sample), loc sum g w, and the matrix's from sum g w v^T and sum g:
 ///   scale_tril: tril(sum g w z^T) - (sum g) diag(1/L_ii)
+///   packed:     the same, in packed order, the diagonal times dL_ii/dx_ii
 ///   covariance: 1/2 (sum g w w^T - (sum g) Sigma^{-1}), symmetric.
-/// `scratch` holds partial_width(k) + 2 k^2 entries; a shared covariance's factor and inverse
-/// are computed there by thread 0 (O(k^3) once, as the forward kernel's blocks do).
+/// The operands of `a` are the shared ones. `scratch` holds partial_width(k) + 2 k^2 entries;
+/// a shared covariance's factor and inverse are computed there by thread 0 (O(k^3) once, as
+/// the forward kernel's blocks do).
 template <Param kParam, typename scalar_t>
 __global__ void finish_reduction_kernel(const at::opmath_type<scalar_t>* __restrict__ partials, int64_t blocks,
-                                        int64_t k, const scalar_t* __restrict__ matrix,
+                                        const MvnOperands<scalar_t> a,
                                         at::opmath_type<scalar_t>* __restrict__ scratch, scalar_t* value_grad,
-                                        scalar_t* loc_grad, scalar_t* matrix_grad, const scalar_t* shared_value,
-                                        ValueSquash squash) {
+                                        scalar_t* loc_grad, scalar_t* matrix_grad) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t k = a.k;
+  const scalar_t* matrix = a.matrix;
   const int64_t width = partial_width(k);
   acc_t* total = scratch;
   for (int64_t e = threadIdx.x; e < width; e += blockDim.x) {
@@ -356,19 +601,20 @@ __global__ void finish_reduction_kernel(const at::opmath_type<scalar_t>* __restr
   const acc_t grad_sum = total[k + k * k];
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     if (value_grad != nullptr) {
-      const acc_t x = static_cast<acc_t>(shared_value[i]);
-      value_grad[i] = static_cast<scalar_t>(value_gradient<scalar_t>(squash, x, -total[i], grad_sum));
+      const acc_t x = static_cast<acc_t>(a.value[i]);
+      value_grad[i] = static_cast<scalar_t>(value_gradient<scalar_t>(a.squash, x, -total[i], grad_sum));
     }
     if (loc_grad != nullptr) loc_grad[i] = static_cast<scalar_t>(total[i]);
   }
   if (matrix_grad == nullptr) return;
   const acc_t* outer = total + k;
-  if constexpr (kParam == Param::kScaleTril) {
+  if constexpr (kParam != Param::kCovariance) {
     for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x) {
       const int64_t i = e / k;
       const int64_t j = e % k;
-      const acc_t gij = j < i ? outer[e] : j == i ? outer[e] - grad_sum / static_cast<acc_t>(matrix[e]) : acc_t(0);
-      matrix_grad[e] = static_cast<scalar_t>(gij);
+      const acc_t L_ii = lower_entry<kParam>(a, matrix, k, i, i);
+      const acc_t gij = j < i ? outer[e] : j == i ? outer[e] - grad_sum / L_ii : acc_t(0);
+      write_matrix_gradient<kParam>(a, matrix, matrix_grad, k, i, j, gij);
     }
   } else {
     acc_t* L = scratch + width;
@@ -408,7 +654,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ bool staged_ok;
   __shared__ acc_t staged_log_det;
   if (shared_matrix) {
-    stage_shared_factor<Param::kScaleTril>(a.matrix, k, staged, &staged_ok, &staged_log_det);
+    stage_shared_factor<Param::kScaleTril>(a, k, staged, &staged_ok, &staged_log_det);
   }
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; b < a.n;
        b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -462,7 +708,7 @@ __global__ void __launch_bounds__(kThreads) rsample_backward_kernel(const MvnOpe
   acc_t* c_row = v_rows + threads * k;
   __shared__ bool staged_ok;
   if (shared_matrix) {
-    stage_shared_factor<Param::kScaleTril>(a.matrix, k, staged, &staged_ok, static_cast<acc_t*>(nullptr));
+    stage_shared_factor<Param::kScaleTril>(a, k, staged, &staged_ok, static_cast<acc_t*>(nullptr));
   }
   acc_t* block_partials = reduces ? o.partials + blockIdx.x * partial_width(k) : nullptr;
   if (reduces) {
@@ -520,12 +766,125 @@ __global__ void __launch_bounds__(kThreads) rsample_backward_kernel(const MvnOpe
   }
 }
 
+/// rsample_forward_kernel with a warp per sample (a per-sample scale_tril, k >=
+/// kWarpMinEventSize): u = loc + L eps with L in the warp's shared rows and eps, u in slots.
+template <int kSlots, typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads)
+    warp_rsample_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ action,
+                                scalar_t* __restrict__ pre_tanh, scalar_t* __restrict__ log_prob) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Warp warp;
+  const WarpGrid grid;
+  const int64_t k = a.k;
+  const WarpMatrices<acc_t> matrices(grid, k, 1);
+  const int64_t ld = matrices.ld;
+  acc_t* L = matrices[0];
+  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
+    stage_sample_factor<Param::kScaleTril>(warp, a, b, k, L, ld);
+    acc_t eps[kSlots];
+    acc_t u[kSlots];
+    load_noise_and_loc(warp, a, b, k, eps, u);
+    math::team_add_lower_times(warp, k, L, ld, eps, u);
+    const acc_t squared_norm = math::team_dot(warp, k, eps, eps);
+    const acc_t log_det = math::team_sum_log_diagonal(warp, k, L, ld);
+    acc_t jacobian = 0;
+    for (int t = 0; t < kSlots; ++t) {
+      const int64_t i = math::entry_index(warp, t);
+      if (i >= k) continue;
+      const math::TanhTerms<acc_t> tt = math::tanh_terms(u[t]);
+      action[b * k + i] = static_cast<scalar_t>(tt.tanh);
+      pre_tanh[b * k + i] = static_cast<scalar_t>(u[t]);
+      jacobian += tt.log_det;
+    }
+    jacobian = warp.sum(jacobian);
+    if (warp.lane() == 0) {
+      log_prob[b] = static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian);
+    }
+    warp.sync();  // every lane is done with L before the next sample is staged
+  }
+}
+
+/// rsample_backward_kernel with a warp per sample: the same gradients, L^T g_u by rows of L
+/// across the lanes, the scale_tril gradient row by row with the lanes across the columns; a
+/// shared loc gets the sums of g_u and g_log_prob (WarpSums).
+template <int kSlots, typename scalar_t>
+__global__ void __launch_bounds__(kWarpKernelThreads)
+    warp_rsample_backward_kernel(const MvnOperands<scalar_t> a, const RsampleUpstream<scalar_t> up,
+                                 const BackwardOutputs<scalar_t> o) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Warp warp;
+  const WarpGrid grid;
+  const int64_t k = a.k;
+  const WarpMatrices<acc_t> matrices(grid, k, 1);
+  const int64_t ld = matrices.ld;
+  acc_t* L = matrices[0];
+  WarpSums<kSlots, acc_t> sums;
+  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
+    stage_sample_factor<Param::kScaleTril>(warp, a, b, k, L, ld);
+    acc_t eps[kSlots];
+    acc_t g_u[kSlots];  // u first, then its gradient
+    load_noise_and_loc(warp, a, b, k, eps, g_u);
+    math::team_add_lower_times(warp, k, L, ld, eps, g_u);
+    const acc_t g_log_prob = up.at(up.log_prob, b);
+    for (int t = 0; t < kSlots; ++t) {
+      const int64_t i = math::entry_index(warp, t);
+      g_u[t] = i < k ? math::pre_tanh_gradient(math::tanh_terms(g_u[t]), up.at(up.action, b * k + i),
+                                               up.at(up.pre_tanh, b * k + i), g_log_prob)
+                     : acc_t(0);
+      if (i < k && o.loc_rows != nullptr) o.loc_rows[b * k + i] = static_cast<scalar_t>(g_u[t]);
+    }
+    sums.add(g_u, g_log_prob);
+    if (o.value_rows != nullptr) {
+      // d/deps = L^T g_u - g_log_prob eps
+      acc_t d_eps[kSlots];
+      math::team_lower_transposed_times(warp, k, L, ld, g_u, d_eps);
+      for (int t = 0; t < kSlots; ++t) {
+        const int64_t i = math::entry_index(warp, t);
+        if (i < k) o.value_rows[b * k + i] = static_cast<scalar_t>(d_eps[t] - g_log_prob * eps[t]);
+      }
+    }
+    if (o.matrix_rows != nullptr) {
+      // d/dL = tril(g_u eps^T) - g_log_prob diag(1/L_ii), row by row.
+      scalar_t* out = o.matrix_rows + b * k * k;
+      for (int64_t i = 0; i < k; ++i) {
+        const acc_t g_u_i = math::team_entry(warp, g_u, i);
+        for (int t = 0; t < kSlots; ++t) {
+          const int64_t j = math::entry_index(warp, t);
+          if (j >= k) continue;
+          const acc_t gij = j < i ? g_u_i * eps[t] : j == i ? g_u_i * eps[t] - g_log_prob / L[i * ld + i] : acc_t(0);
+          out[i * k + j] = static_cast<scalar_t>(gij);
+        }
+      }
+    }
+    warp.sync();  // every lane is done with L before the next sample is staged
+  }
+  if (o.partials != nullptr) sums.write_block_partials(warp, grid, k, matrices.past_matrices, o.partials);
+}
+
+/// The kernels behind this device's log-prob ops (LogProbOps, csrc/common/op_wrappers.h).
+struct LogProbKernels {
+  template <Param kParam>
+  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash);
+  template <Param kParam>
+  static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
+                                            ValueSquash squash);
+};
+
 template <Param kParam>
-void run_log_prob_forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
+void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
   const c10::cuda::CUDAGuard guard(out.device());
   if (p.layout.batch_numel == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (warp_per_sample(p)) {
+      check_event_size(forward_op_name(kParam), p.k);
+      const LaunchShape shape = warp_launch_shape<acc_t>(p.layout.batch_numel, p.k, 1);
+      with_warp_slots(p.k, [&](auto kSlots) {
+        launch(warp_log_prob_forward_kernel<kParam, decltype(kSlots)::value, scalar_t>, shape.blocks, shape.threads,
+               shape.shared_bytes, MvnOperands<scalar_t>(p, squash), out.data_ptr<scalar_t>());
+      });
+      return;
+    }
     with_event_size<scalar_t>(forward_op_name(kParam), p.k, [&](auto K, auto kMaxK) {
       const size_t shared_bytes = p.matrix.shared() ? p.k * p.k * sizeof(acc_t) : 0;
       launch(log_prob_forward_kernel<kParam, decltype(K)::value, decltype(kMaxK)::value, scalar_t>,
@@ -535,21 +894,34 @@ void run_log_prob_forward(const MvnProblem& p, at::Tensor& out, ValueSquash squa
   });
 }
 
+/// The launch of a thread-per-sample backward kernel: a reducing one keeps each thread's terms
+/// in shared memory (reducing_threads), beside a staged shared matrix.
+template <typename acc_t>
+LaunchShape thread_backward_launch_shape(const MvnProblem& p, bool reduces) {
+  const int64_t k = p.k;
+  const int threads = reduces ? reducing_threads<acc_t>(k) : kThreads;
+  size_t shared_elements = p.matrix.shared() ? k * k : 0;
+  if (reduces) shared_elements += static_cast<size_t>(threads) * (2 * k + 1);
+  return {blocks_for(p.layout.batch_numel, threads), threads, shared_elements * sizeof(acc_t)};
+}
+
 /// Runs a backward kernel of an (value-like vector, loc, matrix) problem, in the kernel's
 /// order of its operands: gradients that are per sample come out as rows, those of operands
 /// that reduce come from the blocks' partial sums and finish_reduction_kernel<kParam>.
-/// `launch_kernel(K, kMaxK, blocks, threads, shared_bytes, outputs)` launches the kernel;
-/// `grad` is the upstream gradient of a log-prob (or nullptr: the kernel reads its own).
+/// `launch_kernel(shape, outputs)` launches the kernel, a warp per sample when `warps` (with
+/// `warp_matrices` matrices per warp), a thread per sample otherwise; `grad` is the upstream
+/// gradient of a log-prob (or nullptr: the kernel reads its own).
 template <Param kParam, typename LaunchKernel>
 std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, const at::Tensor& like, const void* grad,
-                                       std::array<bool, 3> mask, ValueSquash squash,
+                                       std::array<bool, 3> mask, ValueSquash squash, bool warps, int warp_matrices,
                                        const LaunchKernel& launch_kernel) {
   const c10::cuda::CUDAGuard guard(like.device());
   const auto options = like.options();
   const int64_t n = p.layout.batch_numel;
   const int64_t k = p.k;
   const std::array<const BatchedOperand*, 3> operands{&p.value, &p.loc, &p.matrix};
-  const std::array<std::vector<int64_t>, 3> events{{{k}, {k}, {k, k}}};
+  const std::array<std::vector<int64_t>, 3> events{
+      {{k}, {k}, kParam == Param::kPacked ? std::vector<int64_t>{math::packed_size(k)} : std::vector<int64_t>{k, k}}};
   std::array<at::Tensor, 3> grads;
   bool reduces = false;
   for (size_t i = 0; i < 3; ++i) {
@@ -566,46 +938,54 @@ std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, cons
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "fusedgauss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_options = options.dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const int threads = reduces ? reducing_threads<acc_t>(k) : kThreads;
-    const int blocks = blocks_for(n, threads);
+    check_event_size(op, k);
+    // A reducing warp kernel keeps each warp's sums of g w and g (k + 1) beside its matrices.
+    const LaunchShape shape = warps ? warp_launch_shape<acc_t>(n, k, warp_matrices, reduces ? k + 1 : 0)
+                                    : thread_backward_launch_shape<acc_t>(p, reduces);
     at::Tensor partials;
-    if (reduces) partials = at::empty({blocks, partial_width(k)}, acc_options);
+    if (reduces) partials = at::empty({shape.blocks, partial_width(k)}, acc_options);
     const BackwardOutputs<scalar_t> o{static_cast<const scalar_t*>(grad),
                                       static_cast<scalar_t*>(output(0, false)),
                                       static_cast<scalar_t*>(output(1, false)),
                                       static_cast<scalar_t*>(output(2, false)),
                                       reduces ? partials.data_ptr<acc_t>() : nullptr,
                                       mask[2] && p.matrix.reduces_gradient};
-    size_t shared_elements = p.matrix.shared() ? k * k : 0;
-    if (reduces) shared_elements += static_cast<size_t>(threads) * (2 * k + 1);
     if (n > 0) {
-      with_event_size<scalar_t>(op, k, [&](auto K, auto kMaxK) {
-        launch_kernel(K, kMaxK, blocks, threads, shared_elements * sizeof(acc_t), o);
-      });
+      launch_kernel(shape, o);
     } else if (reduces) {
       partials.zero_();
     }
     if (reduces) {
       at::Tensor scratch = at::empty({partial_width(k) + 2 * k * k}, acc_options);
       launch(finish_reduction_kernel<kParam, scalar_t>, 1, kThreads, 0, partials.const_data_ptr<acc_t>(),
-             static_cast<int64_t>(partials.size(0)), k, p.matrix.data.const_data_ptr<scalar_t>(),
-             scratch.data_ptr<acc_t>(), static_cast<scalar_t*>(output(0, true)),
-             static_cast<scalar_t*>(output(1, true)), static_cast<scalar_t*>(output(2, true)),
-             p.value.data.const_data_ptr<scalar_t>(), squash);
+             static_cast<int64_t>(partials.size(0)), MvnOperands<scalar_t>(p, squash), scratch.data_ptr<acc_t>(),
+             static_cast<scalar_t*>(output(0, true)), static_cast<scalar_t*>(output(1, true)),
+             static_cast<scalar_t*>(output(2, true)));
     }
   });
   return grads;
 }
 
 template <Param kParam>
-std::array<at::Tensor, 3> run_log_prob_backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                                ValueSquash squash) {
+std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
+                                                   std::array<bool, 3> mask, ValueSquash squash) {
+  const char* op = backward_op_name(kParam);
+  const bool warps = warp_per_sample(p);
   return run_backward<kParam>(
-      backward_op_name(kParam), p, grad, grad.const_data_ptr(), mask, squash,
-      [&](auto K, auto kMaxK, int blocks, int threads, size_t shared_bytes, const auto& o) {
+      op, p, grad, grad.const_data_ptr(), mask, squash, warps, kParam == Param::kCovariance ? 2 : 1,
+      [&](const LaunchShape& shape, const auto& o) {
         using scalar_t = typename std::decay_t<decltype(o)>::scalar_type;
-        launch(log_prob_backward_kernel<kParam, decltype(K)::value, decltype(kMaxK)::value, scalar_t>, blocks, threads,
-               shared_bytes, MvnOperands<scalar_t>(p, squash), o);
+        if (warps) {
+          with_warp_slots(p.k, [&](auto kSlots) {
+            launch(warp_log_prob_backward_kernel<kParam, decltype(kSlots)::value, scalar_t>, shape.blocks,
+                   shape.threads, shape.shared_bytes, MvnOperands<scalar_t>(p, squash), o);
+          });
+          return;
+        }
+        with_event_size<scalar_t>(op, p.k, [&](auto K, auto kMaxK) {
+          launch(log_prob_backward_kernel<kParam, decltype(K)::value, decltype(kMaxK)::value, scalar_t>, shape.blocks,
+                 shape.threads, shape.shared_bytes, MvnOperands<scalar_t>(p, squash), o);
+        });
       });
 }
 
@@ -619,6 +999,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob(co
   if (p.layout.batch_numel > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), op, [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (warp_per_sample(p)) {
+        check_event_size(op, p.k);
+        const LaunchShape shape = warp_launch_shape<acc_t>(p.layout.batch_numel, p.k, 1);
+        with_warp_slots(p.k, [&](auto kSlots) {
+          launch(warp_rsample_forward_kernel<decltype(kSlots)::value, scalar_t>, shape.blocks, shape.threads,
+                 shape.shared_bytes, MvnOperands<scalar_t>(p), out.action.data_ptr<scalar_t>(),
+                 out.pre_tanh.data_ptr<scalar_t>(), out.log_prob.data_ptr<scalar_t>());
+        });
+        return;
+      }
       with_event_size<scalar_t>(op, p.k, [&](auto K, auto kMaxK) {
         const size_t shared_bytes = p.matrix.shared() ? p.k * p.k * sizeof(acc_t) : 0;
         launch(rsample_forward_kernel<decltype(K)::value, decltype(kMaxK)::value, scalar_t>,
@@ -648,57 +1038,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob_ba
   const RsampleGradients upstream =
       check_rsample_gradients(op, grad_action, grad_pre_tanh, grad_log_prob, loc, p.layout, p.k);
   // The kernel's operand order is (eps, loc, scale_tril); the op's is (loc, scale_tril, eps).
+  const bool warps = warp_per_sample(p);
   const std::array<at::Tensor, 3> kernel_grads = run_backward<Param::kScaleTril>(
-      op, p, loc, nullptr, {mask[2], mask[0], mask[1]}, ValueSquash{},
-      [&](auto K, auto kMaxK, int blocks, int threads, size_t shared_bytes, const auto& o) {
+      op, p, loc, nullptr, {mask[2], mask[0], mask[1]}, ValueSquash{}, warps, 1,
+      [&](const LaunchShape& shape, const auto& o) {
         using scalar_t = typename std::decay_t<decltype(o)>::scalar_type;
-        launch(rsample_backward_kernel<decltype(K)::value, decltype(kMaxK)::value, scalar_t>, blocks, threads,
-               shared_bytes, MvnOperands<scalar_t>(p), RsampleUpstream<scalar_t>(upstream), o);
+        if (warps) {
+          with_warp_slots(p.k, [&](auto kSlots) {
+            launch(warp_rsample_backward_kernel<decltype(kSlots)::value, scalar_t>, shape.blocks, shape.threads,
+                   shape.shared_bytes, MvnOperands<scalar_t>(p), RsampleUpstream<scalar_t>(upstream), o);
+          });
+          return;
+        }
+        with_event_size<scalar_t>(op, p.k, [&](auto K, auto kMaxK) {
+          launch(rsample_backward_kernel<decltype(K)::value, decltype(kMaxK)::value, scalar_t>, shape.blocks,
+                 shape.threads, shape.shared_bytes, MvnOperands<scalar_t>(p), RsampleUpstream<scalar_t>(upstream), o);
+        });
       });
   const std::array<at::Tensor, 3> grads{kernel_grads[1], kernel_grads[2], kernel_grads[0]};
   return gradients_for_inputs(grads, {&loc, &scale_tril, &eps}, {&p.loc, &p.matrix, &p.value}, p.layout, mask);
 }
 
-template <Param kParam>
-at::Tensor log_prob_forward(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
-  return log_prob_forward_op<kParam>(value, loc, matrix, [](const MvnProblem& p, at::Tensor& out) {
-    run_log_prob_forward<kParam>(p, out, ValueSquash{});
-  });
-}
-
-template <Param kParam>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> log_prob_backward(const at::Tensor& grad,
-                                                                 const at::Tensor& value,
-                                                                 const at::Tensor& loc,
-                                                                 const at::Tensor& matrix,
-                                                                 std::array<bool, 3> mask) {
-  return log_prob_backward_op<kParam>(grad, value, loc, matrix, mask,
-                                      [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                                        return run_log_prob_backward<kParam>(p, grad, mask, ValueSquash{});
-                                      });
-}
-
-at::Tensor squashed_tril_log_prob(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-                                  bool value_is_pre_tanh) {
-  return squashed_tril_log_prob_op(value, loc, scale_tril, value_is_pre_tanh, run_log_prob_forward<Param::kScaleTril>);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_log_prob_backward(
-    const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-    bool value_is_pre_tanh, std::array<bool, 3> mask) {
-  return squashed_tril_log_prob_backward_op(grad, value, loc, scale_tril, value_is_pre_tanh, mask,
-                                            run_log_prob_backward<Param::kScaleTril>);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedgauss, CUDA, m) {
-  m.impl("mvn_tril_log_prob", &log_prob_forward<Param::kScaleTril>);
-  m.impl("mvn_tril_log_prob_backward", &log_prob_backward<Param::kScaleTril>);
-  m.impl("mvn_cov_log_prob", &log_prob_forward<Param::kCovariance>);
-  m.impl("mvn_cov_log_prob_backward", &log_prob_backward<Param::kCovariance>);
-  m.impl("squashed_tril_log_prob", &squashed_tril_log_prob);
-  m.impl("squashed_tril_log_prob_backward", &squashed_tril_log_prob_backward);
+  LogProbOps<LogProbKernels>::register_kernels(m);
   m.impl("squashed_tril_rsample_log_prob", &squashed_tril_rsample_log_prob);
   m.impl("squashed_tril_rsample_log_prob_backward", &squashed_tril_rsample_log_prob_backward);
 }

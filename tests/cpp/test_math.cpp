@@ -1,41 +1,14 @@
 // The per-sample math of csrc/math, in double precision, against direct definitions.
-#include <random>
 #include <vector>
 
 #include "check.h"
 #include "math/gaussian_math.h"
 #include "math/squash_math.h"
+#include "random_matrices.h"
 
 using namespace fusedgauss::math;
-using Matrix = std::vector<double>;
 
 namespace {
-
-std::mt19937_64 rng(1234);
-
-double normal() { return std::normal_distribution<double>()(rng); }
-
-/// A random symmetric positive-definite k x k matrix: B B^T / k + I / 2.
-Matrix random_spd(int k) {
-  Matrix B(k * k), A(k * k, 0.0);
-  for (double& b : B) b = normal();
-  for (int i = 0; i < k; ++i)
-    for (int j = 0; j < k; ++j) {
-      for (int m = 0; m < k; ++m) A[i * k + j] += B[i * k + m] * B[j * k + m] / k;
-      if (i == j) A[i * k + j] += 0.5;
-    }
-  return A;
-}
-
-Matrix lower_factor(int k, const Matrix& A) {
-  Matrix L = A;
-  bool ok = false;
-  cholesky_in_place<1>(k, L.data(), &ok);
-  EXPECT_TRUE(ok);
-  for (int i = 0; i < k; ++i)
-    for (int j = i + 1; j < k; ++j) L[i * k + j] = 0;
-  return L;
-}
 
 void test_cholesky_reconstructs(int k) {
   const Matrix A = random_spd(k);
