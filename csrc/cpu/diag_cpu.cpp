@@ -379,7 +379,10 @@ void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
     BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
         noise(p.operands[2], k, block_rows);
     BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
-    std::vector<acc_t> actions(static_cast<size_t>(block_rows * k)), pre_tanh(actions.size()), terms(actions.size());
+    // Outputs in the accumulation type are written in place; narrower ones through scratch.
+    constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
+    std::vector<acc_t> actions(static_cast<size_t>(kInPlace ? 0 : block_rows * k)), pre_tanh(actions.size()),
+        terms(static_cast<size_t>(block_rows * k));
     for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
       const int64_t rows = std::min(block_rows, end - b0);
       const int64_t entries = rows * k;
@@ -387,12 +390,14 @@ void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
       const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT e = noise.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT log_s = log_scale.rows(s, entries);
-      acc_t* FUSEDGAUSS_RESTRICT a = actions.data();
-      acc_t* FUSEDGAUSS_RESTRICT u = pre_tanh.data();
+      acc_t* FUSEDGAUSS_RESTRICT a = kInPlace ? reinterpret_cast<acc_t*>(action_out + b0 * k) : actions.data();
+      acc_t* FUSEDGAUSS_RESTRICT u = kInPlace ? reinterpret_cast<acc_t*>(pre_tanh_out + b0 * k) : pre_tanh.data();
       acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
       with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { rsample_entries(entries, m, s, log_s, e, a, u, t); });
-      std::copy(a, a + entries, action_out + b0 * k);
-      std::copy(u, u + entries, pre_tanh_out + b0 * k);
+      if constexpr (!kInPlace) {
+        std::copy(a, a + entries, action_out + b0 * k);
+        std::copy(u, u + entries, pre_tanh_out + b0 * k);
+      }
       store_row_sums(t, rows, k, log_normalizer<acc_t>(k), log_prob_out + b0);
     }
   });

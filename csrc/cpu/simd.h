@@ -63,6 +63,12 @@ inline SimdLevel best_supported_simd() {
 #endif
 }
 
+/// An error, prefixed by `source`, when this CPU lacks `level`.
+inline void check_cpu_runs(SimdLevel level, const char* source) {
+  TORCH_CHECK(static_cast<int>(level) <= static_cast<int>(best_supported_simd()), source, ": this CPU cannot run ",
+              simd_level_name(level), " code; its widest level is ", simd_level_name(best_supported_simd()));
+}
+
 /// The level called `name`; an error naming the choices for any other name, and for a level
 /// this CPU lacks.
 inline SimdLevel parse_simd_level(const std::string& name, const char* source) {
@@ -76,8 +82,7 @@ inline SimdLevel parse_simd_level(const std::string& name, const char* source) {
   } else {
     TORCH_CHECK(false, source, ": unknown SIMD level '", name, "'; choose baseline, avx2 or avx512");
   }
-  TORCH_CHECK(static_cast<int>(level) <= static_cast<int>(best_supported_simd()), source, ": this CPU cannot run ",
-              name, " code; its widest level is ", simd_level_name(best_supported_simd()));
+  check_cpu_runs(level, source);
   return level;
 }
 
@@ -100,8 +105,7 @@ inline SimdLevel simd_level() {
 }
 
 inline void set_simd_level(SimdLevel level) {
-  TORCH_CHECK(static_cast<int>(level) <= static_cast<int>(best_supported_simd()), "this CPU cannot run ",
-              simd_level_name(level), " code; its widest level is ", simd_level_name(best_supported_simd()));
+  check_cpu_runs(level, "set_simd_level");
   detail::active_simd_level.store(static_cast<int>(level), std::memory_order_relaxed);
 }
 

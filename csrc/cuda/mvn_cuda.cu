@@ -552,16 +552,18 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
       scalar_t* out = o.matrix_rows + b * matrix_row_width<kParam>(k);
       if constexpr (kCovariance) math::team_invert_lower(warp, k, L, ld, L_inv, ld);
       for (int64_t i = 0; i < k; ++i) {
-        const acc_t gw_i = g * math::team_entry(warp, w, i);
+        const acc_t w_i = math::team_entry(warp, w, i);
         for (int t = 0; t < kSlots; ++t) {
           const int64_t j = math::entry_index(warp, t);
           if (j >= k) continue;
           acc_t gij;
           if constexpr (kCovariance) {
-            // d/dSigma = 1/2 g (w w^T - Sigma^{-1}), symmetric to the bit: both products commute.
-            gij = acc_t(0.5) * (gw_i * w[t] - g * math::inverse_product_entry(k, L_inv, ld, i, j));
+            // d/dSigma = 1/2 g (w w^T - Sigma^{-1}), symmetric to the bit: w_i w_j commutes, and
+            // inverse_product_entry sums the same products in the same order for (j, i).
+            gij = acc_t(0.5) * g * (w_i * w[t] - math::inverse_product_entry(k, L_inv, ld, i, j));
           } else {
             // d/dL = g (tril(w z^T) - diag(1/L_ii)), packed through dL_ii/dx_ii.
+            const acc_t gw_i = g * w_i;
             gij = j < i ? gw_i * z[t] : j == i ? gw_i * z[t] - g / L[i * ld + i] : acc_t(0);
           }
           write_matrix_gradient<kParam>(a, m, out, k, i, j, gij);
