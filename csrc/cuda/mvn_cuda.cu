@@ -416,6 +416,18 @@ __device__ bool stage_sample_factor(const Warp& warp, const MvnOperands<scalar_t
   return true;
 }
 
+/// Runs body(b, ok) for each of this warp's samples b, with the sample's factor staged in the
+/// warp's first matrix (stage_sample_factor, whose `ok` it passes on). The warp syncs after
+/// each body, so that every lane is done with the factor before the next one is staged.
+template <Param kParam, typename scalar_t, typename acc_t, typename Body>
+__device__ void for_each_warp_sample(const Warp& warp, const WarpGrid& grid, const MvnOperands<scalar_t>& a,
+                                     const WarpMatrices<acc_t>& matrices, const Body& body) {
+  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
+    body(b, stage_sample_factor<kParam>(warp, a, b, a.k, matrices[0], matrices.ld));
+    warp.sync();
+  }
+}
+
 /// This lane's slots of d = value - loc for sample b (zero past k); the return value is the
 /// Jacobian of a squashed value, summed over the warp.
 template <int kSlots, typename scalar_t, typename acc_t>
@@ -490,8 +502,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   const WarpMatrices<acc_t> matrices(grid, k, 1);
   const int64_t ld = matrices.ld;
   acc_t* L = matrices[0];
-  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
-    const bool ok = stage_sample_factor<kParam>(warp, a, b, k, L, ld);
+  for_each_warp_sample<kParam>(warp, grid, a, matrices, [&](int64_t b, bool ok) {
     acc_t z[kSlots];
     const acc_t jacobian = load_difference_slots(warp, a, b, k, z);
     math::team_solve_lower(warp, k, L, ld, z);
@@ -501,8 +512,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
       out[b] = ok ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian)
                   : quiet_nan<scalar_t>();
     }
-    warp.sync();  // every lane is done with L before the next sample is staged
-  }
+  });
 }
 
 /// The backward of warp_log_prob_forward_kernel, with the gradients of log_prob_backward_kernel.
@@ -524,8 +534,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   acc_t* L = matrices[0];
   acc_t* L_inv = kCovariance ? matrices[1] : nullptr;
   WarpSums<kSlots, acc_t> sums;
-  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
-    const bool ok = stage_sample_factor<kParam>(warp, a, b, k, L, ld);
+  for_each_warp_sample<kParam>(warp, grid, a, matrices, [&](int64_t b, bool ok) {
     acc_t z[kSlots];
     load_difference_slots(warp, a, b, k, z);
     math::team_solve_lower(warp, k, L, ld, z);
@@ -570,8 +579,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
         }
       }
     }
-    warp.sync();  // every lane is done with L before the next sample is staged
-  }
+  });
   if (o.partials != nullptr) sums.write_block_partials(warp, grid, k, matrices.past_matrices, o.partials);
 }
 
@@ -781,8 +789,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   const WarpMatrices<acc_t> matrices(grid, k, 1);
   const int64_t ld = matrices.ld;
   acc_t* L = matrices[0];
-  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
-    stage_sample_factor<Param::kScaleTril>(warp, a, b, k, L, ld);
+  for_each_warp_sample<Param::kScaleTril>(warp, grid, a, matrices, [&](int64_t b, bool) {
     acc_t eps[kSlots];
     acc_t u[kSlots];
     load_noise_and_loc(warp, a, b, k, eps, u);
@@ -802,8 +809,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     if (warp.lane() == 0) {
       log_prob[b] = static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian);
     }
-    warp.sync();  // every lane is done with L before the next sample is staged
-  }
+  });
 }
 
 /// rsample_backward_kernel with a warp per sample: the same gradients, L^T g_u by rows of L
@@ -821,8 +827,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   const int64_t ld = matrices.ld;
   acc_t* L = matrices[0];
   WarpSums<kSlots, acc_t> sums;
-  for (int64_t b = grid.first; b < a.n; b += grid.stride) {
-    stage_sample_factor<Param::kScaleTril>(warp, a, b, k, L, ld);
+  for_each_warp_sample<Param::kScaleTril>(warp, grid, a, matrices, [&](int64_t b, bool) {
     acc_t eps[kSlots];
     acc_t g_u[kSlots];  // u first, then its gradient
     load_noise_and_loc(warp, a, b, k, eps, g_u);
@@ -858,8 +863,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
         }
       }
     }
-    warp.sync();  // every lane is done with L before the next sample is staged
-  }
+  });
   if (o.partials != nullptr) sums.write_block_partials(warp, grid, k, matrices.past_matrices, o.partials);
 }
 
