@@ -88,8 +88,8 @@ def missing_op_reason(name: str, op: str | None) -> str | None:
 MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": 32, "cpu": None, "torch": None}
 
 #: From this event size the CUDA kernels give a sample with a matrix of its own (log-probs
-#: of a per-sample scale_tril, covariance or packed factor; cholesky) a warp, below it a
-#: thread (kWarpMinEventSize, csrc/cuda/warp.cuh).
+#: of a per-sample scale_tril, covariance or packed factor; the tril rsample op; cholesky) a
+#: warp, below it a thread (kWarpMinEventSize, csrc/cuda/warp.cuh).
 CUDA_WARP_MIN_EVENT_SIZE = 9
 
 

@@ -58,13 +58,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-/// Copies the lower triangle of the k x k row-major `matrix` into the warp's rows `staged`
-/// (ld apart).
+/// Stages the lower triangle of the k x k row-major `matrix` in the warp's rows `staged`.
 template <typename scalar_t, typename acc_t>
-__device__ void stage_lower(const Warp& warp, int64_t k, const scalar_t* matrix, acc_t* staged, int64_t ld) {
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = warp.lane(); j <= i; j += kWarpSize) staged[i * ld + j] = static_cast<acc_t>(matrix[i * k + j]);
-  }
+__device__ void stage_matrix(const Warp& warp, int64_t k, const scalar_t* matrix, acc_t* staged, int64_t ld) {
+  stage_lower(warp, k, [&](int64_t i, int64_t j) { return static_cast<acc_t>(matrix[i * k + j]); }, staged, ld);
 }
 
 /// cholesky_kernel with a warp per matrix.
@@ -78,7 +75,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   const int64_t ld = matrices.ld;
   acc_t* L = matrices[0];
   for (int64_t b = grid.first; b < n; b += grid.stride) {
-    stage_lower(warp, k, A + b * k * k, L, ld);
+    stage_matrix(warp, k, A + b * k * k, L, ld);
     const bool ok = math::team_cholesky_in_place(warp, k, L, ld);
     scalar_t* dst = out + b * k * k;
     for (int64_t i = 0; i < k; ++i) {
@@ -104,8 +101,8 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
   acc_t* staged_L = matrices[0];
   acc_t* work = matrices[1];
   for (int64_t b = grid.first; b < n; b += grid.stride) {
-    stage_lower(warp, k, L + b * k * k, staged_L, ld);
-    stage_lower(warp, k, grad + b * k * k, work, ld);
+    stage_matrix(warp, k, L + b * k * k, staged_L, ld);
+    stage_matrix(warp, k, grad + b * k * k, work, ld);
     math::team_cholesky_backward(warp, k, staged_L, ld, work);
     scalar_t* dst = out + b * k * k;
     for (int64_t i = 0; i < k; ++i) {

@@ -406,9 +406,7 @@ template <Param kParam, typename scalar_t, typename acc_t>
 __device__ bool stage_sample_factor(const Warp& warp, const MvnOperands<scalar_t>& a, int64_t b, int64_t k, acc_t* L,
                                     int64_t ld) {
   const scalar_t* m = a.matrix + b * a.matrix_stride;
-  for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = warp.lane(); j <= i; j += kWarpSize) L[i * ld + j] = lower_entry<kParam>(a, m, k, i, j);
-  }
+  stage_lower(warp, k, [&](int64_t i, int64_t j) { return lower_entry<kParam>(a, m, k, i, j); }, L, ld);
   if constexpr (kParam == Param::kCovariance) {
     return math::team_cholesky_in_place(warp, k, L, ld);
   }

@@ -42,6 +42,16 @@ struct Warp {
   }
 };
 
+/// Copies the lower triangle of a sample's k x k matrix, entry (i, j) = entry(i, j), into the
+/// warp's rows `staged` (ld apart): row by row, the lanes across the columns, so that a row's
+/// reads coalesce.
+template <typename acc_t, typename Entry>
+__device__ void stage_lower(const Warp& warp, int64_t k, const Entry& entry, acc_t* staged, int64_t ld) {
+  for (int64_t i = 0; i < k; ++i) {
+    for (int64_t j = warp.lane(); j <= i; j += kWarpSize) staged[i * ld + j] = entry(i, j);
+  }
+}
+
 /// Threads per block of the warp-per-sample kernels (at most; see warps_per_block).
 constexpr int kWarpKernelThreads = 4 * kWarpSize;
 
