@@ -73,8 +73,7 @@ def info() -> None:
                       f"k={backends.CUDA_WARP_MIN_EVENT_SIZE}, a warp per sample from there")
             missing = [op for op in ops.OPS if backends.missing_op_reason(name, op) is not None]
             if missing:
-                print(f"      no kernel for {', '.join(missing)}: "
-                      + "a packed log-prob runs packed_to_scale_tril and the scale_tril op, any other op the next backend")
+                print(f"      no kernel for {', '.join(missing)}: those run on the next backend")
         else:
             print(f"    {name}: unavailable: {reasons['cpu'] if name != 'cuda' else reasons['cuda']}")
 

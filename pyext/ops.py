@@ -154,15 +154,9 @@ def packed_to_scale_tril(
     return _implementation("packed_to_scale_tril", packed, event_size=1)(packed, diag_transform, float(min_diag))
 
 
-def _packed_log_prob(op: str, tril_op, value, loc, packed, diag_transform, min_diag, *flags):
-    """Packed op `op` where the backend that runs `tril_op` has a kernel for it (one pass, L
-    never written); elsewhere `tril_op` on packed_to_scale_tril(packed), both fused ops of
-    that backend."""
+def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags):
     value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
-    backend = backends.select(value.device.type, value.shape[-1], tril_op.__name__)
-    if backends.missing_op_reason(backend, op) is None:
-        return _implementation(op, value, backend=backend)(value, loc, packed, diag_transform, float(min_diag), *flags)
-    return tril_op(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag), *flags)
+    return _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
 
 
 def mvn_packed_log_prob(
@@ -174,7 +168,7 @@ def mvn_packed_log_prob(
     kernel, never written to memory, and the gradient comes back to ``packed``. A packed
     operand shared by the batch (a state-independent factor) has its gradient reduced in the
     kernel."""
-    return _packed_log_prob("mvn_packed_log_prob", mvn_tril_log_prob, value, loc, packed, diag_transform, min_diag)
+    return _packed_log_prob("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag)
 
 
 def squashed_packed_log_prob(
@@ -183,8 +177,7 @@ def squashed_packed_log_prob(
 ) -> torch.Tensor:
     r""":func:`squashed_tril_log_prob` with the scale_tril packed, as :func:`mvn_packed_log_prob`."""
     return _packed_log_prob(
-        "squashed_packed_log_prob", squashed_tril_log_prob, value, loc, packed, diag_transform, min_diag,
-        bool(value_is_pre_tanh),
+        "squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag, bool(value_is_pre_tanh),
     )
 
 

@@ -81,10 +81,15 @@ def _operand(t: torch.Tensor, event_dims: int, batch_shape: torch.Size, n: int) 
     return _Operand(full, math.prod(event), False)
 
 
-def _layout(value, loc, matrix):
-    batch_shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], matrix.shape[:-2])
+def _layout(value, loc, matrix, matrix_dims: int = 2):
+    """Batch shape, batch size and operands of a log-prob's value, loc and matrix (event
+    dimensions: 2, or 1 for a packed factor)."""
+    batch_shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], matrix.shape[: matrix.dim() - matrix_dims])
     n = math.prod(batch_shape)
-    operands = (_operand(value, 1, batch_shape, n), _operand(loc, 1, batch_shape, n), _operand(matrix, 2, batch_shape, n))
+    operands = (
+        _operand(value, 1, batch_shape, n), _operand(loc, 1, batch_shape, n),
+        _operand(matrix, matrix_dims, batch_shape, n),
+    )
     return batch_shape, n, operands
 
 
@@ -95,15 +100,38 @@ def _gradient_for(grad: torch.Tensor, t: torch.Tensor, operand: _Operand, batch_
     return full if full.shape == t.shape else full.sum_to_size(t.shape)
 
 
-def _log_prob_forward(kernel, value, loc, matrix, op: str, **constexprs):
-    k = matrix.shape[-1]
+#: DIAG of the packed kernels, by diag_transform.
+_DIAG_TRANSFORMS = {"none": 0, "softplus": 1, "exp": 2}
+
+
+@dataclass
+class _Packing:
+    """How a packed factor becomes L (packed_to_scale_tril's arguments): the packed log-prob
+    kernels take min_diag after the batch size, and DIAG."""
+
+    diag_transform: str
+    min_diag: float
+
+    def scalars(self) -> tuple:
+        return (self.min_diag,)
+
+    def constexprs(self) -> dict:
+        return {"DIAG": _DIAG_TRANSFORMS[self.diag_transform]}
+
+
+def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | None = None, **constexprs):
+    k = value.shape[-1]
     _check_event_size(op, k)
-    batch_shape, n, (v, m, M) = _layout(value, loc, matrix)
+    batch_shape, n, (v, m, M) = _layout(value, loc, matrix, 1 if packing else 2)
     out = value.new_empty(batch_shape)
     if n > 0:
         tile = _tile(k, value.dtype)
         grid = (triton.cdiv(n, tile["BLOCK"]),)
-        _launchable(kernel)[grid](v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, **constexprs, **tile)
+        scalars, packed_constexprs = (packing.scalars(), packing.constexprs()) if packing else ((), {})
+        _launchable(kernel)[grid](
+            v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, *scalars,
+            **packed_constexprs, **constexprs, **tile,
+        )
     return out
 
 
@@ -140,12 +168,20 @@ def _reduced_matrix_gradient(outer, grad_sum, matrix, covariance: bool):
     return 0.5 * (outer - grad_sum * sigma_inv)
 
 
-def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0):
-    k = matrix.shape[-1]
+def _reduced_packed_gradient(outer, grad_sum, packed, packing: _Packing):
+    """The gradient of a packed factor shared by the batch: its scale_tril's, packed."""
+    L = _packed_to_scale_tril(packed, packing.diag_transform, packing.min_diag)
+    return _packed_to_scale_tril_backward(_reduced_matrix_gradient(outer, grad_sum, L, False), packed,
+                                          packing.diag_transform)
+
+
+def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0,
+                       packing: _Packing | None = None):
+    k = value.shape[-1]
     _check_event_size(op, k)
-    batch_shape, n, operands = _layout(value, loc, matrix)
+    batch_shape, n, operands = _layout(value, loc, matrix, 1 if packing else 2)
     inputs = (value, loc, matrix)
-    events = ((k,), (k,), (k, k))
+    events = ((k,), (k,), matrix.shape[-1:] if packing else (k, k))
     rows = [
         value.new_empty((n, *event)) if wanted and not operand.reduces else None
         for wanted, operand, event in zip(output_mask, operands, events)
@@ -159,12 +195,13 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
         # Unused pointers (their constexpr switch is off) still need a tensor.
         placeholder = grad
         v, m, M = operands
+        scalars, packed_constexprs = (packing.scalars(), packing.constexprs()) if packing else ((), {})
         _launchable(kernel)[(programs,)](
             grad.contiguous(), v.data, v.stride, m.data, m.stride, M.data, M.stride,
             *(r if r is not None else placeholder for r in rows),
-            partials if reduces else placeholder, n,
+            partials if reduces else placeholder, n, *scalars,
             int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces),
-            **_squash_constexprs(squash, value.dtype), **tile,
+            **packed_constexprs, **_squash_constexprs(squash, value.dtype), **tile,
         )
     grads = list(rows)
     if reduces:
@@ -174,7 +211,9 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
         reduced = (_shared_value_gradient(operands[0].data, -sum_gw, grad_sum, squash, eps), sum_gw, None)
         for i, (wanted, operand) in enumerate(zip(output_mask, operands)):
             if wanted and operand.reduces:
-                if i == 2:
+                if i == 2 and packing:
+                    reduced_grad = _reduced_packed_gradient(outer, grad_sum, operand.data.to(acc_dtype), packing)
+                elif i == 2:
                     reduced_grad = _reduced_matrix_gradient(outer, grad_sum, operand.data.to(acc_dtype), covariance)
                 else:
                     reduced_grad = reduced[i]
@@ -459,10 +498,6 @@ def _tanh_log_abs_det_jacobian_backward(grad: torch.Tensor, u: torch.Tensor) -> 
     return _elementwise(squashed_kernels._tanh_log_abs_det_jacobian_backward_kernel, u, grad, u)
 
 
-#: DIAG of the packed kernels, by diag_transform.
-_DIAG_TRANSFORMS = {"none": 0, "softplus": 1, "exp": 2}
-
-
 def _packed_launch(kernel, out: torch.Tensor, *tensors: torch.Tensor, k: int, diag_transform: str, **scalars) -> torch.Tensor:
     entries = out.numel()
     if entries > 0:
@@ -487,6 +522,46 @@ def _packed_to_scale_tril_backward(grad: torch.Tensor, packed: torch.Tensor, dia
     out = torch.empty_like(packed, memory_format=torch.contiguous_format)
     return _packed_launch(packed_kernels._packed_to_scale_tril_backward_kernel, out, grad, packed, k=k,
                           diag_transform=diag_transform)
+
+
+def _mvn_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
+) -> torch.Tensor:
+    return _log_prob_forward(
+        mvn_kernels._mvn_packed_log_prob_forward_kernel, value, loc, packed, "mvn_packed_log_prob",
+        _Packing(diag_transform, min_diag),
+    )
+
+
+def _mvn_packed_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str,
+    min_diag: float, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _log_prob_backward(
+        mvn_kernels._mvn_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
+        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag),
+    )
+
+
+def _squashed_packed_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
+    value_is_pre_tanh: bool,
+) -> torch.Tensor:
+    return _log_prob_forward(
+        mvn_kernels._squashed_packed_log_prob_forward_kernel, value, loc, packed, "squashed_packed_log_prob",
+        _Packing(diag_transform, min_diag), **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
+    )
+
+
+def _squashed_packed_log_prob_backward(
+    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str,
+    min_diag: float, value_is_pre_tanh: bool, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _log_prob_backward(
+        mvn_kernels._squashed_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
+        "squashed_packed_log_prob_backward", squash=_squash(value_is_pre_tanh),
+        packing=_Packing(diag_transform, min_diag),
+    )
 
 
 def _cpu_kernel(name: str, launcher):
@@ -527,6 +602,10 @@ LAUNCHERS = {
     "tanh_log_abs_det_jacobian_backward": _tanh_log_abs_det_jacobian_backward,
     "packed_to_scale_tril": _packed_to_scale_tril,
     "packed_to_scale_tril_backward": _packed_to_scale_tril_backward,
+    "mvn_packed_log_prob": _mvn_packed_log_prob,
+    "mvn_packed_log_prob_backward": _mvn_packed_log_prob_backward,
+    "squashed_packed_log_prob": _squashed_packed_log_prob,
+    "squashed_packed_log_prob_backward": _squashed_packed_log_prob_backward,
 }
 
 

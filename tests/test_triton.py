@@ -155,6 +155,18 @@ class TestCholesky:
         torch.testing.assert_close(L.cpu(), reference.cholesky(A))
 
 
+def test_every_op_has_a_triton_op():
+    """Each op of the surface is a Triton op with its backward, so forcing "triton" never
+    runs another backend's kernel."""
+    from fusedgauss import triton_ops
+
+    assert backends.TRITON_OPS == set(ops.OPS)
+    for name in ops.OPS:
+        assert backends.missing_op_reason("triton", name) is None
+        assert {name, name + "_backward"} <= set(triton_ops.LAUNCHERS), name
+        assert hasattr(torch.ops.fusedgauss_triton, name) and hasattr(torch.ops.fusedgauss_triton, name + "_backward")
+
+
 def test_event_sizes_beyond_the_kernels():
     k = backends.MAX_EVENT_SIZE["triton"] + 1
     with backends.use("triton"), pytest.raises(backends.BackendUnavailableError, match="event sizes up to"):
@@ -246,7 +258,7 @@ def test_kernels_compile_for_a_gpu():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     out = subprocess.run([sys.executable, str(script), "--k", "6"], capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stdout[-8000:] + out.stderr[-4000:]
-    assert out.stdout.count("ok ") == 36, out.stdout  # 18 kernels, float32 and float64
+    assert out.stdout.count("ok ") == 44, out.stdout  # 22 kernels, float32 and float64
 
 
 @requires_gpu

@@ -142,24 +142,41 @@ def _load_vectors(ptr, stride, rows, active, K: tl.constexpr, KP: tl.constexpr, 
 
 
 @triton.jit
-def _load_lower(ptr, stride, rows, active, K: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
-    """[BLOCK, KP, KP] tile of the lower triangles of the row-major K x K matrices at
-    ptr + row * stride (stride 0: one shared matrix); the rest is zero."""
+def _lower_offsets(K: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr):
+    """[1, KP, KP] offsets of the entries (i, j) within a matrix: row-major K x K, or packed,
+    the lower triangle row by row (entry (i, j <= i) at i(i+1)/2 + j)."""
+    idx = tl.arange(0, KP)
+    i = idx[None, :, None]
+    j = idx[None, None, :]
+    if PACKED:
+        return i * (i + 1) // 2 + j
+    return i * K + j
+
+
+@triton.jit
+def _load_lower(ptr, stride, rows, active, K: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr,
+                PACKED: tl.constexpr = False):
+    """[BLOCK, KP, KP] tile of the lower triangles of the K x K matrices at ptr + row * stride
+    (stride 0: one shared matrix), row-major or PACKED; the rest is zero."""
     idx = tl.arange(0, KP)
     i = idx[None, :, None]
     j = idx[None, None, :]
     mask = active[:, None, None] & (i < K) & (j <= i)
-    return tl.load(ptr + rows[:, None, None] * stride + i * K + j, mask=mask, other=0.0).to(ACC)
+    offsets = _lower_offsets(K, KP, PACKED)
+    return tl.load(ptr + rows[:, None, None] * stride + offsets, mask=mask, other=0.0).to(ACC)
 
 
 @triton.jit
-def _store_matrices(ptr, rows, active, M, K: tl.constexpr, KP: tl.constexpr):
-    """Stores a [BLOCK, KP, KP] tile as contiguous row-major K x K matrices, one per row."""
+def _store_matrices(ptr, rows, active, M, K: tl.constexpr, KP: tl.constexpr, PACKED: tl.constexpr = False):
+    """Stores a [BLOCK, KP, KP] tile as contiguous row-major K x K matrices, one per row, or
+    PACKED, their lower triangles (K(K+1)/2 entries per row)."""
     idx = tl.arange(0, KP)
     i = idx[None, :, None]
     j = idx[None, None, :]
-    mask = active[:, None, None] & (i < K) & (j < K)
-    tl.store(ptr + rows[:, None, None] * (K * K) + i * K + j, M.to(ptr.dtype.element_ty), mask=mask)
+    mask = active[:, None, None] & (i < K) & ((j <= i) if PACKED else (j < K))
+    row_size: tl.constexpr = K * (K + 1) // 2 if PACKED else K * K
+    offsets = _lower_offsets(K, KP, PACKED)
+    tl.store(ptr + rows[:, None, None] * row_size + offsets, M.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,8 +1,10 @@
 """Triton kernels of the full-covariance Gaussian log-prob ops and their backward ops.
 
 Each program takes BLOCK samples; operands are rows ``stride`` apart, or shared by the batch
-(stride 0: every sample of the block reads the same matrix). A covariance is factorised in
-registers (``_cholesky``) and never written out. Gradients of shared operands are summed per
+(stride 0: every sample of the block reads the same matrix). The matrix operand (MATRIX) is a
+scale_tril, a covariance, factorised in registers (``_cholesky``) and never written out, or a
+policy head's packed scale_tril, unpacked in registers (packed.py's diagonal transform plus
+min_diag) with its gradient written back packed. Gradients of shared operands are summed per
 program into one row of ``partials``; the launcher adds the rows in a second, deterministic
 pass and applies the parameter terms.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .packed import _diag_entry
 from .squashed import NO_SQUASH, _pre_tanh, _tanh_terms, _value_gradient
 from .linalg import (
     _cholesky,
@@ -28,11 +31,17 @@ from .linalg import (
 )
 
 LOG_2PI = tl.constexpr(1.8378770664093454835606594728112)
+# The matrix operand, for MATRIX.
+SCALE_TRIL = tl.constexpr(0)
+COVARIANCE = tl.constexpr(1)
+PACKED = tl.constexpr(2)
 # Integer arguments Triton would otherwise specialise on (== 1, divisible by 16), each value
 # a separate compilation of kernels that take tens of seconds to compile: the batch size, the
 # strides (0 for a shared operand) and the backward's output switches.
 FORWARD_RUNTIME_INTEGERS = ["n", "value_stride", "loc_stride", "matrix_stride"]
 BACKWARD_RUNTIME_INTEGERS = FORWARD_RUNTIME_INTEGERS + ["VALUE_ROWS", "LOC_ROWS", "MATRIX_ROWS", "REDUCE"]
+# The packed kernels' min_diag, a runtime value as in packed.py's kernels.
+PACKED_RUNTIME_ARGUMENTS = ["min_diag"]
 
 
 @triton.jit
@@ -44,21 +53,28 @@ def _block_rows(n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE: tl.constexpr, K: tl.constexpr,
-                  KP: tl.constexpr, ACC: tl.constexpr):
-    """The block's Cholesky factors (a scale_tril as read, a covariance factorised) and
-    whether each is valid. Samples past the batch get the identity, so that they compute
-    finite values that are never stored."""
+def _factor_block(matrix_ptr, matrix_stride, rows, active, min_diag, MATRIX: tl.constexpr, DIAG: tl.constexpr,
+                  K: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """The block's Cholesky factors (a scale_tril as read, a covariance factorised, a packed
+    factor unpacked: L_ii = transform(x_ii) + min_diag), whether each is valid, and dL_ii/dx_ii
+    ([BLOCK, KP]; 1 unless packed). Samples past the batch get the identity, so that they
+    compute finite values that are never stored."""
     idx = tl.arange(0, KP)
-    eye = (idx[None, :, None] == idx[None, None, :]).to(ACC)
-    M = _load_lower(matrix_ptr, matrix_stride, rows, active, K, KP, ACC)
+    i = idx[None, :, None]
+    j = idx[None, None, :]
+    eye = (i == j).to(ACC)
+    M = _load_lower(matrix_ptr, matrix_stride, rows, active, K, KP, ACC, MATRIX == PACKED)
     M = tl.where(active[:, None, None], M, eye)
-    if COVARIANCE:
+    ok = active | ~active
+    diag_derivative = tl.full([M.shape[0], KP], 1.0, ACC)
+    if MATRIX == COVARIANCE:
         L, ok = _cholesky(M, K, KP)
+    elif MATRIX == PACKED:
+        diag, diag_derivative = _diag_entry(_diagonal(M, KP), DIAG)
+        L = tl.where((i == j) & (i < K) & active[:, None, None], (diag + min_diag)[:, :, None], M)
     else:
         L = M
-        ok = active | ~active
-    return L, ok
+    return L, ok, diag_derivative
 
 
 @triton.jit
@@ -78,12 +94,12 @@ def _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, ac
 
 @triton.jit
 def _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          COVARIANCE: tl.constexpr, SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                          min_diag, MATRIX: tl.constexpr, DIAG: tl.constexpr, SQUASH: tl.constexpr, EPS: tl.constexpr,
+                          K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     rows, active = _block_rows(n, BLOCK)
     x, d, jacobian = _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH, EPS,
                                            K, KP, ACC)
-    L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
+    L, ok, _ = _factor_block(matrix_ptr, matrix_stride, rows, active, min_diag, MATRIX, DIAG, K, KP, ACC)
     z = _solve_lower(L, d, K, KP)
     log_prob = -0.5 * tl.sum(z * z, axis=1) - _sum_log_diagonal(L, K, KP) - 0.5 * K * LOG_2PI - jacobian
     log_prob = tl.where(ok, log_prob, float("nan"))
@@ -96,7 +112,7 @@ def _mvn_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stri
                                       ACC: tl.constexpr):
     """log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (K/2) log 2 pi,  z = L^{-1}(x - mu)."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          False, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+                          0.0, SCALE_TRIL, 0, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
@@ -106,13 +122,13 @@ def _mvn_cov_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_strid
     """log N(x; mu, Sigma) with L = chol(Sigma) computed in registers; NaN for a sample whose
     Sigma is not positive-definite."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          True, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+                          0.0, COVARIANCE, 0, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit
 def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n,
-                           COVARIANCE: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, min_diag,
+                           MATRIX: tl.constexpr, DIAG: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE,
                            SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                            BLOCK: tl.constexpr, ACC: tl.constexpr):
     idx = tl.arange(0, KP)
@@ -122,7 +138,8 @@ def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_strid
     g = tl.load(grad_ptr + rows, mask=active, other=0.0).to(ACC)
     x, d, jacobian = _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH, EPS, K, KP,
                                     ACC)
-    L, ok = _factor_block(matrix_ptr, matrix_stride, rows, active, COVARIANCE, K, KP, ACC)
+    L, ok, diag_derivative = _factor_block(matrix_ptr, matrix_stride, rows, active, min_diag, MATRIX, DIAG, K, KP,
+                                           ACC)
     g = tl.where(ok, g, float("nan"))
     z = _solve_lower(L, d, K, KP)
     w = _solve_lower_transposed(L, z, K, KP)
@@ -136,14 +153,14 @@ def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_strid
     if LOC_ROWS:
         _store_vectors(loc_grad_ptr, rows, active, gw, K, KP)
     # The per-sample term of the matrix gradient, without its parameter term:
-    # tril(g w z^T) for scale_tril, g w w^T (exactly symmetric) for a covariance.
-    if COVARIANCE:
+    # tril(g w z^T) for a scale_tril (packed too), g w w^T (exactly symmetric) for a covariance.
+    if MATRIX == COVARIANCE:
         outer = g[:, None, None] * (w[:, :, None] * w[:, None, :])
     else:
         outer = tl.where(j <= i, gw[:, :, None] * z[:, None, :], 0.0)
     outer = tl.where(active[:, None, None], outer, 0.0)
     if MATRIX_ROWS:
-        if COVARIANCE:
+        if MATRIX == COVARIANCE:
             # Sigma^{-1} = L^{-T} L^{-1}: L^{-T} = L^{-T} I, then L^{-T} (L^{-T})^T.
             eye = tl.where(active[:, None, None], (i == j).to(ACC), 0.0)
             inverse_transposed = _solve_lower_transposed_columns(L, eye, K, KP)
@@ -153,7 +170,9 @@ def _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_strid
         else:
             diag = tl.where(idx[None, :] < K, _diagonal(L, KP), 1.0)
             grad_matrix = outer - tl.where(i == j, (g[:, None] / diag)[:, :, None], 0.0)
-        _store_matrices(matrix_grad_ptr, rows, active, grad_matrix, K, KP)
+            if MATRIX == PACKED:
+                grad_matrix = tl.where(i == j, grad_matrix * diag_derivative[:, :, None], grad_matrix)
+        _store_matrices(matrix_grad_ptr, rows, active, grad_matrix, K, KP, MATRIX == PACKED)
     if REDUCE:
         # Row of this program: sum g w (K), the sum of the per-sample matrix terms (K * K),
         # and sum g.
@@ -174,8 +193,8 @@ def _mvn_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_pt
     VALUE_ROWS, LOC_ROWS, MATRIX_ROWS: write that gradient per sample; REDUCE: write this
     program's sums of the per-sample terms to its row of partials."""
     _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, False, VALUE_ROWS,
-                           LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, 0.0, SCALE_TRIL, 0,
+                           VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
@@ -186,8 +205,8 @@ def _mvn_cov_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr
     """With L = chol(Sigma), w = Sigma^{-1}(x - mu) and upstream gradient g:
     d/dx = -g w,  d/dmu = g w,  d/dSigma = g/2 (w w^T - Sigma^{-1}), symmetric."""
     _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, True, VALUE_ROWS,
-                           LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, 0.0, COVARIANCE, 0,
+                           VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
@@ -197,7 +216,7 @@ def _squashed_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc
     """log N(u; mu, L L^T) - sum_i log(1 - tanh(u_i)^2), u the pre-tanh value (SQUASH =
     FROM_PRE_TANH) or atanh of the action clamped to [-1 + EPS, 1 - EPS] (FROM_ACTION)."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
-                          False, SQUASH, EPS, K, KP, BLOCK, ACC)
+                          0.0, SCALE_TRIL, 0, SQUASH, EPS, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
@@ -209,5 +228,53 @@ def _squashed_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, l
     """As _mvn_tril_log_prob_backward_kernel at u, except d/du = -g w + g 2 tanh(u), and for an
     action d/dx = d/du / (1 - x^2) inside the clamp (0 where it clamps)."""
     _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, False, VALUE_ROWS,
-                           LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH, EPS, K, KP, BLOCK, ACC)
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, 0.0, SCALE_TRIL, 0,
+                           VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH, EPS, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS + PACKED_RUNTIME_ARGUMENTS)
+def _mvn_packed_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                                        out_ptr, n, min_diag, DIAG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                                        BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """_mvn_tril_log_prob_forward_kernel with L unpacked from the K(K+1)/2 values x of a sample:
+    L_ij = x[i(i+1)/2 + j] below the diagonal, L_ii = transform(x[i(i+1)/2 + i]) + min_diag."""
+    _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          min_diag, PACKED, DIAG, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS + PACKED_RUNTIME_ARGUMENTS)
+def _mvn_packed_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                         matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
+                                         n, min_diag, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, DIAG: tl.constexpr,
+                                         K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """As _mvn_tril_log_prob_backward_kernel, the matrix gradient written packed: d/dx at the
+    position of (i, j < i) is d/dL_ij, and at (i, i) it is d/dL_ii * dL_ii/dx_ii. A program's
+    partials are the scale_tril's (the launcher packs their sum)."""
+    _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, min_diag, PACKED, DIAG,
+                           VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS + PACKED_RUNTIME_ARGUMENTS)
+def _squashed_packed_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                             matrix_stride, out_ptr, n, min_diag, DIAG: tl.constexpr,
+                                             SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
+                                             KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """_squashed_tril_log_prob_forward_kernel with L unpacked as in
+    _mvn_packed_log_prob_forward_kernel."""
+    _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr, n,
+                          min_diag, PACKED, DIAG, SQUASH, EPS, K, KP, BLOCK, ACC)
+
+
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS + PACKED_RUNTIME_ARGUMENTS)
+def _squashed_packed_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+                                              matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr,
+                                              partials_ptr, n, min_diag, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE,
+                                              DIAG: tl.constexpr, SQUASH: tl.constexpr, EPS: tl.constexpr,
+                                              K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                                              ACC: tl.constexpr):
+    """_squashed_tril_log_prob_backward_kernel with the packed factor of
+    _mvn_packed_log_prob_backward_kernel."""
+    _mvn_log_prob_backward(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
+                           value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, min_diag, PACKED, DIAG,
+                           VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH, EPS, K, KP, BLOCK, ACC)
