@@ -13,9 +13,17 @@ with torch.utils.benchmark, from the same weights, buffer and minibatch order:
   fused head   fusedgauss ``from_packed``: the full-covariance heads read the packed outputs
                (packed_to_scale_tril)
 
-  MLP alone    the same epoch with the distribution removed (a squared-output loss on the
-               actor and critic): what the update costs with a free distribution and head,
-               so torch ms / MLP-alone ms is the ceiling of any speed-up here
+Ceilings, the same epoch with parts of the update made free:
+
+  free dist    the clipped PPO loss with the plain-PyTorch head built, but a stand-in for
+               the distribution whose log-prob and entropy are sums of the head's outputs
+               (FreeDistributionAgent): torch ms / free-dist ms is the ceiling of the drop-in
+               class, which keeps that head
+  free dist and head
+               the same without the head construction (sums of the packed outputs): the
+               ceiling of the fused head with the PPO loss's own arithmetic kept
+  MLP alone    a squared-output loss on the actor and critic, no PPO loss at all: the
+               ceiling of any change to the distribution
 
 Heads: ``tril`` (state-dependent full covariance), ``tanh_tril`` (the same, tanh-squashed,
 scored from the stored pre-tanh value), ``diag`` (state-independent log-std; no packed head).
@@ -45,12 +53,15 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 
 import fusedgauss  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
-from ppo_continuous import HEADS, Agent, ppo_loss  # noqa: E402
+from ppo_continuous import HEADS, Agent, plain_scale_tril, ppo_loss  # noqa: E402
 
 OBS_SIZE = 17
 CLIP, ENT_COEF, VF_COEF = 0.2, 0.0, 0.5
 # (column, --dist of the example's Agent, plain_head)
 VARIANTS = (("torch", "torch", True), ("drop-in", "fusedgauss", True), ("fused head", "fusedgauss", False))
+#: The ceiling columns (see the module docstring), and their ratio columns' headers.
+CEILINGS = {"free dist": "ceiling of the drop-in", "free dist and head": "ceiling of the fused head",
+            "MLP alone": "ceiling (× MLP alone)"}
 
 
 def make_buffer(agent: Agent, size: int, generator: torch.Generator) -> dict:
@@ -61,6 +72,36 @@ def make_buffer(agent: Agent, size: int, generator: torch.Generator) -> dict:
     return {"obs": obs, "actions": actions, "pre_tanh": pre_tanh, "log_probs": log_probs, "values": values,
             "advantages": torch.randn(size, generator=generator),
             "returns": values + torch.randn(size, generator=generator)}
+
+
+class FreeDistributionAgent:
+    """An Agent's update pass with the distribution free: the actor and critic as the Agent
+    runs them (and, with `plain_head`, its plain-PyTorch scale_tril), but a log-prob and an
+    entropy that are scaled sums of the head's outputs, so that the PPO loss built on them
+    costs what it does with a real distribution minus the distribution itself."""
+
+    def __init__(self, agent: Agent, plain_head: bool):
+        self.agent, self.plain_head = agent, plain_head
+
+    def __call__(self, obs, action, pre_tanh):
+        agent = self.agent
+        out = agent.actor(obs)
+        loc, packed = out[..., : agent.k], out[..., agent.k:]
+        if agent.head == "diag":
+            spread = agent.log_std.exp().sum().expand(loc.shape[:-1])
+        elif self.plain_head:
+            spread = plain_scale_tril(packed, agent.k, agent.min_diag).sum((-2, -1))
+        else:
+            spread = packed.sum(-1)
+        log_prob = 1e-3 * (loc.sum(-1) + spread)
+        return log_prob, 1e-3 * spread, agent.critic(obs).squeeze(-1)
+
+
+def free_distribution_loss(plain_head: bool):
+    def loss(agent: Agent, mb: dict, *args):
+        return ppo_loss(FreeDistributionAgent(agent, plain_head), mb, *args)
+
+    return loss
 
 
 def mlp_alone_loss(agent: Agent, mb: dict, *_):
@@ -113,6 +154,10 @@ def run_head(head: str, k: int, args) -> dict:
     row = {"head": head, "k": k, "buffer": args.buffer, "minibatch": args.minibatch, "rounds": args.rounds,
            "loss": losses}
     steps = {name: update_epoch(agent, buffer, order, args.minibatch) for name, agent in agents.items()}
+    steps["free dist"] = update_epoch(reference, buffer, order, args.minibatch, free_distribution_loss(True))
+    if head != "diag":
+        steps["free dist and head"] = update_epoch(reference, buffer, order, args.minibatch,
+                                                   free_distribution_loss(False))
     steps["MLP alone"] = update_epoch(reference, buffer, order, args.minibatch, mlp_alone_loss)
     for name, seconds in interleaved_medians(steps, args.rounds).items():
         row[f"{name} ms"] = seconds * 1e3
@@ -123,7 +168,7 @@ def run_head(head: str, k: int, args) -> dict:
 
 
 def to_markdown(rows: list[dict], meta: dict) -> str:
-    names = [name for name, _, _ in VARIANTS] + ["MLP alone"]
+    names = [name for name, _, _ in VARIANTS] + list(CEILINGS)
     lines = [
         f"# PPO update phase ({meta['date']})",
         "",
@@ -131,15 +176,17 @@ def to_markdown(rows: list[dict], meta: dict) -> str:
         f"(CPU kernels at SIMD level {meta.get('cpu_simd')}); float32. "
         f"One epoch over {meta['buffer']} transitions in minibatches of {meta['minibatch']} (forward+backward of the "
         f"clipped PPO loss); medians over {meta['rounds']} interleaved rounds timed with torch.utils.benchmark, all "
-        "columns in one run. The last column, torch ÷ MLP alone, is the ceiling of any speed-up of the distribution.",
+        "columns in one run. Ceilings (torch ÷ the epoch with parts made free): free dist, the drop-in class's "
+        "(the plain-PyTorch head kept); free dist and head, the fused head's with the PPO loss kept; MLP alone, "
+        "any change's.",
         "",
         "| head | k | " + " | ".join(f"{n} ms" for n in names)
-        + " | drop-in × torch | fused head × torch | ceiling (× MLP alone) |",
-        "|---|---:|" + "---:|" * (len(names) + 3),
+        + " | drop-in × torch | fused head × torch | " + " | ".join(CEILINGS.values()) + " |",
+        "|---|---:|" + "---:|" * (len(names) + 2 + len(CEILINGS)),
     ]
     for r in rows:
         cells = [f"{r[f'{n} ms']:.1f}" if f"{n} ms" in r else "–" for n in names]
-        ratios = [f"{r[f'{n} ×']:.2f}" if f"{n} ×" in r else "–" for n in ("drop-in", "fused head", "MLP alone")]
+        ratios = [f"{r[f'{n} ×']:.2f}" if f"{n} ×" in r else "–" for n in ("drop-in", "fused head", *CEILINGS)]
         lines.append(f"| {r['head']} | {r['k']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"
 
