@@ -16,12 +16,12 @@ with torch.utils.benchmark, from the same weights, buffer and minibatch order:
 Ceilings, the same epoch with parts of the update made free:
 
   free dist    the clipped PPO loss with the plain-PyTorch head built, but a stand-in for
-               the distribution whose log-prob and entropy are sums of the head's outputs
+               the distribution that computes nothing and hands back fixed dense gradients
                (FreeDistributionAgent): torch ms / free-dist ms is the ceiling of the drop-in
                class, which keeps that head
   free dist and head
-               the same without the head construction (sums of the packed outputs): the
-               ceiling of the fused head with the PPO loss's own arithmetic kept
+               the same without the head construction (the gradients go to the packed
+               outputs): the ceiling of the fused head with the PPO loss's own arithmetic kept
   MLP alone    a squared-output loss on the actor and critic, no PPO loss at all: the
                ceiling of any change to the distribution
 
@@ -74,32 +74,61 @@ def make_buffer(agent: Agent, size: int, generator: torch.Generator) -> dict:
             "returns": values + torch.randn(size, generator=generator)}
 
 
+class _FreeLogProb(torch.autograd.Function):
+    """A log-prob that costs nothing: the forward computes nothing (zeros), the backward hands
+    back fixed dense gradients, allocated once, as dense as a real distribution's. (A sum of
+    the outputs would give the head a stride-0 gradient, whose backward reads almost nothing;
+    a product with weights would allocate a fresh gradient per call, which on this machine's
+    costly page faults made the stand-in slower than the fused distribution: either way, not
+    a ceiling.) The engine never accumulates into them in place, as they stay referenced."""
+
+    @staticmethod
+    def forward(ctx, loc, parameter, loc_gradient, parameter_gradient):
+        ctx.gradients = loc_gradient, parameter_gradient
+        return loc.new_zeros(loc.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*ctx.gradients, None, None)
+
+
 class FreeDistributionAgent:
     """An Agent's update pass with the distribution free: the actor and critic as the Agent
-    runs them (and, with `plain_head`, its plain-PyTorch scale_tril), but a log-prob and an
-    entropy that are scaled sums of the head's outputs, so that the PPO loss built on them
-    costs what it does with a real distribution minus the distribution itself."""
+    runs them (and, with `plain_head`, its plain-PyTorch scale_tril), a log-prob that costs
+    nothing (_FreeLogProb) and a constant entropy, so that the PPO loss built on them costs
+    what it does with a real distribution minus the distribution itself."""
 
     def __init__(self, agent: Agent, plain_head: bool):
         self.agent, self.plain_head = agent, plain_head
+        self.gradients = {}
+
+    def _gradient(self, t: torch.Tensor) -> torch.Tensor:
+        """Fixed random values shaped like t, made once per shape."""
+        if t.shape not in self.gradients:
+            self.gradients[t.shape] = torch.randn(t.shape, generator=torch.Generator().manual_seed(len(self.gradients)))
+        return self.gradients[t.shape]
 
     def __call__(self, obs, action, pre_tanh):
         agent = self.agent
         out = agent.actor(obs)
         loc, packed = out[..., : agent.k], out[..., agent.k:]
         if agent.head == "diag":
-            spread = agent.log_std.exp().sum().expand(loc.shape[:-1])
+            parameter = agent.log_std.exp()
         elif self.plain_head:
-            spread = plain_scale_tril(packed, agent.k, agent.min_diag).sum((-2, -1))
+            parameter = plain_scale_tril(packed, agent.k, agent.min_diag)
         else:
-            spread = packed.sum(-1)
-        log_prob = 1e-3 * (loc.sum(-1) + spread)
-        return log_prob, 1e-3 * spread, agent.critic(obs).squeeze(-1)
+            parameter = packed
+        log_prob = _FreeLogProb.apply(loc, parameter, self._gradient(loc), self._gradient(parameter))
+        return log_prob, torch.zeros_like(log_prob), agent.critic(obs).squeeze(-1)
 
 
 def free_distribution_loss(plain_head: bool):
+    stand_ins = {}  # per agent, made once: its fixed gradients are part of what is free
+
     def loss(agent: Agent, mb: dict, *args):
-        return ppo_loss(FreeDistributionAgent(agent, plain_head), mb, *args)
+        if agent not in stand_ins:
+            stand_ins[agent] = FreeDistributionAgent(agent, plain_head)
+        return ppo_loss(stand_ins[agent], mb, *args)
 
     return loss
 
