@@ -53,6 +53,21 @@ void test_scatter(int64_t n, int count) {
   }
 }
 
+/// gather_matrices: the lower triangle of each sample's k x k matrix (row-major, `stride`
+/// apart), lane-minor, through the transposes or one entry at a time.
+template <int W>
+void test_matrix_gather(int64_t k, int count, int64_t stride) {
+  const std::vector<float> a = random_floats(static_cast<size_t>((count - 1) * stride + k * k));
+  std::vector<float> lanes(static_cast<size_t>(k * k * W));
+  gather_matrices<W>(k, a.data(), stride, count, lanes.data());
+  for (int l = 0; l < W; ++l) {
+    const int64_t sample = std::min(l, count - 1);
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j <= i; ++j) EXPECT_TRUE(lanes[(i * k + j) * W + l] == a[sample * stride + i * k + j]);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -69,6 +84,13 @@ int main() {
           test_gathers<8>(n, count, n);
           test_scatter<8>(n, count);
         }
+      }
+    }
+    for (int64_t k : {1, 6, 8, 9, 17, 32}) {
+      for (int count : {1, 5, 8}) {
+        test_matrix_gather<8>(k, count, k * k);
+        test_matrix_gather<16>(k, count, k * k);
+        test_matrix_gather<16>(k, count, k * k + 5);
       }
     }
     const char* transposes[] = {"none, plain loops checked", "8 x 8", "8 x 8, and 16 x 16 for gathers of 16 lanes"};
