@@ -106,17 +106,18 @@ _DIAG_TRANSFORMS = {"none": 0, "softplus": 1, "exp": 2}
 
 @dataclass
 class _Packing:
-    """How a packed factor becomes L (packed_to_scale_tril's arguments): the packed log-prob
-    kernels take min_diag after the batch size, and DIAG."""
+    """How a packed factor becomes L (packed_to_scale_tril's arguments)."""
 
     diag_transform: str
     min_diag: float
 
-    def scalars(self) -> tuple:
-        return (self.min_diag,)
 
-    def constexprs(self) -> dict:
-        return {"DIAG": _DIAG_TRANSFORMS[self.diag_transform]}
+def _packing_arguments(packing: _Packing | None) -> tuple[tuple, dict]:
+    """What a log-prob kernel takes for its matrix operand beyond the scale_tril ones: the
+    packed kernels' min_diag (after the batch size) and DIAG; nothing for the others."""
+    if packing is None:
+        return (), {}
+    return (packing.min_diag,), {"DIAG": _DIAG_TRANSFORMS[packing.diag_transform]}
 
 
 def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | None = None, **constexprs):
@@ -127,7 +128,7 @@ def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | N
     if n > 0:
         tile = _tile(k, value.dtype)
         grid = (triton.cdiv(n, tile["BLOCK"]),)
-        scalars, packed_constexprs = (packing.scalars(), packing.constexprs()) if packing else ((), {})
+        scalars, packed_constexprs = _packing_arguments(packing)
         _launchable(kernel)[grid](
             v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, *scalars,
             **packed_constexprs, **constexprs, **tile,
@@ -195,7 +196,7 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
         # Unused pointers (their constexpr switch is off) still need a tensor.
         placeholder = grad
         v, m, M = operands
-        scalars, packed_constexprs = (packing.scalars(), packing.constexprs()) if packing else ((), {})
+        scalars, packed_constexprs = _packing_arguments(packing)
         _launchable(kernel)[(programs,)](
             grad.contiguous(), v.data, v.stride, m.data, m.stride, M.data, M.stride,
             *(r if r is not None else placeholder for r in rows),
