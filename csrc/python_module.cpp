@@ -1,12 +1,14 @@
 // The Python module fusedgauss._C. `import fusedgauss._C` loads this library, which runs
 // the static op registrations of csrc/ops.cpp and the device kernels. The module holds only
-// the CPU kernels' SIMD level (csrc/cpu/simd.h), which is process state rather than an op;
-// it is built against the limited Python API. Not part of the CMake build.
+// process state rather than ops: the CPU kernels' SIMD level (csrc/cpu/simd.h) and the CPU
+// output cache (csrc/common/outputs.h). It is built against the limited Python API. Not part
+// of the CMake build.
 
 #include <Python.h>
 
 #include <c10/util/Exception.h>
 
+#include "common/outputs.h"
 #include "cpu/simd.h"
 
 namespace {
@@ -49,10 +51,40 @@ PyObject* set_cpu_simd_level(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* cpu_output_cache_stats(PyObject*, PyObject*) {
+  fusedgauss::OutputCacheStats stats{};
+  try {
+    stats = fusedgauss::cpu_output_cache_stats();
+  } catch (const c10::Error& e) {  // a bad FUSEDGAUSS_CPU_OUTPUT_CACHE_MB
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  return Py_BuildValue("{sLsLsLsLsL}", "cached_bytes", static_cast<long long>(stats.cached_bytes), "cached_blocks",
+                       static_cast<long long>(stats.cached_blocks), "limit_bytes",
+                       static_cast<long long>(stats.limit_bytes), "hits", static_cast<long long>(stats.hits),
+                       "misses", static_cast<long long>(stats.misses));
+}
+
+PyObject* set_cpu_output_cache_limit(PyObject*, PyObject* args) {
+  long long bytes = 0;
+  if (!PyArg_ParseTuple(args, "L", &bytes)) return nullptr;
+  try {
+    fusedgauss::set_cpu_output_cache_limit(bytes);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_simd_level", cpu_simd_level, METH_NOARGS, "The SIMD level the CPU kernels run: baseline, avx2 or avx512."},
     {"cpu_simd_levels", cpu_simd_levels, METH_NOARGS, "The SIMD levels this CPU can run, narrowest first."},
     {"set_cpu_simd_level", set_cpu_simd_level, METH_VARARGS, "Makes the CPU kernels run the named SIMD level."},
+    {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS,
+     "The CPU output cache: cached_bytes, cached_blocks, limit_bytes, hits, misses."},
+    {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_VARARGS,
+     "Keeps at most this many bytes of freed output blocks for reuse."},
     {nullptr, nullptr, 0, nullptr},
 };
 

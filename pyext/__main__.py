@@ -40,6 +40,14 @@ def info() -> None:
         env = os.environ.get("FUSEDGAUSS_CPU_SIMD")
         print(f"      SIMD level: {level}" + (f" (FUSEDGAUSS_CPU_SIMD={env})" if env else "")
               + f"; this CPU runs {', '.join(backends.cpu_simd_levels())}")
+        try:
+            cache = backends.cpu_output_cache_stats()
+            cache_text = (f"keeps up to {cache['limit_bytes'] / 2**20:g} MB of freed outputs of 1 MB or more"
+                          if cache["limit_bytes"] else "off")
+        except ValueError as error:  # a malformed FUSEDGAUSS_CPU_OUTPUT_CACHE_MB
+            cache_text = f"unusable: {error}"
+        env = os.environ.get("FUSEDGAUSS_CPU_OUTPUT_CACHE_MB")
+        print(f"      output cache: {cache_text}" + (f" (FUSEDGAUSS_CPU_OUTPUT_CACHE_MB={env})" if env else ""))
     cuda_missing = "no (the build lacked nvcc or a CUDA build of torch, or FUSEDGAUSS_SKIP_CUDA was set)"
     print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else cuda_missing}")
     if backends.TRITON_KERNELS:

@@ -204,3 +204,30 @@ def use_cpu_simd(level: str) -> Iterator[None]:
         yield
     finally:
         _C.set_cpu_simd_level(previous)
+
+
+def cpu_output_cache_stats() -> dict[str, int]:
+    """The CPU output cache: CPU outputs of a megabyte or more (per-sample gradients, sampled
+    actions) reuse blocks that earlier outputs freed, instead of fresh memory that the system
+    zeroes on first touch. Keys: cached_bytes and cached_blocks (freed blocks kept for reuse),
+    limit_bytes (cached_bytes never exceeds it; ``FUSEDGAUSS_CPU_OUTPUT_CACHE_MB``, default
+    256, sets it at load), hits and misses (requests served from a kept block or not)."""
+    if not EXTENSION_LOADED:
+        raise BackendUnavailableError(f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})")
+    return _C.cpu_output_cache_stats()
+
+
+def set_cpu_output_cache_limit(nbytes: int) -> None:
+    """Keep at most `nbytes` of freed CPU outputs for reuse (0: keep none), releasing the oldest
+    kept blocks beyond it. Blocks that tensors still use are never counted or released."""
+    if not EXTENSION_LOADED:
+        raise BackendUnavailableError(f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})")
+    _C.set_cpu_output_cache_limit(int(nbytes))
+
+
+def empty_cpu_output_cache() -> None:
+    """Release every freed CPU output block the cache keeps (as torch.cuda.empty_cache does for
+    the CUDA caching allocator); the limit stays."""
+    limit = cpu_output_cache_stats()["limit_bytes"]
+    set_cpu_output_cache_limit(0)
+    set_cpu_output_cache_limit(limit)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "outputs.h"
 
 namespace fusedgauss {
 
@@ -62,7 +63,7 @@ template <typename Run>
 at::Tensor mvn_forward_op(const char* op, const char* matrix_name, const at::Tensor& value, const at::Tensor& loc,
                           const at::Tensor& matrix, const Run& run) {
   const MvnProblem p = prepare_mvn_problem(op, matrix_name, value, loc, matrix);
-  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+  at::Tensor out = empty_output(p.layout.batch_shape, value.options());
   run(p, out);
   return out;
 }
@@ -179,7 +180,7 @@ struct LogProbOps {
                                    const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
                                    ValueSquash squash) {
     const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-    at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+    at::Tensor out = empty_output(p.layout.batch_shape, value.options());
     Kernels::template forward<Param::kPacked>(p, out, squash);
     return out;
   }
@@ -199,7 +200,7 @@ template <typename Run>
 at::Tensor rows_log_prob_forward_op(const char* op, const at::Tensor& value, const at::Tensor& loc,
                                     const at::Tensor& scale, const Run& run) {
   const RowsProblem p = prepare_rows_problem(op, {"value", "loc", "scale"}, {&value, &loc, &scale});
-  at::Tensor out = at::empty(p.layout.batch_shape, value.options());
+  at::Tensor out = empty_output(p.layout.batch_shape, value.options());
   run(p, out);
   return out;
 }
@@ -235,7 +236,7 @@ struct RsampleGradients {
 inline RsampleOutputs empty_rsample_outputs(const BatchLayout& layout, int64_t k, const at::TensorOptions& options) {
   std::vector<int64_t> rows(layout.batch_shape);
   rows.push_back(k);
-  return {at::empty(rows, options), at::empty(rows, options), at::empty(layout.batch_shape, options)};
+  return {empty_output(rows, options), empty_output(rows, options), empty_output(layout.batch_shape, options)};
 }
 
 inline RsampleGradients check_rsample_gradients(const char* op, const c10::optional<at::Tensor>& grad_action,

@@ -11,10 +11,10 @@
 #include <vector>
 
 #include "../common/op_wrappers.h"
+#include "../common/outputs.h"
 #include "../math/gaussian_math.h"
 #include "chunked.h"
 #include "lanes.h"
-#include "outputs.h"
 
 namespace fusedgauss {
 namespace cpu {

@@ -504,7 +504,7 @@ void elementwise(int64_t n, scalar_t* out, const F& f) {
 at::Tensor tanh_log_abs_det_jacobian(const at::Tensor& u) {
   check_floating("tanh_log_abs_det_jacobian", "u", u);
   const at::Tensor input = u.contiguous();
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_output(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "tanh_log_abs_det_jacobian", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -523,7 +523,7 @@ at::Tensor tanh_log_abs_det_jacobian_backward(const at::Tensor& grad, const at::
   TORCH_CHECK(grad.sizes() == u.sizes(), op, ": grad has shape ", grad.sizes(), " but u has shape ", u.sizes());
   const at::Tensor input = u.contiguous();
   const at::Tensor upstream = grad.contiguous();
-  at::Tensor out = at::empty_like(input);
+  at::Tensor out = empty_output(input.sizes(), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "tanh_log_abs_det_jacobian_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();

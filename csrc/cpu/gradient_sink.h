@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "../common/batching.h"
+#include "../common/outputs.h"
 #include "chunked.h"
-#include "outputs.h"
 
 namespace fusedgauss {
 namespace cpu {

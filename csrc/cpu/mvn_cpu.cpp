@@ -27,7 +27,6 @@
 #include "chunked.h"
 #include "gradient_sink.h"
 #include "lanes.h"
-#include "outputs.h"
 #include "simd.h"
 
 namespace fusedgauss {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common/checks.h"
+#include "../common/outputs.h"
 #include "../math/packed_math.h"
 #include "chunked.h"
 #include "simd.h"
@@ -41,7 +42,7 @@ void transform_diagonal(DiagTransform transform, int64_t count, const acc_t* in,
 
 at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_transform, double min_diag) {
   const PackedProblem p = prepare_packed_problem("packed_to_scale_tril", packed, diag_transform);
-  at::Tensor out = at::empty(p.scale_tril_sizes, packed.options());
+  at::Tensor out = empty_output(p.scale_tril_sizes, packed.options());
   const int64_t k = p.k, n = math::packed_size(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), "packed_to_scale_tril", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -83,7 +84,7 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
   constexpr const char* op = "packed_to_scale_tril_backward";
   const PackedProblem p = prepare_packed_problem(op, packed, diag_transform, &grad);
   const at::Tensor upstream = grad.contiguous();
-  at::Tensor out = at::empty(packed.sizes(), packed.options());
+  at::Tensor out = empty_output(packed.sizes(), packed.options());
   const int64_t k = p.k, n = math::packed_size(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
