@@ -36,9 +36,14 @@ constexpr double kLog2 = 0.69314718055994530941723212145818;
 
 /// Solves L x = b in place for each lane (forward substitution); `x` holds b on entry.
 ///   x_i = (b_i - sum_{j<i} L_ij x_j) / L_ii
+/// The chain from x_{i-1} to x_i is one FMA and one multiply: the sum takes x_{i-1} last,
+/// and 1/L_ii, which does not depend on x, is computed off the chain (a division on it took
+/// longer than the rest of the step).
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT x) {
   for (int64_t i = 0; i < k; ++i) {
+    acc_t inv_diag[W];
+    for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / static_cast<acc_t>(L[(i * k + i) * W + l]);
     acc_t s[W];
     for (int l = 0; l < W; ++l) s[l] = x[i * W + l];
     for (int64_t j = 0; j < i; ++j) {
@@ -46,8 +51,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower(int64_t k, const mat_t* FUSED
       const acc_t* xj = x + j * W;
       for (int l = 0; l < W; ++l) s[l] -= static_cast<acc_t>(Lij[l]) * xj[l];
     }
-    const mat_t* Lii = L + (i * k + i) * W;
-    for (int l = 0; l < W; ++l) x[i * W + l] = s[l] / static_cast<acc_t>(Lii[l]);
+    for (int l = 0; l < W; ++l) x[i * W + l] = s[l] * inv_diag[l];
   }
 }
 
@@ -84,20 +88,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times(int64_t k, const m
 /// Solves L^T x = b in place for each lane (back substitution); `x` holds b on entry.
 ///   x_i = (b_i - sum_{j>i} L_ji x_j) / L_ii
 /// Walks a column of L, which in the lane-minor layout costs no more than a row, so that the
-/// sum stays in registers.
+/// sum stays in registers. As in solve_lower, the newest unknown (x_{i+1}) enters the sum last
+/// and 1/L_ii is computed off the chain.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
                                                    acc_t* FUSEDGAUSS_RESTRICT x) {
   for (int64_t i = k - 1; i >= 0; --i) {
+    acc_t inv_diag[W];
+    for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / static_cast<acc_t>(L[(i * k + i) * W + l]);
     acc_t s[W];
     for (int l = 0; l < W; ++l) s[l] = x[i * W + l];
-    for (int64_t j = i + 1; j < k; ++j) {
+    for (int64_t j = k - 1; j > i; --j) {
       const mat_t* Lji = L + (j * k + i) * W;
       const acc_t* xj = x + j * W;
       for (int l = 0; l < W; ++l) s[l] -= static_cast<acc_t>(Lji[l]) * xj[l];
     }
-    const mat_t* Lii = L + (i * k + i) * W;
-    for (int l = 0; l < W; ++l) x[i * W + l] = s[l] / static_cast<acc_t>(Lii[l]);
+    for (int l = 0; l < W; ++l) x[i * W + l] = s[l] * inv_diag[l];
   }
 }
 
@@ -174,8 +180,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void cholesky_in_place(int64_t k, acc_t* A, bo
         for (int l = 0; l < W; ++l) s[l] -= Aim[l] * Ajm[l];
       }
       if (j < i) {
-        const acc_t* Ajj = A + (j * k + j) * W;
-        for (int l = 0; l < W; ++l) A[(i * k + j) * W + l] = s[l] / Ajj[l];
+        // As in solve_lower: the division leaves the chain along row i.
+        acc_t inv_diag[W];
+        for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / A[(j * k + j) * W + l];
+        for (int l = 0; l < W; ++l) A[(i * k + j) * W + l] = s[l] * inv_diag[l];
       } else {
         // Two loops and no short-circuit &&: the lanes' square roots then run side by side
         // instead of as a chain of branches.
