@@ -151,6 +151,18 @@ C10_ALWAYS_INLINE void load_differences(const MvnProblem& p, int64_t k, const sc
                         loc + b0 * p.loc.batch_stride, p.loc.batch_stride, count, d);
 }
 
+/// g[l] = upstream[b0 + l] for the block's first `count` lanes and 0 past them, or 0 in every
+/// lane when there is no upstream gradient. A full block is a plain copy, which GCC makes one
+/// vector load; with the lane test in the copy it loaded and stored lane by lane.
+template <int W, typename acc_t, typename scalar_t>
+C10_ALWAYS_INLINE void load_upstream_lanes(const scalar_t* upstream, int64_t b0, int count, acc_t* g) {
+  if (upstream != nullptr && count == W) {
+    for (int l = 0; l < W; ++l) g[l] = static_cast<acc_t>(upstream[b0 + l]);
+  } else {
+    for (int l = 0; l < W; ++l) g[l] = upstream != nullptr && l < count ? static_cast<acc_t>(upstream[b0 + l]) : acc_t(0);
+  }
+}
+
 /// The scale_tril gradients tril(a b^T) - c diag(1/L_ii) of a block of samples, lane-minor
 /// k x k (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
 /// b = z, c = g for a log-prob and a = g_u, b = eps, c = g_log_prob for a sample.
@@ -340,7 +352,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
-      for (int l = 0; l < W; ++l) g[l] = l < count ? static_cast<acc_t>(grad[b0 + l]) : acc_t(0);
+      load_upstream_lanes<W>(grad, b0, count, g);
       if (squash.squashed) {
         squash_block.load_differences(p, value, loc, b0, count, z.data());
       } else {
@@ -562,9 +574,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
       std::fill(g_u.begin(), g_u.end(), acc_t(0));
       if (grad_action != nullptr) gather_rows<W>(k, grad_action + b0 * k, k, count, g_action.data());
       if (grad_pre_tanh != nullptr) gather_rows<W>(k, grad_pre_tanh + b0 * k, k, count, g_u.data());
-      for (int l = 0; l < W; ++l) {
-        g_log_prob[l] = grad_log_prob != nullptr && l < count ? static_cast<acc_t>(grad_log_prob[b0 + l]) : acc_t(0);
-      }
+      load_upstream_lanes<W>(grad_log_prob, b0, count, g_log_prob);
       if (count < W) {
         for (int64_t i = 0; i < k; ++i) {
           for (int l = count; l < W; ++l) g_action[i * W + l] = g_u[i * W + l] = 0;

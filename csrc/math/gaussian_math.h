@@ -185,11 +185,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void cholesky_in_place(int64_t k, acc_t* A, bo
         for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / A[(j * k + j) * W + l];
         for (int l = 0; l < W; ++l) A[(i * k + j) * W + l] = s[l] * inv_diag[l];
       } else {
-        // Two loops and no short-circuit &&: the lanes' square roots then run side by side
-        // instead of as a chain of branches.
-        for (int l = 0; l < W; ++l) {
-          A[(i * k + i) * W + l] = sqrt_(s[l] > acc_t(0) ? s[l] : std::numeric_limits<acc_t>::quiet_NaN());
-        }
+        // Separate loops and no short-circuit &&: the lanes' square roots then run side by
+        // side instead of as a chain of branches. With the select inside the square-root
+        // loop, GCC 12 took each lane's square root on its own (vsqrtss, 16 per pivot).
+        acc_t pivot[W];
+        for (int l = 0; l < W; ++l) pivot[l] = s[l] > acc_t(0) ? s[l] : std::numeric_limits<acc_t>::quiet_NaN();
+        for (int l = 0; l < W; ++l) A[(i * k + i) * W + l] = sqrt_(pivot[l]);
         for (int l = 0; l < W; ++l) ok[l] = ok[l] & (s[l] > acc_t(0));
       }
     }
