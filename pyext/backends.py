@@ -211,15 +211,17 @@ def cpu_output_cache_stats() -> dict[str, int]:
     actions) reuse blocks that earlier outputs freed, instead of fresh memory that the system
     zeroes on first touch. Keys: cached_bytes and cached_blocks (freed blocks kept for reuse),
     limit_bytes (cached_bytes never exceeds it; ``FUSEDGAUSS_CPU_OUTPUT_CACHE_MB``, default
-    256, sets it at load), hits and misses (requests served from a kept block or not)."""
+    256, read at the first large output, sets it), hits and misses (requests served from a
+    kept block, and requests that took a fresh one while the cache was on)."""
     if not EXTENSION_LOADED:
         raise BackendUnavailableError(f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})")
     return _C.cpu_output_cache_stats()
 
 
 def set_cpu_output_cache_limit(nbytes: int) -> None:
-    """Keep at most `nbytes` of freed CPU outputs for reuse (0: keep none), releasing the oldest
-    kept blocks beyond it. Blocks that tensors still use are never counted or released."""
+    """Keep at most `nbytes` of freed CPU outputs for reuse, releasing the oldest kept blocks
+    beyond it; 0 turns the cache off (outputs come from torch's allocator, as without it).
+    Blocks that tensors still use are never counted or released."""
     if not EXTENSION_LOADED:
         raise BackendUnavailableError(f"the compiled extension fusedgauss._C did not load ({EXTENSION_ERROR})")
     _C.set_cpu_output_cache_limit(int(nbytes))

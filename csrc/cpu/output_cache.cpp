@@ -9,12 +9,15 @@
 // own and 4.8 ms with torch.distributions' step interleaved (86 page faults per step against
 // 15). Handing back a freed block of the same size skips the pass, whatever else allocates.
 //
-// The cache keeps at most a limit of freed bytes (FUSEDGAUSS_CPU_OUTPUT_CACHE_MB, default
-// 256), dropping the oldest blocks first, and never holds a block a tensor still uses. A limit
-// of 0 turns it off: outputs then come from at::empty, with the huge-page advice alone. Blocks are sized in whole huge pages, so a batch that shrinks by a few samples
-// still finds its block.
+// The cache keeps at most a limit of freed bytes (FUSEDGAUSS_CPU_OUTPUT_CACHE_MB, read at the
+// first large output, default 256), dropping the oldest blocks first, and never holds a block
+// a tensor still uses. A limit of 0 turns it off: outputs then come from at::empty, with the
+// huge-page advice alone. Blocks are sized in whole huge pages, so a batch a few samples
+// smaller usually finds the same block.
 
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -55,12 +58,17 @@ int64_t limit_from_environment() {
 /// Asks for transparent huge pages on the whole 2 MB pages inside [data, data + bytes), before
 /// they are first written. Advice only: an old kernel, or THP "never", leaves ordinary pages.
 void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   const auto begin = reinterpret_cast<uintptr_t>(data);
   const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t aligned_end = (begin + bytes) & ~(kHugePage - 1);
   if (aligned_end > aligned_begin) {
     (void)madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
   }
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 struct Block {
