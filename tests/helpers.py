@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import torch
+
+
+def run_module(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`python -m fusedgauss *args` in a fresh interpreter, with `env` added to this process's
+    environment (variables read at import take effect there); `check` raises on failure."""
+    return subprocess.run([sys.executable, "-m", "fusedgauss", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, check=check)
 
 
 def random_spd(batch_shape, k, *, dtype=torch.float64, condition=None, generator=None):

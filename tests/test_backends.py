@@ -12,13 +12,7 @@ import fusedgauss
 from fusedgauss import backends, ops, reference
 
 from conftest import requires_compiled_cpu
-
-
-def run_module(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "fusedgauss", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300,
-    )
+from helpers import run_module
 
 
 @requires_compiled_cpu

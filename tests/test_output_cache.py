@@ -7,15 +7,12 @@ ordinary tensors. They also check the limit's environment variable.
 """
 
 import io
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fusedgauss import backends, ops, reference
-from helpers import random_scale_tril, random_spd
+from helpers import random_scale_tril, random_spd, run_module
 
 pytestmark = pytest.mark.skipif(not backends.COMPILED_CPU, reason="fusedgauss was built without CPU kernels")
 
@@ -135,9 +132,7 @@ def test_a_negative_limit_is_an_error():
 
 
 def _info(env_value: str) -> str:
-    env = {**os.environ, "FUSEDGAUSS_CPU_OUTPUT_CACHE_MB": env_value}
-    return subprocess.run([sys.executable, "-m", "fusedgauss", "info"], env=env, capture_output=True, text=True,
-                          check=True).stdout
+    return run_module("info", env={"FUSEDGAUSS_CPU_OUTPUT_CACHE_MB": env_value}, check=True).stdout
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,12 @@ against the float64 reference: 37 samples (partial blocks of 16 and 8 lanes), ev
 a compile-time k and a runtime one, per-sample and batch-shared parameters.
 """
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from fusedgauss import backends, ops, reference
-from helpers import random_scale_tril, random_spd
+from helpers import random_scale_tril, random_spd, run_module
 
 pytestmark = pytest.mark.skipif(not backends.COMPILED_CPU, reason="fusedgauss was built without CPU kernels")
 
@@ -99,9 +96,7 @@ def test_level_is_restored_and_unknown_level_is_an_error():
 
 
 def _info(env_value: str) -> str:
-    env = {**os.environ, "FUSEDGAUSS_CPU_SIMD": env_value}
-    return subprocess.run([sys.executable, "-m", "fusedgauss", "info"], env=env, capture_output=True, text=True,
-                          check=True).stdout
+    return run_module("info", env={"FUSEDGAUSS_CPU_SIMD": env_value}, check=True).stdout
 
 
 def test_environment_variable_chooses_the_level():

@@ -78,7 +78,7 @@ struct Block {
 
 class OutputCache final : public c10::Allocator {
  public:
-  explicit OutputCache(int64_t limit_bytes) : limit_bytes_(limit_bytes), enabled_(limit_bytes > 0) {}
+  explicit OutputCache(int64_t limit_bytes) : limit_bytes_(limit_bytes) {}
 
   c10::DataPtr allocate(size_t nbytes) override {
     const size_t bytes = (std::max(nbytes, size_t{1}) + kHugePage - 1) / kHugePage * kHugePage;
@@ -91,19 +91,19 @@ class OutputCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  bool enabled() const { return enabled_.load(std::memory_order_relaxed); }
+  bool enabled() const { return limit_bytes_.load(std::memory_order_relaxed) > 0; }
 
   OutputCacheStats stats() {
     std::lock_guard<std::mutex> lock(mutex_);
-    return {cached_bytes_, static_cast<int64_t>(kept_.size()), limit_bytes_, hits_, misses_};
+    return {cached_bytes_, static_cast<int64_t>(kept_.size()), limit_bytes_.load(std::memory_order_relaxed), hits_,
+            misses_};
   }
 
   void set_limit(int64_t bytes) {
     std::vector<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      limit_bytes_ = bytes;
-      enabled_.store(bytes > 0, std::memory_order_relaxed);
+      limit_bytes_.store(bytes, std::memory_order_relaxed);
       evict_beyond_limit(evicted);
     }
     release(evicted);
@@ -166,10 +166,9 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::deque<Block> kept_;  // oldest first
   int64_t cached_bytes_ = 0;
-  int64_t limit_bytes_;
+  std::atomic<int64_t> limit_bytes_;  // written under the lock; enabled() reads it without
   int64_t hits_ = 0;
   int64_t misses_ = 0;
-  std::atomic<bool> enabled_;  // limit_bytes_ > 0, read without the lock
 };
 
 /// Never destroyed: tensors may be freed during static destruction, after any cache object
