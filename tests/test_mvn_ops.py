@@ -262,6 +262,48 @@ def test_shared_gradient_is_deterministic(matrix):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+# Each op that writes a per-sample (n, k, k) gradient, as (inputs -> weighted loss) on n samples.
+def _streamed_losses():
+    def log_prob(op):
+        return lambda value, loc, M, w: (op(value, loc, M) * w).sum()
+
+    def packed(value, loc, M, w):
+        rows, cols = torch.tril_indices(M.shape[-1], M.shape[-1])
+        return (ops.mvn_packed_log_prob(value, loc, M[..., rows, cols], "softplus") * w).sum()
+
+    def rsample(eps, loc, M, w):
+        action, pre_tanh, log_prob = ops.squashed_tril_rsample_log_prob(loc, M, eps)
+        return (action.sum(-1) * w).sum() + (pre_tanh.sum(-1) * w).sum() + (log_prob * w).sum()
+
+    return {
+        "scale_tril": ("scale_tril", log_prob(ops.mvn_tril_log_prob)),
+        "covariance": ("covariance", log_prob(ops.mvn_cov_log_prob)),
+        "packed": ("scale_tril", packed),
+        "rsample": ("scale_tril", rsample),
+    }
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("name", ["scale_tril", "covariance", "packed", "rsample"])
+def test_gradients_too_big_for_the_caches(name):
+    """A per-sample gradient of 8 MB or more is written with non-temporal stores
+    (kStreamingOutputBytes, csrc/cpu/lanes.h): the same bits as the plain stores give the
+    same samples in smaller batches, wherever a chunk's rows start."""
+    matrix, loss = _streamed_losses()[name]
+    k, n = 17, 8192  # a float32 (n, k, k) gradient of 9.5 MB
+    value, loc, M = make_operands("per_sample", (n,), k, matrix=matrix, dtype=torch.float32)
+    weights = torch.randn(n)
+
+    def grads(part):
+        inputs = [t[part].detach().requires_grad_() for t in (value, loc, M)]
+        return torch.autograd.grad(loss(*inputs, weights[part]), inputs)
+
+    whole = grads(slice(0, n))
+    halves = [grads(slice(0, 4099)), grads(slice(4099, n))]
+    for i, g in enumerate(whole):
+        assert torch.equal(g, torch.cat([half[i] for half in halves]))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_not_positive_definite_poisons_its_samples_only(backend):
     value, loc, cov = make_operands("per_sample", (5,), 3, matrix="covariance")

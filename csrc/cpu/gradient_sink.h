@@ -10,6 +10,7 @@
 #include "../common/batching.h"
 #include "../common/outputs.h"
 #include "chunked.h"
+#include "lanes.h"
 
 namespace fusedgauss {
 namespace cpu {
@@ -38,6 +39,11 @@ struct GradientSink {
   /// The per-sample output, or nullptr when this sink reduces or takes nothing.
   scalar_t* rows() { return per_sample.defined() ? per_sample.data_ptr<scalar_t>() : nullptr; }
 
+  /// Whether the per-sample output is too big to stay in the caches (kStreamingOutputBytes).
+  bool streams() const {
+    return per_sample.defined() && per_sample.nbytes() >= static_cast<size_t>(kStreamingOutputBytes);
+  }
+
   /// The reduced gradient in acc_t, of `width` entries, and the totals of the extra slots.
   std::pair<at::Tensor, std::vector<acc_t>> reduced(const at::TensorOptions& options) const {
     std::vector<acc_t> total = partials.total();
@@ -51,6 +57,44 @@ struct GradientSink {
   int64_t width;
   at::Tensor per_sample;
   ChunkPartials<acc_t> partials;
+};
+
+/// A chunk's writes of lane-minor blocks into a sink's per-sample rows: scatter_rows, or
+/// stream_rows when the sink streams, fenced when the chunk is done.
+template <int W, typename scalar_t>
+class SinkRows {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
+
+  explicit SinkRows(GradientSink<scalar_t>& sink)
+      : rows_(sink.rows()),
+        width_(sink.width),
+        streaming_(sink.streams()),
+        stage_(streaming_ ? static_cast<size_t>(width_ * W) : 0) {}
+  SinkRows(const SinkRows&) = delete;
+  SinkRows& operator=(const SinkRows&) = delete;
+  ~SinkRows() {
+    if (streaming_) finish_streaming();
+  }
+
+  /// Whether the sink takes rows (false: it reduces, or was not asked for).
+  bool active() const { return rows_ != nullptr; }
+
+  /// Rows b0 .. b0 + count - 1 from the first `count` lanes of `lanes` (width x W).
+  C10_ALWAYS_INLINE void write(const acc_t* lanes, int64_t b0, int count) {
+    scalar_t* out = rows_ + b0 * width_;
+    if (streaming_) {
+      stream_rows<W>(width_, lanes, count, out, stage_.data());
+    } else {
+      scatter_rows<W>(width_, lanes, count, out);
+    }
+  }
+
+ private:
+  scalar_t* rows_;
+  int64_t width_;
+  bool streaming_;
+  std::vector<scalar_t> stage_;
 };
 
 }  // namespace cpu

@@ -4,12 +4,19 @@
 //
 // Moving a block is a transpose of a (W x n) matrix, and done one element at a time it costs
 // more than the math the block then does (a k=6 log-prob's gathers took half its time). For
-// float, with W a multiple of 8, on a CPU with AVX2, it goes through 8 x 8 register
-// transposes instead: eight row loads, 24 shuffles and eight column stores per 64 elements,
-// about 2x faster (with AVX-512 and W a multiple of 16, the gathers use 16 x 16 ones), and
-// the gather prefetches the rows of the block two ahead into L2, so that the loads from DRAM
-// overlap the math of the blocks before (see prefetch_rows_ahead). Either way the results are
-// the same bits.
+// float, with W a multiple of 8, on a CPU with AVX2, it goes through registers instead, four
+// columns of eight rows at a time: each 256-bit register is loaded with the four columns of
+// two rows, one per 128-bit half, and a 4 x 4 transpose within the halves (8 shuffles) leaves
+// one column of the eight rows in each register. The loads do half of the transposing, so a
+// 32-element step takes 8 shuffles where an 8 x 8 register transpose takes 12 per 32 and a
+// 16 x 16 one 16 per 32 (at twice the cost each on AMD Zen 4, which splits 512-bit
+// shuffles), and a row's last columns need no masked transpose of a whole block. A gather
+// of 16 lanes of k=6 samples (L2): 3.3 ns per scale_tril (36 floats) against 9.0 through
+// 16 x 16 and 3.9 through 8 x 8 transposes, 3.2 ns per value - loc against 4.7 and 5.1;
+// scattering a k=6 matrix gradient, 4.3 ns per sample against 4.7 (8 x 8). The gather also
+// prefetches the rows of the block two ahead into L2, so that the loads from DRAM overlap the
+// math of the blocks before (see prefetch_rows_ahead). Either way the results are the same
+// bits.
 
 #include <c10/macros/Macros.h>
 
@@ -30,10 +37,17 @@ namespace cpu {
 /// Samples the CPU kernels compute in lock-step: enough independent dependency chains to
 /// fill the SIMD units.
 constexpr int kLanes = 16;
+/// Lanes for the kernels that solve with a given Cholesky factor (scale_tril, packed) of a
+/// compile-time k. A triangular solve is one chain of dependent multiply-adds down the rows,
+/// and 32 lanes, two AVX-512 vectors a row, run two chains side by side: a k=6 per-sample
+/// scale_tril log-prob, two threads, 65536 samples, forward 0.53 -> 0.47 ms, backward
+/// 0.98 -> 0.90 (medians); k=3 1.15 -> 1.03 ms both ways. A covariance's kernels keep
+/// kLanes: with a factorisation per block, 32 lanes made the k=6 step 1.2x slower.
+constexpr int kSolveLanes = 32;
 /// Lanes for kernels that mostly stream large per-sample matrices through a gather (a
 /// per-sample scale_tril with k > 16): a block of 16 such factors would not fit in L1, and
 /// with little arithmetic per element there is nothing for more lanes to hide. Eight is the
-/// fewest the 8 x 8 transposes take.
+/// fewest the transposes take (they move groups of 8 rows).
 constexpr int kStreamingLanes = 8;
 
 /// Runs fn(K) with K a std::integral_constant: k itself for the small event sizes of float
@@ -60,64 +74,6 @@ void with_static_event_size(int64_t k, const F& fn) {
 namespace detail {
 
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
-
-/// v[r][c] -> v[c][r] for an 8 x 8 block of floats held as eight row vectors.
-FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void transpose_8x8(__m256* v) {
-  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-/// The first `n` (< 8) floats at p, zeros after: no access past p + n, which may be the end
-/// of a tensor.
-FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE __m256 load_first(const float* p, int n) {
-  __m128 lo = _mm_setzero_ps(), hi = _mm_setzero_ps(), rest = _mm_setzero_ps();
-  const bool past_four = n >= 4;
-  if (past_four) {
-    lo = _mm_loadu_ps(p);
-    p += 4;
-    n -= 4;
-  }
-  if (n >= 2) {
-    rest = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
-    if (n == 3) rest = _mm_movelh_ps(rest, _mm_load_ss(p + 2));
-  } else if (n == 1) {
-    rest = _mm_load_ss(p);
-  }
-  (past_four ? hi : lo) = rest;
-  return _mm256_set_m128(hi, lo);
-}
-
-/// Stores the first `n` (< 8) floats of v at p, and nothing past p + n.
-FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void store_first(float* p, __m256 v, int n) {
-  __m128 part = _mm256_castps256_ps128(v);
-  if (n >= 4) {
-    _mm_storeu_ps(p, part);
-    part = _mm256_extractf128_ps(v, 1);
-    p += 4;
-    n -= 4;
-  }
-  if (n >= 2) {
-    _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(part));
-    part = _mm_movehl_ps(part, part);
-    p += 2;
-    n -= 2;
-  }
-  if (n == 1) _mm_store_ss(p, part);
-}
 
 /// Blocks ahead whose rows a gather asks the memory system for: the samples stream in from
 /// DRAM, and a block's math is short, so without this every block waits for its own loads.
@@ -148,18 +104,54 @@ C10_ALWAYS_INLINE void prefetch_columns_ahead(const float* const* a_rows, int64_
   if (b_rows != nullptr) prefetch_rows_ahead<W, kRows>(b_rows, b_stride, c0);
 }
 
-/// Eight rows' columns c0 .. c0 + width - 1 (width <= 8, zeros past it), minus those of b's rows
-/// when b is given, transposed: v[c] holds column c0 + c of the eight rows.
+/// The first `n` (< 4) floats at p, zeros after: no access past p + n, which may be the end
+/// of a tensor.
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE __m128 load_first(const float* p, int n) {
+  if (n == 1) return _mm_load_ss(p);
+  const __m128 pair = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+  return n == 2 ? pair : _mm_movelh_ps(pair, _mm_load_ss(p + 2));
+}
+
+/// Stores the first `n` (< 4) floats of v at p, and nothing past p + n.
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void store_first(float* p, __m128 v, int n) {
+  if (n == 1) return _mm_store_ss(p, v);
+  _mm_store_sd(reinterpret_cast<double*>(p), _mm_castps_pd(v));
+  if (n == 3) _mm_store_ss(p + 2, _mm_movehl_ps(v, v));
+}
+
+/// Columns c0 .. c0 + 3 of rows j and 4 + j of an 8-row group, one row per 128-bit half (zeros
+/// past `width` columns): the loads do half of the transpose.
 template <bool kFullWidth>
-FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void load_transposed_8x8(const float* const* a_rows, const float* const* b_rows,
-                                                                 int64_t c0, int width, __m256* v) {
-  for (int r = 0; r < 8; ++r) {
-    v[r] = kFullWidth ? _mm256_loadu_ps(a_rows[r] + c0) : load_first(a_rows[r] + c0, width);
-    if (b_rows != nullptr) {
-      v[r] = _mm256_sub_ps(v[r], kFullWidth ? _mm256_loadu_ps(b_rows[r] + c0) : load_first(b_rows[r] + c0, width));
-    }
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE __m256 load_row_pair(const float* const* rows, int j, int64_t c0,
+                                                              int width) {
+  const __m128 low = kFullWidth ? _mm_loadu_ps(rows[j] + c0) : load_first(rows[j] + c0, width);
+  const __m128 high = kFullWidth ? _mm_loadu_ps(rows[4 + j] + c0) : load_first(rows[4 + j] + c0, width);
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(low), high, 1);
+}
+
+/// v[r][c] -> v[c][r] in each 128-bit half of four vectors (8 shuffles).
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void transpose_4x4_halves(__m256* v) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  v[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  v[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  v[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  v[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+/// Columns c0 .. c0 + width - 1 (width <= 4) of an 8-row group (minus those of b's rows when b
+/// is given) into lanes g .. g + 7 of dst's lane rows c0 .. c0 + width - 1.
+template <int W, bool kFullWidth>
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void rows_to_lanes_4_columns(const float* const* a_rows,
+                                                                      const float* const* b_rows, int64_t c0,
+                                                                      int width, float* dst) {
+  __m256 v[4];
+  for (int j = 0; j < 4; ++j) {
+    v[j] = load_row_pair<kFullWidth>(a_rows, j, c0, width);
+    if (b_rows != nullptr) v[j] = _mm256_sub_ps(v[j], load_row_pair<kFullWidth>(b_rows, j, c0, width));
   }
-  transpose_8x8(v);
+  transpose_4x4_halves(v);
+  for (int c = 0; c < (kFullWidth ? 4 : width); ++c) _mm256_storeu_ps(dst + (c0 + c) * W, v[c]);
 }
 
 /// dst[i * W + l] = a_l[i] (- b_l[i] when b is given) for i < n, with a_l = a + min(l,
@@ -167,7 +159,7 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void load_transposed_8x8(const float* c
 template <int W>
 FUSEDGAUSS_AVX2_TARGET void rows_to_lanes_avx2(int64_t n, const float* a, int64_t a_stride, const float* b,
                                                int64_t b_stride, int count, float* dst) {
-  static_assert(W % 8 == 0, "8 x 8 transposes need whole groups of 8 lanes");
+  static_assert(W % 8 == 0, "the transposes take whole groups of 8 lanes");
   for (int g = 0; g < W; g += 8) {
     const float* a_rows[8];
     const float* b_rows[8];
@@ -177,117 +169,96 @@ FUSEDGAUSS_AVX2_TARGET void rows_to_lanes_avx2(int64_t n, const float* a, int64_
       b_rows[r] = b != nullptr ? b + sample * b_stride : nullptr;
     }
     const float* const* b_rows_or_null = b != nullptr ? b_rows : nullptr;
-    __m256 v[8];
     int64_t c0 = 0;
-    // The full 8-column blocks apart from the last partial one: without a width test per row
-    // (a k=6 gather from cache: 0.51 against 0.57 ms).
-    for (; c0 + 8 <= n; c0 += 8) {
+    for (; c0 + 4 <= n; c0 += 4) {
       prefetch_columns_ahead<W, 8>(a_rows, a_stride, b_rows_or_null, b_stride, c0);
-      load_transposed_8x8<true>(a_rows, b_rows_or_null, c0, 8, v);
-      for (int c = 0; c < 8; ++c) _mm256_storeu_ps(dst + (c0 + c) * W + g, v[c]);
+      rows_to_lanes_4_columns<W, true>(a_rows, b_rows_or_null, c0, 4, dst + g);
     }
     if (c0 < n) {
-      const int width = static_cast<int>(n - c0);
       prefetch_columns_ahead<W, 8>(a_rows, a_stride, b_rows_or_null, b_stride, c0);
-      load_transposed_8x8<false>(a_rows, b_rows_or_null, c0, width, v);
-      for (int c = 0; c < width; ++c) _mm256_storeu_ps(dst + (c0 + c) * W + g, v[c]);
+      rows_to_lanes_4_columns<W, false>(a_rows, b_rows_or_null, c0, static_cast<int>(n - c0), dst + g);
+    }
+  }
+}
+
+/// v[r][c] -> v[c][r] for an 8 x 8 block of floats held as eight row vectors (24 shuffles).
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void transpose_8x8(__m256* v) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/// Rows g .. g + rows - 1 of dst from lanes g .. g + rows - 1 of src (see lanes_to_rows_avx2).
+/// kAllRows (rows == 8) lets the row loops unroll, which keeps the transposed rows in
+/// registers: with a runtime row count GCC spilled them to the stack.
+template <int W, bool kAllRows>
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void lanes_to_rows_group(int64_t n, const float* src, int g, int rows,
+                                                                  float* dst) {
+  const int row_count = kAllRows ? 8 : rows;
+  __m256 v[8];
+  int64_t c0 = 0;
+  for (; c0 + 8 <= n; c0 += 8) {
+    for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_ps(src + (c0 + c) * W + g);
+    transpose_8x8(v);
+    for (int r = 0; r < row_count; ++r) _mm256_storeu_ps(dst + (g + r) * n + c0, v[r]);
+  }
+  for (; c0 < n; c0 += 4) {
+    const int width = static_cast<int>(std::min<int64_t>(4, n - c0));
+    for (int c = 0; c < 4; ++c) v[c] = c < width ? _mm256_loadu_ps(src + (c0 + c) * W + g) : _mm256_setzero_ps();
+    transpose_4x4_halves(v);
+    // v[j] holds columns c0 .. c0 + 3 of rows j (low half) and 4 + j (high half).
+    for (int r = 0; r < row_count; ++r) {
+      const __m128 row = r < 4 ? _mm256_castps256_ps128(v[r]) : _mm256_extractf128_ps(v[r - 4], 1);
+      float* out = dst + (g + r) * n + c0;
+      if (width == 4) {
+        _mm_storeu_ps(out, row);
+      } else {
+        store_first(out, row, width);
+      }
     }
   }
 }
 
 /// The first `count` lanes of the lane-minor n-vectors in src, as rows of dst (row stride n).
+/// Whole 8-column blocks go through 8 x 8 transposes, whose 256-bit row stores scattered a
+/// k=17 gradient (289 columns) 1.3x faster than four columns at a time with 128-bit stores;
+/// the last columns go four (or fewer) at a time, as the gathers do.
 template <int W>
 FUSEDGAUSS_AVX2_TARGET void lanes_to_rows_avx2(int64_t n, const float* src, int count, float* dst) {
-  static_assert(W % 8 == 0, "8 x 8 transposes need whole groups of 8 lanes");
+  static_assert(W % 8 == 0, "the transposes take whole groups of 8 lanes");
   for (int g = 0; g < count; g += 8) {
-    const int rows = std::min(8, count - g);
-    __m256 v[8];
-    for (int64_t c0 = 0; c0 < n; c0 += 8) {
-      const int width = static_cast<int>(std::min<int64_t>(8, n - c0));
-      for (int c = 0; c < 8; ++c) v[c] = c < width ? _mm256_loadu_ps(src + (c0 + c) * W + g) : _mm256_setzero_ps();
-      transpose_8x8(v);
-      for (int r = 0; r < rows; ++r) {
-        float* out = dst + (g + r) * n + c0;
-        if (width == 8) {
-          _mm256_storeu_ps(out, v[r]);
-        } else {
-          store_first(out, v[r], width);
-        }
-      }
+    if (count - g >= 8) {
+      lanes_to_rows_group<W, true>(n, src, g, 8, dst);
+    } else {
+      lanes_to_rows_group<W, false>(n, src, g, count - g, dst);
     }
   }
 }
 
-// GCC 12's 512-bit shuffle intrinsics start from _mm512_undefined_ps(), which its own
-// -W(maybe-)uninitialized then reports at every use (GCC bug 105593, fixed in GCC 13).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-
-/// v[r][c] -> v[c][r] for a 16 x 16 block of floats held as sixteen row vectors: pairs of
-/// rows interleave, then 4-row groups gather each column within a 128-bit lane, then two rounds
-/// of 128-bit lane shuffles put the four lanes of a column in order (64 shuffles).
-FUSEDGAUSS_AVX512_TARGET C10_ALWAYS_INLINE void transpose_16x16(__m512* v) {
-  __m512 t[16], u[16];
-  for (int p = 0; p < 8; ++p) {
-    t[2 * p] = _mm512_unpacklo_ps(v[2 * p], v[2 * p + 1]);
-    t[2 * p + 1] = _mm512_unpackhi_ps(v[2 * p], v[2 * p + 1]);
-  }
-  // u[4q + c], 128-bit lane L: rows 4q..4q+3 of column 4L + c.
-  for (int q = 0; q < 4; ++q) {
-    u[4 * q] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
-    u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
-    u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
-    u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 even_top = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // lanes 0, 2 of rows 0-7
-    const __m512 odd_top = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);   // lanes 1, 3 of rows 0-7
-    const __m512 even_bottom = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 odd_bottom = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
-    v[c] = _mm512_shuffle_f32x4(even_top, even_bottom, 0x88);
-    v[8 + c] = _mm512_shuffle_f32x4(even_top, even_bottom, 0xDD);
-    v[4 + c] = _mm512_shuffle_f32x4(odd_top, odd_bottom, 0x88);
-    v[12 + c] = _mm512_shuffle_f32x4(odd_top, odd_bottom, 0xDD);
-  }
+/// dst[i] = src[i] for i < n, the 32-byte-aligned stretch of dst by non-temporal stores: they
+/// write whole cache lines without first reading them into the caches (the ends, shared with
+/// the neighbouring rows, take ordinary stores).
+FUSEDGAUSS_AVX2_TARGET inline void stream_copy(const float* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  const auto misalignment = reinterpret_cast<uintptr_t>(dst) % 32;
+  const int64_t head = std::min<int64_t>(n, misalignment == 0 ? 0 : static_cast<int64_t>((32 - misalignment) / 4));
+  for (; i < head; ++i) dst[i] = src[i];
+  for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
 }
-
-/// Rows up to this long (vectors, and the matrices of k <= 8) gather through the 16 x 16
-/// transposes; longer ones through the 8 x 8 ones, which were about 10% faster for them (a
-/// k=17 covariance forward), where the 16 x 16 ones were for k=6 (1.2-1.4x).
-constexpr int64_t kWideGatherMaxColumns = 64;
-
-/// rows_to_lanes_avx2 with 16 x 16 transposes: fewer loads, stores and shuffles per element,
-/// masked loads at the row ends, and each lane row written by one 512-bit store, which the
-/// math's 512-bit loads then take straight from the store buffer.
-template <int W>
-FUSEDGAUSS_AVX512_TARGET void rows_to_lanes_avx512(int64_t n, const float* a, int64_t a_stride, const float* b,
-                                                   int64_t b_stride, int count, float* dst) {
-  static_assert(W % 16 == 0, "16 x 16 transposes need whole groups of 16 lanes");
-  for (int g = 0; g < W; g += 16) {
-    const float* a_rows[16];
-    const float* b_rows[16];
-    for (int r = 0; r < 16; ++r) {
-      const int64_t sample = std::min(g + r, count - 1);
-      a_rows[r] = a + sample * a_stride;
-      b_rows[r] = b != nullptr ? b + sample * b_stride : nullptr;
-    }
-    __m512 v[16];
-    for (int64_t c0 = 0; c0 < n; c0 += 16) {
-      const int width = static_cast<int>(std::min<int64_t>(16, n - c0));
-      const __mmask16 columns = static_cast<__mmask16>((1u << width) - 1);
-      prefetch_columns_ahead<W, 16>(a_rows, a_stride, b != nullptr ? b_rows : nullptr, b_stride, c0);
-      for (int r = 0; r < 16; ++r) {
-        v[r] = _mm512_maskz_loadu_ps(columns, a_rows[r] + c0);
-        if (b != nullptr) v[r] = _mm512_sub_ps(v[r], _mm512_maskz_loadu_ps(columns, b_rows[r] + c0));
-      }
-      transpose_16x16(v);
-      for (int c = 0; c < width; ++c) _mm512_storeu_ps(dst + (c0 + c) * W + g, v[c]);
-    }
-  }
-}
-
-#pragma GCC diagnostic pop
 
 #endif  // FUSEDGAUSS_X86_TRANSPOSES
 
@@ -311,11 +282,6 @@ C10_ALWAYS_INLINE void gather_differences(int64_t k, const src_t* __restrict__ a
                                           acc_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, src_t>) {
-    if constexpr (W % 16 == 0) {
-      if (simd_level() == SimdLevel::kAvx512 && k <= detail::kWideGatherMaxColumns) {
-        return detail::rows_to_lanes_avx512<W>(k, a, a_stride, b, b_stride, count, dst);
-      }
-    }
     if (simd_at_least_avx2()) return detail::rows_to_lanes_avx2<W>(k, a, a_stride, b, b_stride, count, dst);
   }
 #endif
@@ -333,11 +299,6 @@ C10_ALWAYS_INLINE void gather_rows(int64_t n, const src_t* __restrict__ a, int64
                                    acc_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, src_t>) {
-    if constexpr (W % 16 == 0) {
-      if (simd_level() == SimdLevel::kAvx512 && n <= detail::kWideGatherMaxColumns) {
-        return detail::rows_to_lanes_avx512<W>(n, a, stride, nullptr, 0, count, dst);
-      }
-    }
     if (simd_at_least_avx2()) return detail::rows_to_lanes_avx2<W>(n, a, stride, nullptr, 0, count, dst);
   }
 #endif
@@ -351,8 +312,6 @@ C10_ALWAYS_INLINE void gather_rows(int64_t n, const src_t* __restrict__ a, int64
 template <int W, typename dst_t, typename acc_t>
 C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
-  // No 16 x 16 version: the rows of a sample are rarely 64-byte aligned, and 512-bit stores
-  // across cache lines made a k=6 backward slower than these 256-bit ones (AMD Zen).
   if constexpr (detail::kTransposable<W, acc_t, dst_t>) {
     if (simd_at_least_avx2()) return detail::lanes_to_rows_avx2<W>(n, src, count, dst);
   }
@@ -360,6 +319,39 @@ C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, in
   for (int l = 0; l < count; ++l) {
     for (int64_t i = 0; i < n; ++i) dst[l * n + i] = static_cast<dst_t>(src[i * W + l]);
   }
+}
+
+/// Per-sample outputs at least this big are written by stream_rows. Plain stores first read
+/// each line of the output into the caches, and an output that does not stay there between
+/// steps comes from DRAM every time, on top of the inputs. A per-sample scale_tril backward,
+/// two threads: k=6 with 65536 samples (a 9.4 MB gradient) 1.87 -> 1.38 ms (median), k=17
+/// 12.3 -> 9.2 ms; with 32768 samples (4.7 MB) the same either way, with 16384 (2.4 MB,
+/// which stays in cache) 0.33 -> 0.44 ms.
+constexpr int64_t kStreamingOutputBytes = int64_t{8} << 20;
+
+/// scatter_rows into an output too big to stay in the caches: the rows are assembled in
+/// `stage` (n * W entries) and written out with non-temporal stores where the transposes
+/// apply. Call finish_streaming before another thread reads dst.
+template <int W, typename dst_t, typename acc_t>
+C10_ALWAYS_INLINE void stream_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst,
+                                   dst_t* __restrict__ stage) {
+#if defined(FUSEDGAUSS_X86_TRANSPOSES)
+  if constexpr (detail::kTransposable<W, acc_t, dst_t>) {
+    if (simd_at_least_avx2()) {
+      detail::lanes_to_rows_avx2<W>(n, src, count, stage);
+      return detail::stream_copy(stage, n * count, dst);
+    }
+  }
+#endif
+  scatter_rows<W>(n, src, count, dst);
+}
+
+/// Orders a thread's non-temporal stores (stream_rows) before its later stores, so that a
+/// thread that sees those sees the streamed rows too.
+inline void finish_streaming() {
+#if defined(FUSEDGAUSS_X86_TRANSPOSES)
+  _mm_sfence();
+#endif
 }
 
 /// dst[(i * k + j) * W + l] for j <= i: the lower triangles of `count` row-major k x k

@@ -344,9 +344,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? matrix_entries + 1 : 0);
-    scalar_t* value_out = value_sink.rows();
-    scalar_t* loc_out = loc_sink.rows();
-    scalar_t* matrix_out = matrix_sink.rows();
+    SinkRows<W, scalar_t> value_rows(value_sink), loc_rows(loc_sink), matrix_rows(matrix_sink);
     acc_t g[W];
 
     for (int64_t b0 = begin; b0 < end; b0 += W) {
@@ -383,8 +381,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         acc_t* FUSEDGAUSS_RESTRICT acc = loc_acc.data();
         for (int64_t e = 0; e < k * W; ++e) acc[e] += gw_block[e];
       }
-      if (value_out != nullptr) scatter_rows<W>(k, g_value.data(), count, value_out + b0 * k);
-      if (loc_out != nullptr) scatter_rows<W>(k, gw_block, count, loc_out + b0 * k);
+      if (value_rows.active()) value_rows.write(g_value.data(), b0, count);
+      if (loc_rows.active()) loc_rows.write(gw_block, b0, count);
 
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
@@ -397,7 +395,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
           }
         }
         for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
-      } else if (matrix_out != nullptr) {
+      } else if (matrix_rows.active()) {
         if constexpr (!kCovariance) {
           // d/dL = tril(g w z^T) - g diag(1/L_ii)
           scale_tril_gradient_block<W>(k, gw_block, z.data(), g, L, matrix_grad.data());
@@ -418,9 +416,9 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         }
         if constexpr (kPacked) {
           pack_scale_tril_gradient<W>(k, matrix_grad.data(), factors.diag_derivative(), packed_grad.data());
-          scatter_rows<W>(matrix_entries, packed_grad.data(), count, matrix_out + b0 * matrix_entries);
+          matrix_rows.write(packed_grad.data(), b0, count);
         } else {
-          scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_out + b0 * k * k);
+          matrix_rows.write(matrix_grad.data(), b0, count);
         }
       }
     }
@@ -563,6 +561,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0), eps_acc = block(eps_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? k * k + 1 : 0);
     std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? k * k : 0);
+    SinkRows<W, scalar_t> loc_rows(loc_sink), matrix_rows(matrix_sink), eps_rows(eps_sink);
     acc_t g_log_prob[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
@@ -591,7 +590,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
       if (loc_sink.reduces) {
         for (int64_t e = 0; e < k * W; ++e) loc_acc[e] += g_u[e];
       } else if (loc_sink.requested) {
-        scatter_rows<W>(k, g_u.data(), count, loc_sink.rows() + b0 * k);
+        loc_rows.write(g_u.data(), b0, count);
       }
       if (eps_sink.requested) {
         math::lower_transposed_times<W>(k, L, g_u.data(), g_eps.data());
@@ -601,7 +600,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
         if (eps_sink.reduces) {
           for (int64_t e = 0; e < k * W; ++e) eps_acc[e] += g_eps[e];
         } else {
-          scatter_rows<W>(k, g_eps.data(), count, eps_sink.rows() + b0 * k);
+          eps_rows.write(g_eps.data(), b0, count);
         }
       }
       if (matrix_sink.reduces) {
@@ -614,7 +613,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
         for (int l = 0; l < W; ++l) acc[k * k * W + l] += g_log_prob[l];
       } else if (matrix_sink.requested) {
         scale_tril_gradient_block<W>(k, g_u.data(), eps, g_log_prob, L, matrix_grad.data());
-        scatter_rows<W>(k * k, matrix_grad.data(), count, matrix_sink.rows() + b0 * k * k);
+        matrix_rows.write(matrix_grad.data(), b0, count);
       }
     }
     if (loc_sink.reduces) add_lane_sums<W>(k, loc_acc.data(), loc_sink.partials.chunk(chunk));
@@ -637,16 +636,19 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
 }
 
 /// Runs fn(K, W) with std::integral_constants: K as with_static_event_size (lanes.h) gives
-/// it; W lanes, kStreamingLanes for a per-sample scale_tril with k > 16 and kLanes otherwise.
+/// it; W lanes: kSolveLanes for a Cholesky factor given (not factorised) with a compile-time
+/// k, kStreamingLanes for a per-sample one with k > 16, and kLanes otherwise.
 template <Param kParam, typename scalar_t, typename F>
 void with_block_shape(const MvnProblem& p, const F& fn) {
-  using Lanes = std::integral_constant<int, kLanes>;
-  const bool streaming = kParam != Param::kCovariance && !p.matrix.shared() && p.k > 16;
+  constexpr bool kFactorGiven = kParam != Param::kCovariance;
+  const bool streaming = kFactorGiven && !p.matrix.shared() && p.k > 16;
   with_static_event_size<scalar_t>(p.k, [&](auto K) {
     if constexpr (decltype(K)::value == 0) {
       if (streaming) return fn(K, std::integral_constant<int, kStreamingLanes>{});
+    } else if constexpr (kFactorGiven) {
+      return fn(K, std::integral_constant<int, kSolveLanes>{});
     }
-    fn(K, Lanes{});
+    fn(K, std::integral_constant<int, kLanes>{});
   });
 }
 

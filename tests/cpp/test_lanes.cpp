@@ -1,7 +1,7 @@
 // The moves between sample rows and lane-minor blocks (csrc/cpu/lanes.h): on a CPU with AVX2
-// the float ones go through 8 x 8 register transposes (16 x 16 for gathers with AVX-512), whose edges (rows shorter than 8,
-// partial blocks, strides, the last row of a tensor) are checked here against the plain
-// definitions, element by element.
+// the float ones go through register transposes, four columns at a time (and whole 8 x 8 blocks
+// in a scatter), whose edges (rows shorter than 4 or 8, partial blocks, strides, the last row
+// of a tensor) are checked here against the plain definitions, element by element.
 #include <random>
 #include <vector>
 
@@ -53,6 +53,20 @@ void test_scatter(int64_t n, int count) {
   }
 }
 
+/// stream_rows writes what scatter_rows writes, wherever the rows start relative to the
+/// 32-byte alignment of its non-temporal stores.
+template <int W>
+void test_stream(int64_t n, int count, int64_t offset) {
+  const std::vector<float> lanes = random_floats(static_cast<size_t>(n * W));
+  const float sentinel = 12345.f;
+  std::vector<float> expected(static_cast<size_t>(n * W + offset + 8), sentinel), streamed(expected);
+  std::vector<float> stage(static_cast<size_t>(n * W));
+  scatter_rows<W>(n, lanes.data(), count, expected.data() + offset);
+  stream_rows<W>(n, lanes.data(), count, streamed.data() + offset, stage.data());
+  finish_streaming();
+  EXPECT_TRUE(streamed == expected);
+}
+
 /// gather_matrices: the lower triangle of each sample's k x k matrix (row-major, `stride`
 /// apart), lane-minor, through the transposes or one entry at a time.
 template <int W>
@@ -74,12 +88,16 @@ int main() {
   // Every level this CPU runs: the transposes at avx2 and above, the plain loops at baseline.
   for (int level = 0; level <= static_cast<int>(best_supported_simd()); ++level) {
     set_simd_level(static_cast<SimdLevel>(level));
-    for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 36, 289}) {
+    for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15, 16, 17, 36, 289}) {
       for (int count : {1, 3, 7, 8, 9, 16}) {
         test_gathers<16>(n, count, n);
         test_gathers<16>(n, count, n + 3);
         test_gathers<16>(n, count, 0);  // an operand shared by the batch
         test_scatter<16>(n, count);
+        for (int64_t offset : {0, 1, 3, 7}) test_stream<16>(n, count, offset);
+        test_gathers<32>(n, count, n + 1);
+        test_scatter<32>(n, count + 16);
+        test_stream<32>(n, count + 16, 5);
         if (count <= 8) {
           test_gathers<8>(n, count, n);
           test_scatter<8>(n, count);
@@ -93,9 +111,8 @@ int main() {
         test_matrix_gather<16>(k, count, k * k + 5);
       }
     }
-    const char* transposes[] = {"none, plain loops checked", "8 x 8", "8 x 8, and 16 x 16 for gathers of 16 lanes"};
-    std::printf("lanes at SIMD level %s: %s (transposes: %s)\n", simd_level_name(simd_level()),
-                failures() == 0 ? "ok" : "FAILED", transposes[level]);
+    std::printf("lanes at SIMD level %s: %s (%s)\n", simd_level_name(simd_level()), failures() == 0 ? "ok" : "FAILED",
+                level == 0 ? "plain loops" : "AVX2 register transposes");
   }
   return failures();
 }
