@@ -12,11 +12,12 @@
 // 16 x 16 one 16 per 32 (at twice the cost each on AMD Zen 4, which splits 512-bit
 // shuffles), and a row's last columns need no masked transpose of a whole block. A gather
 // of 16 lanes of k=6 samples (L2): 3.3 ns per scale_tril (36 floats) against 9.0 through
-// 16 x 16 and 3.9 through 8 x 8 transposes, 3.2 ns per value - loc against 4.7 and 5.1;
-// scattering a k=6 matrix gradient, 4.3 ns per sample against 4.7 (8 x 8). The gather also
-// prefetches the rows of the block two ahead into L2, so that the loads from DRAM overlap the
-// math of the blocks before (see prefetch_rows_ahead). Either way the results are the same
-// bits.
+// 16 x 16 and 3.9 through 8 x 8 transposes, 3.2 ns per value - loc against 4.7 and 5.1. A
+// scatter keeps 8 x 8 transposes for whole 8-column blocks (see lanes_to_rows_avx2), and
+// per-sample gradients too big for the caches leave through non-temporal stores
+// (stream_rows). The gather also prefetches the rows of the block two ahead into L2, so that
+// the loads from DRAM overlap the math of the blocks before (see prefetch_rows_ahead). Either
+// way the results are the same bits.
 
 #include <c10/macros/Macros.h>
 
