@@ -290,7 +290,10 @@ def test_gradients_too_big_for_the_caches(name):
     (kStreamingOutputBytes, csrc/cpu/lanes.h): the same bits as the plain stores give the
     same samples in smaller batches, wherever a chunk's rows start."""
     matrix, loss = _streamed_losses()[name]
-    k, n = 17, 8192  # a float32 (n, k, k) gradient of 9.5 MB
+    # float32 gradients of 18.9 MB (n, k, k) and 10.0 MB (packed, n x 153) for the whole batch;
+    # the parts' are below 8 MB.
+    k, n = 17, 16384
+    bounds = [0, 4099, 8200, 12301, n]
     value, loc, M = make_operands("per_sample", (n,), k, matrix=matrix, dtype=torch.float32)
     weights = torch.randn(n)
 
@@ -299,9 +302,9 @@ def test_gradients_too_big_for_the_caches(name):
         return torch.autograd.grad(loss(*inputs, weights[part]), inputs)
 
     whole = grads(slice(0, n))
-    halves = [grads(slice(0, 4099)), grads(slice(4099, n))]
+    parts = [grads(slice(a, b)) for a, b in zip(bounds, bounds[1:])]
     for i, g in enumerate(whole):
-        assert torch.equal(g, torch.cat([half[i] for half in halves]))
+        assert torch.equal(g, torch.cat([part[i] for part in parts]))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
