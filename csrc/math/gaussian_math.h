@@ -25,6 +25,15 @@
 // in SIMD registers instead of reloading after every store.
 #define FUSEDGAUSS_RESTRICT __restrict__
 
+// Row loops of the triangular products and solves, unrolled: with a compile-time k GCC's own
+// limits stopped at the size of the lane loops inside, left the row loops rolled and kept the
+// running sums on the stack. CUDA (W = 1) is left to nvcc.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define FUSEDGAUSS_UNROLL_ROWS _Pragma("GCC unroll 8")
+#else
+#define FUSEDGAUSS_UNROLL_ROWS
+#endif
+
 namespace fusedgauss {
 namespace math {
 
@@ -41,11 +50,13 @@ constexpr double kLog2 = 0.69314718055994530941723212145818;
 /// longer than the rest of the step).
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
   for (int64_t i = 0; i < k; ++i) {
     acc_t inv_diag[W];
     for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / static_cast<acc_t>(L[(i * k + i) * W + l]);
     acc_t s[W];
     for (int l = 0; l < W; ++l) s[l] = x[i * W + l];
+    FUSEDGAUSS_UNROLL_ROWS
     for (int64_t j = 0; j < i; ++j) {
       const mat_t* Lij = L + (i * k + j) * W;
       const acc_t* xj = x + j * W;
@@ -85,6 +96,42 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times(int64_t k, const m
   }
 }
 
+/// x = M x in place for each lane, M lower-triangular: x_i = sum_{j<=i} M_ij x_j, from the last
+/// row up, so that each row reads entries not yet overwritten. With M = L^{-1} it does what
+/// solve_lower does without its chain: each row's sum depends on the inputs alone, so the
+/// rows run side by side.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_times_in_place(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT M,
+                                                            acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
+  for (int64_t i = k - 1; i >= 0; --i) {
+    acc_t s[W] = {};
+    FUSEDGAUSS_UNROLL_ROWS
+    for (int64_t j = 0; j <= i; ++j) {
+      const mat_t* Mij = M + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Mij[l]) * x[j * W + l];
+    }
+    for (int l = 0; l < W; ++l) x[i * W + l] = s[l];
+  }
+}
+
+/// x = M^T x in place for each lane, M lower-triangular: x_j = sum_{i>=j} M_ij x_i, from the
+/// first row down. With M = L^{-1}, solve_lower_transposed without its chain.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times_in_place(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT M,
+                                                                       acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
+  for (int64_t j = 0; j < k; ++j) {
+    acc_t s[W] = {};
+    FUSEDGAUSS_UNROLL_ROWS
+    for (int64_t i = j; i < k; ++i) {
+      const mat_t* Mij = M + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Mij[l]) * x[i * W + l];
+    }
+    for (int l = 0; l < W; ++l) x[j * W + l] = s[l];
+  }
+}
+
 /// Solves L^T x = b in place for each lane (back substitution); `x` holds b on entry.
 ///   x_i = (b_i - sum_{j>i} L_ji x_j) / L_ii
 /// Walks a column of L, which in the lane-minor layout costs no more than a row, so that the
@@ -93,11 +140,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times(int64_t k, const m
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
                                                    acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
   for (int64_t i = k - 1; i >= 0; --i) {
     acc_t inv_diag[W];
     for (int l = 0; l < W; ++l) inv_diag[l] = acc_t(1) / static_cast<acc_t>(L[(i * k + i) * W + l]);
     acc_t s[W];
     for (int l = 0; l < W; ++l) s[l] = x[i * W + l];
+    FUSEDGAUSS_UNROLL_ROWS
     for (int64_t j = k - 1; j > i; --j) {
       const mat_t* Lji = L + (j * k + i) * W;
       const acc_t* xj = x + j * W;
@@ -151,15 +200,22 @@ C10_HOST_DEVICE inline acc_t gaussian_log_prob(int64_t k, acc_t squared_norm, ac
          acc_t(0.5) * static_cast<acc_t>(k) * static_cast<acc_t>(kLog2Pi);
 }
 
+/// out[l] = ||z||^2 for each lane.
+template <int W, typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void squared_norms(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT z,
+                                                     acc_t* FUSEDGAUSS_RESTRICT out) {
+  for (int l = 0; l < W; ++l) out[l] = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    for (int l = 0; l < W; ++l) out[l] += z[i * W + l] * z[i * W + l];
+  }
+}
+
 /// z = L^{-1} d in place (`z` holds d = value - loc on entry); squared_norm[l] = ||z||^2.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void whiten(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT z,
                                     acc_t* FUSEDGAUSS_RESTRICT squared_norm) {
   solve_lower<W>(k, L, z);
-  for (int l = 0; l < W; ++l) squared_norm[l] = 0;
-  for (int64_t i = 0; i < k; ++i) {
-    for (int l = 0; l < W; ++l) squared_norm[l] += z[i * W + l] * z[i * W + l];
-  }
+  squared_norms<W>(k, z, squared_norm);
 }
 
 /// Cholesky factor of the symmetric matrix whose lower triangle is in `A`, in place, for each

@@ -21,15 +21,16 @@ std::vector<float> random_floats(size_t n) {
   return out;
 }
 
-template <int W>
+/// kN > 0: n is also given at compile time, as a kernel of compile-time k gives it.
+template <int W, int kN = 0>
 void test_gathers(int64_t n, int count, int64_t stride) {
   // Exactly as many floats as the rows need: a read past the last row would leave the
   // allocation (and run under a sanitizer, fail).
   const size_t size = static_cast<size_t>((count - 1) * stride + n);
   const std::vector<float> a = random_floats(size), b = random_floats(size);
   std::vector<float> rows(static_cast<size_t>(n * W)), differences(rows.size());
-  gather_rows<W>(n, a.data(), stride, count, rows.data());
-  gather_differences<W>(n, a.data(), stride, b.data(), stride, count, differences.data());
+  gather_rows<W, kN>(n, a.data(), stride, count, rows.data());
+  gather_differences<W, kN>(n, a.data(), stride, b.data(), stride, count, differences.data());
   for (int l = 0; l < W; ++l) {
     const int64_t sample = std::min(l, count - 1);  // lanes past count repeat the last sample
     for (int64_t i = 0; i < n; ++i) {
@@ -69,17 +70,39 @@ void test_stream(int64_t n, int count, int64_t offset) {
 
 /// gather_matrices: the lower triangle of each sample's k x k matrix (row-major, `stride`
 /// apart), lane-minor, through the transposes or one entry at a time.
-template <int W>
+template <int W, int kK = 0>
 void test_matrix_gather(int64_t k, int count, int64_t stride) {
   const std::vector<float> a = random_floats(static_cast<size_t>((count - 1) * stride + k * k));
   std::vector<float> lanes(static_cast<size_t>(k * k * W));
-  gather_matrices<W>(k, a.data(), stride, count, lanes.data());
+  gather_matrices<W, kK>(k, a.data(), stride, count, lanes.data());
   for (int l = 0; l < W; ++l) {
     const int64_t sample = std::min(l, count - 1);
     for (int64_t i = 0; i < k; ++i) {
       for (int64_t j = 0; j <= i; ++j) EXPECT_TRUE(lanes[(i * k + j) * W + l] == a[sample * stride + i * k + j]);
     }
   }
+}
+
+/// The gathers with a compile-time size: full blocks of back-to-back rows take the unrolled
+/// path with fixed row offsets; partial blocks, padded rows and shared operands the general one.
+template <int kN>
+void test_static_gathers() {
+  for (int count : {1, 7, 8, 16, 32}) {
+    for (int64_t stride : {int64_t{kN}, int64_t{kN + 1}, int64_t{0}}) {
+      if (count <= 16) test_gathers<16, kN>(kN, count, stride);
+      test_gathers<32, kN>(kN, count, stride);
+      if (count <= 8) test_gathers<8, kN>(kN, count, stride);
+    }
+  }
+}
+
+template <int kK>
+void test_static_matrix_gathers() {
+  for (int count : {1, 5, 16}) {
+    test_matrix_gather<16, kK>(kK, count, kK * kK);
+    test_matrix_gather<16, kK>(kK, count, kK * kK + 5);
+  }
+  test_matrix_gather<32, kK>(kK, 32, kK * kK);
 }
 
 }  // namespace
@@ -111,6 +134,11 @@ int main() {
         test_matrix_gather<16>(k, count, k * k + 5);
       }
     }
+    test_static_gathers<1>(), test_static_gathers<2>(), test_static_gathers<3>(), test_static_gathers<4>();
+    test_static_gathers<5>(), test_static_gathers<6>(), test_static_gathers<7>(), test_static_gathers<8>();
+    test_static_gathers<21>(), test_static_gathers<36>();
+    test_static_matrix_gathers<1>(), test_static_matrix_gathers<3>(), test_static_matrix_gathers<6>();
+    test_static_matrix_gathers<8>();
     std::printf("lanes at SIMD level %s: %s (%s)\n", simd_level_name(simd_level()), failures() == 0 ? "ok" : "FAILED",
                 level == 0 ? "plain loops" : "AVX2 register transposes");
   }
