@@ -657,7 +657,8 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
         loc_rows.write(g_u.data(), b0, count);
       }
       if (eps_sink.requested) {
-        math::lower_transposed_times<W>(k, L, g_u.data(), g_eps.data());
+        std::copy(g_u.begin(), g_u.end(), g_eps.begin());
+        math::lower_transposed_times_in_place<W>(k, L, g_eps.data());
         for (int64_t i = 0; i < k; ++i) {
           for (int l = 0; l < W; ++l) g_eps[i * W + l] -= g_log_prob[l] * eps[i * W + l];
         }

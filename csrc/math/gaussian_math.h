@@ -70,29 +70,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower(int64_t k, const mat_t* FUSED
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void add_lower_times(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
                                                        const acc_t* FUSEDGAUSS_RESTRICT x, acc_t* FUSEDGAUSS_RESTRICT y) {
+  FUSEDGAUSS_UNROLL_ROWS
   for (int64_t i = 0; i < k; ++i) {
     acc_t s[W];
     for (int l = 0; l < W; ++l) s[l] = y[i * W + l];
+    FUSEDGAUSS_UNROLL_ROWS
     for (int64_t j = 0; j <= i; ++j) {
       const mat_t* Lij = L + (i * k + j) * W;
       for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lij[l]) * x[j * W + l];
     }
     for (int l = 0; l < W; ++l) y[i * W + l] = s[l];
-  }
-}
-
-/// y = L^T x for each lane (L lower-triangular): y_j = sum_{i>=j} L_ij x_i.
-template <int W, typename acc_t, typename mat_t>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
-                                                              const acc_t* FUSEDGAUSS_RESTRICT x,
-                                                              acc_t* FUSEDGAUSS_RESTRICT y) {
-  for (int64_t j = 0; j < k; ++j) {
-    acc_t s[W] = {};
-    for (int64_t i = j; i < k; ++i) {
-      const mat_t* Lij = L + (i * k + j) * W;
-      for (int l = 0; l < W; ++l) s[l] += static_cast<acc_t>(Lij[l]) * x[i * W + l];
-    }
-    for (int l = 0; l < W; ++l) y[j * W + l] = s[l];
   }
 }
 
@@ -116,7 +103,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_times_in_place(int64_t k, const mat
 }
 
 /// x = M^T x in place for each lane, M lower-triangular: x_j = sum_{i>=j} M_ij x_i, from the
-/// first row down. With M = L^{-1}, solve_lower_transposed without its chain.
+/// first row down, so that each row reads entries not yet overwritten. With M = L^{-1},
+/// solve_lower_transposed without its chain.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times_in_place(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT M,
                                                                        acc_t* FUSEDGAUSS_RESTRICT x) {
