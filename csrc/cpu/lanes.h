@@ -45,10 +45,11 @@ constexpr int kLanes = 16;
 /// 0.98 -> 0.90 (medians); k=3 1.15 -> 1.03 ms both ways. A covariance's kernels keep
 /// kLanes: with a factorisation per block, 32 lanes made the k=6 step 1.2x slower.
 constexpr int kSolveLanes = 32;
-/// Lanes for kernels that mostly stream large per-sample matrices through a gather (a
-/// per-sample scale_tril with k > 16): a block of 16 such factors would not fit in L1, and
-/// with little arithmetic per element there is nothing for more lanes to hide. Eight is the
-/// fewest the transposes take (they move groups of 8 rows).
+/// Lanes for kernels that mostly stream large per-sample matrices through a gather (the
+/// backward and the sampling of a per-sample scale_tril with k > 16): a block of 16 such
+/// factors and their gradient would not fit in L1, and with little arithmetic per element
+/// there is nothing for more lanes to hide. Eight is the fewest the transposes take (they
+/// move groups of 8 rows). The log-prob forward, which holds the factors alone, keeps kLanes.
 constexpr int kStreamingLanes = 8;
 
 /// Runs fn(K) with K a std::integral_constant: k itself for the small event sizes of float
