@@ -109,9 +109,9 @@ void test_solves_and_inverse(int k) {
   std::vector<double> b(k);
   for (double& v : b) v = normal();
 
-  std::vector<double> Lb(k, 0.0), LTb(k, 0.0);
+  std::vector<double> Lb(k, 0.0), LTb = b;
   add_lower_times<1>(k, L.data(), b.data(), Lb.data());
-  lower_transposed_times<1>(k, L.data(), b.data(), LTb.data());
+  lower_transposed_times_in_place<1>(k, L.data(), LTb.data());
   std::vector<double> z = b;
   solve_lower<1>(k, L.data(), z.data());
   std::vector<double> w = z;
