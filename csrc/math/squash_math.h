@@ -53,15 +53,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE TanhTerms<T> tanh_terms(T u) {
   const bool small = a < T(0.625);
   // The polynomial is Cephes' float one; double's small branch uses libm's tanh.
   const T tanh_small = std::is_same<T, float>::value ? a + a * z * p : T(::tanh(static_cast<double>(a)));
-  // Both branches are computed and one is selected, so that loops over elements vectorise.
-  const T tanh_large = (T(1) - t) / (T(1) + t);
+  // Both branches are computed and one is selected, so that loops over elements vectorise;
+  // the costly steps (a division, a log1p) are taken once, on the selected branch's operand.
+  const T reciprocal = T(1) / (T(1) + t);
+  const T tanh_large = (T(1) - t) * reciprocal;
   const T tanh_abs = small ? tanh_small : tanh_large;
-  const T log_det_small = log1p_(-tanh_abs * tanh_abs);
-  const T log_det_large = T(2) * (T(kLog2) - a - log1p_(t));
-  const T derivative_small = T(1) - tanh_abs * tanh_abs;
-  const T derivative_large = T(4) * t / ((T(1) + t) * (T(1) + t));
-  return {u < T(0) ? -tanh_abs : tanh_abs, small ? log_det_small : log_det_large,
-          small ? derivative_small : derivative_large};
+  const T one_minus_tanh_squared = T(1) - tanh_abs * tanh_abs;
+  const T log1p_value = log1p_(small ? -tanh_abs * tanh_abs : t);
+  const T log_det = small ? log1p_value : T(2) * (T(kLog2) - a - log1p_value);
+  const T derivative = small ? one_minus_tanh_squared : T(4) * t * reciprocal * reciprocal;
+  return {u < T(0) ? -tanh_abs : tanh_abs, log_det, derivative};
 }
 
 /// The clamp of an action before its atanh: the epsilon of the action's own dtype (scalar_t,
