@@ -56,6 +56,11 @@ class Row:
     speedup_vs_compile: float | None
     bytes_moved: int
     bandwidth_fraction: float
+    # Where a benchmark times the step with the distribution made free (a stand-in that
+    # computes nothing), that step's time, and torch's time over it: the most any
+    # distribution library could reach in the cell.
+    free_ms: float | None = None
+    ceiling_vs_torch: float | None = None
 
 
 def measure_copy_bandwidth(min_run_time: float) -> float:
@@ -152,11 +157,13 @@ def log_prob_steps(case: str, batch: int, k: int, passes: str, device: str = "cp
     return as_step(torch_log_prob), compiled_step, as_step(fused_log_prob)
 
 
-def run_columns(torch_step, compiled_step, fused_step, compile_torch: bool, min_run_time: float):
-    """(torch ms, torch.compile ms or None, fusedgauss ms), timed interleaved."""
+def run_columns(torch_step, compiled_step, fused_step, compile_torch: bool, min_run_time: float, free_step=None):
+    """(torch ms, torch.compile ms or None, fusedgauss ms[, free ms]), timed interleaved; the
+    fourth with a `free_step` (the step with the distribution made free)."""
     compiled = compiled_step() if compile_torch else None
-    torch_s, compile_s, fused_s = timed_columns([torch_step, compiled, fused_step], min_run_time)
-    return torch_s * 1e3, compile_s * 1e3 if compile_s is not None else None, fused_s * 1e3
+    seconds = timed_columns([torch_step, compiled, fused_step, free_step], min_run_time)
+    columns = [s * 1e3 if s is not None else None for s in seconds]
+    return tuple(columns if free_step is not None else columns[:3])
 
 
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
@@ -172,17 +179,29 @@ def to_markdown(rows: list[Row], meta: dict) -> str:
         f"(CPU kernels at SIMD level {meta.get('cpu_simd')}); float32; copy bandwidth "
         f"{meta['copy_bandwidth_gbps']:.1f} GB/s. Medians over {meta.get('rounds', 1)} interleaved rounds of "
         "torch.utils.benchmark medians.",
-        "",
-        "| case | k | B | passes | torch ms | torch.compile ms | fusedgauss ms | × torch | × compile | bandwidth |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    with_free = any(r.free_ms is not None for r in rows)
+    if with_free:
+        lines[-1] += (" Free ms: the same step with the distribution made free (a stand-in that computes "
+                      "nothing; what is left is the work every column shares); ceiling: torch ms / free ms, "
+                      "the most any distribution library could reach in that cell.")
+    lines += [
+        "",
+        "| case | k | B | passes | torch ms | torch.compile ms | fusedgauss ms | × torch | × compile | bandwidth |"
+        + (" free ms | ceiling × torch |" if with_free else ""),
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_free else ""),
+    ]
+
+    def number(x: float | None, digits: int) -> str:
+        return f"{x:.{digits}f}" if x is not None else "–"
+
     for r in rows:
-        compile_ms = f"{r.compile_ms:.2f}" if r.compile_ms is not None else "–"
-        vs_compile = f"{r.speedup_vs_compile:.1f}" if r.speedup_vs_compile is not None else "–"
-        lines.append(
-            f"| {r.case} | {r.k} | {r.batch} | {r.passes} | {r.torch_ms:.2f} | {compile_ms} | "
-            f"{r.fusedgauss_ms:.2f} | {r.speedup_vs_torch:.1f} | {vs_compile} | {100 * r.bandwidth_fraction:.0f}% |"
-        )
+        line = (f"| {r.case} | {r.k} | {r.batch} | {r.passes} | {r.torch_ms:.2f} | {number(r.compile_ms, 2)} | "
+                f"{r.fusedgauss_ms:.2f} | {r.speedup_vs_torch:.1f} | {number(r.speedup_vs_compile, 1)} | "
+                f"{100 * r.bandwidth_fraction:.0f}% |")
+        if with_free:
+            line += f" {number(r.free_ms, 2)} | {number(r.ceiling_vs_torch, 1)} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -226,8 +245,8 @@ def add_grid_arguments(parser: argparse.ArgumentParser, cases, ks, name_stem: st
 
 def run_grid(args, title: str, run_cell) -> list[Row]:
     """Times every (case, B, k, passes) cell with run_cell(case, batch, k, passes, compile,
-    min_run_time) -> (torch ms, compile ms, fusedgauss ms, bytes), prints the table and writes
-    JSON, markdown and a plot named after args.name."""
+    min_run_time) -> (torch ms, compile ms, fusedgauss ms, bytes[, free ms]), prints the table
+    and writes JSON, markdown and a plot named after args.name."""
     if args.name is None:
         args.name = f"{args.name_stem}_{args.threads}t"
     torch.manual_seed(0)
@@ -257,15 +276,17 @@ def run_grid(args, title: str, run_cell) -> list[Row]:
             for p in ("forward", "forward+backward")]
     rows = []
     for case, batch, k, passes in tqdm(grid, desc="benchmark", unit="cell"):
-        torch_ms, compile_ms, fused_ms, moved = run_cell(
+        torch_ms, compile_ms, fused_ms, moved, *free = run_cell(
             case, batch, k, passes, not args.no_compile, args.min_run_time
         )
+        free_ms = free[0] if free else None
         rows.append(Row(
             case=case, k=k, batch=batch, passes=passes,
             torch_ms=torch_ms, compile_ms=compile_ms, fusedgauss_ms=fused_ms,
             speedup_vs_torch=torch_ms / fused_ms,
             speedup_vs_compile=compile_ms / fused_ms if compile_ms is not None else None,
             bytes_moved=moved, bandwidth_fraction=moved / (fused_ms * 1e-3) / bandwidth,
+            free_ms=free_ms, ceiling_vs_torch=torch_ms / free_ms if free_ms is not None else None,
         ))
 
     markdown = to_markdown(rows, meta)

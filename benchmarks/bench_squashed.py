@@ -9,6 +9,11 @@ torch.compile, fusedgauss):
                        Q, to loc and scale (per-sample, state-dependent). torch:
                        TransformedDistribution(base, [TanhTransform(cache_size=1)]).rsample()
                        and .log_prob of that action (a cache hit); fusedgauss: rsample_log_prob.
+                       A fourth column, free, times the step with the distribution made free:
+                       the noise drawn from torch's generator as every column draws it (so
+                       that a seed gives PyTorch's samples), a stand-in that computes nothing
+                       (_FreeSample), and the same loss. torch ms / free ms is the ceiling of
+                       any library that keeps torch's noise.
   ppo_diag, ppo_tril   PPO's path: the log-prob of stored actions and the policy gradient to
                        loc and scale. torch: log_prob(action) (an atanh); fusedgauss:
                        log_prob(action, pre_tanh=u) with the stored pre-tanh value.
@@ -67,8 +72,37 @@ def fused_squashed(loc, scale):
     return fusedgauss.TanhNormal(loc, scale, validate_args=False)
 
 
+class _FreeSample(torch.autograd.Function):
+    """A reparameterised squashed sample and its log-prob that cost nothing: the forward
+    returns zeros (fresh, as a real op's outputs are), the backward fixed dense gradients to
+    loc and the scale, made once (a sum would hand back stride-0 ones, which cost nothing
+    downstream and so would not bound anything)."""
+
+    @staticmethod
+    def forward(ctx, loc, scale, eps, loc_gradient, scale_gradient):
+        ctx.gradients = loc_gradient, scale_gradient
+        return loc.new_zeros(eps.shape), loc.new_zeros(eps.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_action, grad_log_prob):
+        return (*ctx.gradients, None, None, None)
+
+
+def free_sample(loc: torch.Tensor, scale: torch.Tensor):
+    """The SAC path's work outside the distribution: the noise of a sample, drawn as
+    torch.distributions (and fusedgauss) draw it, and a _FreeSample of it."""
+    gradients = torch.randn_like(loc), torch.randn_like(scale)
+
+    def free_fn(loc, scale):
+        eps = td.utils._standard_normal(loc.shape, dtype=loc.dtype, device=loc.device)
+        return _FreeSample.apply(loc, scale, eps, *gradients)
+
+    return free_fn
+
+
 def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
-    """(torch function, fusedgauss function, their arguments, the loss of their outputs)."""
+    """(torch function, fusedgauss function, their arguments, the loss of their outputs, and
+    for the SAC path the free function)."""
     loc, scale = make_parameters(case, batch, k, device)
     if case.startswith("sac"):
         q = torch.randn(k, dtype=DTYPE, device=device)
@@ -85,7 +119,7 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
             action, log_prob = outputs
             return (0.2 * log_prob - action @ q).sum()
 
-        return torch_fn, fused_fn, (loc, scale), (), loss
+        return torch_fn, fused_fn, (loc, scale), (), loss, free_sample(loc, scale)
 
     if case.startswith("ppo"):
         with torch.no_grad():
@@ -98,7 +132,7 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
         def fused_fn(loc, scale, action, pre_tanh):
             return fused_squashed(loc, scale).log_prob(action, pre_tanh=pre_tanh)
 
-        return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), lambda log_prob: log_prob.sum()
+        return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), lambda log_prob: log_prob.sum(), None
 
     value = torch.randn(batch, k, dtype=DTYPE, device=device)
 
@@ -108,13 +142,13 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
     def fused_fn(loc, scale, value):
         return fusedgauss.DiagNormal(loc, scale, validate_args=False).log_prob(value)
 
-    return torch_fn, fused_fn, (loc, scale), (value,), lambda log_prob: log_prob.sum()
+    return torch_fn, fused_fn, (loc, scale), (value,), lambda log_prob: log_prob.sum(), None
 
 
 def steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
-    """Zero-argument steps: torch eager, a function returning the compiled torch step, and
-    fusedgauss (on whichever backend is chosen when it runs)."""
-    torch_fn, fused_fn, leaves, data, loss = case_functions(case, batch, k, device)
+    """Zero-argument steps: torch eager, a function returning the compiled torch step,
+    fusedgauss (on whichever backend is chosen when it runs), and the free step or None."""
+    torch_fn, fused_fn, leaves, data, loss, free_fn = case_functions(case, batch, k, device)
 
     def as_step(fn):
         if passes == "forward":
@@ -125,7 +159,7 @@ def steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
         torch._dynamo.reset()
         return as_step(torch.compile(torch_fn, dynamic=False))
 
-    return as_step(torch_fn), compiled_step, as_step(fused_fn)
+    return as_step(torch_fn), compiled_step, as_step(fused_fn), as_step(free_fn) if free_fn is not None else None
 
 
 def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
@@ -148,8 +182,10 @@ def bytes_moved(case: str, batch: int, k: int, passes: str) -> int:
 
 
 def run_cell(case, batch, k, passes, compile_torch, min_run_time):
-    columns = run_columns(*steps(case, batch, k, passes), compile_torch, min_run_time)
-    return (*columns, bytes_moved(case, batch, k, passes))
+    torch_step, compiled_step, fused_step, free_step = steps(case, batch, k, passes)
+    torch_ms, compile_ms, fused_ms, *free_ms = run_columns(torch_step, compiled_step, fused_step, compile_torch,
+                                                           min_run_time, free_step)
+    return torch_ms, compile_ms, fused_ms, bytes_moved(case, batch, k, passes), *free_ms
 
 
 def main(argv=None) -> None:
