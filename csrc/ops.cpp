@@ -65,6 +65,11 @@ TORCH_LIBRARY(fusedgauss, m) {
   // diag_transform(x_ii) + min_diag ("softplus", "exp" or "none") and zeros above the diagonal.
   m.def("packed_to_scale_tril(Tensor packed, str diag_transform, float min_diag) -> Tensor");
   m.def("packed_to_scale_tril_backward(Tensor grad, Tensor packed, str diag_transform) -> Tensor");
+  // Its log-determinant, sum_i log L_ii (*,), from the k diagonal entries alone: L is never built.
+  m.def("packed_scale_tril_log_det(Tensor packed, str diag_transform, float min_diag) -> Tensor");
+  m.def(
+      "packed_scale_tril_log_det_backward(Tensor grad, Tensor packed, str diag_transform, float min_diag) "
+      "-> Tensor");
   // The log-probs of mvn_tril_log_prob and squashed_tril_log_prob with scale_tril given packed
   // (as packed_to_scale_tril reads it): L is unpacked inside the kernel and never written out,
   // and the gradient is the packed operand's.

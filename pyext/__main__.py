@@ -120,6 +120,8 @@ def check() -> int:
                                               reference.squashed_tril_rsample_log_prob, (loc, L, value)),
                     "packed_to_scale_tril": (ops.packed_to_scale_tril, reference.packed_to_scale_tril,
                                              (packed, "softplus", 1e-3)),
+                    "packed_scale_tril_log_det": (ops.packed_scale_tril_log_det, reference.packed_scale_tril_log_det,
+                                                  (packed, "softplus", 1e-3)),
                     "mvn_packed_log_prob": (ops.mvn_packed_log_prob, reference.mvn_packed_log_prob,
                                             (value, loc, packed, "softplus", 1e-3)),
                     "squashed_packed_log_prob": (ops.squashed_packed_log_prob, reference.squashed_packed_log_prob,
@@ -137,7 +139,7 @@ def check() -> int:
                     got = got.double()
                     error = float(((got - expected).abs() / (1 + expected.abs())).max())
                     worst = max(worst, error)
-                    print(f"{device_type:5s} {name:7s} {op_name:24s} k={k:2d}  float32 error {error:.2e}")
+                    print(f"{device_type:5s} {name:7s} {op_name:25s} k={k:2d}  float32 error {error:.2e}")
     ok = worst < 1e-4
     print(f"largest error {worst:.2e}: {'ok' if ok else 'FAILED'}")
     return 0 if ok else 1

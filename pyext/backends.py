@@ -69,7 +69,8 @@ TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_OPS = frozenset({
     "mvn_tril_log_prob", "mvn_cov_log_prob", "cholesky", "diag_normal_log_prob", "tanh_log_abs_det_jacobian",
     "squashed_diag_log_prob", "squashed_tril_log_prob", "squashed_diag_rsample_log_prob",
-    "squashed_tril_rsample_log_prob", "packed_to_scale_tril", "mvn_packed_log_prob", "squashed_packed_log_prob",
+    "squashed_tril_rsample_log_prob", "packed_to_scale_tril", "packed_scale_tril_log_det", "mvn_packed_log_prob",
+    "squashed_packed_log_prob",
 })
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributions as td
 from torch.distributions.kl import register_kl
 
-from . import ops, reference, validation
+from . import ops, validation
 from .transforms import StableTanhTransform
 
 __all__ = ["DiagNormal", "MultivariateNormal", "TanhMultivariateNormal", "TanhNormal"]
@@ -158,7 +158,7 @@ class MultivariateNormal(td.MultivariateNormal):
 
         :meth:`log_prob` reads the packed values directly (``mvn_packed_log_prob``: L is
         unpacked inside the kernel and never written), and :meth:`entropy` reads only the
-        diagonal entries. L itself is built (by the fused ``packed_to_scale_tril``) only when
+        diagonal entries (``packed_scale_tril_log_det``). L itself is built (by the fused ``packed_to_scale_tril``) only when
         something needs it (``rsample``, ``scale_tril``, KL...), and then once."""
         validation.packed_scale_tril("MultivariateNormal.from_packed", packed, diag_transform, min_diag)
         k = loc.shape[-1] if loc.dim() >= 1 else None
@@ -241,12 +241,12 @@ class MultivariateNormal(td.MultivariateNormal):
         return _with_batch_shape(log_prob, value, self.batch_shape)
 
     def entropy(self) -> torch.Tensor:
-        if self._parameterization != "packed" or "_cholesky_factor" in self.__dict__:
+        if self._parameterization != "packed":
             return super().entropy()
-        # From the packed diagonal alone: ½k(1 + log 2π) + Σᵢ log Lᵢᵢ.
-        diagonal = reference.packed_diagonal(self._unbroadcasted_matrix, *self._packed_transform)
+        # From the packed diagonal alone, fused: ½k(1 + log 2π) + Σᵢ log Lᵢᵢ.
+        log_det = ops.packed_scale_tril_log_det(self._unbroadcasted_matrix, *self._packed_transform)
         k = self.event_shape[0]
-        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + diagonal.log().sum(-1)).expand(self.batch_shape)
+        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det).expand(self.batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:

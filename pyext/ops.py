@@ -154,6 +154,17 @@ def packed_to_scale_tril(
     return _implementation("packed_to_scale_tril", packed, event_size=1)(packed, diag_transform, float(min_diag))
 
 
+def packed_scale_tril_log_det(
+    packed: torch.Tensor, diag_transform: str = "softplus", min_diag: float = 0.0
+) -> torch.Tensor:
+    r"""``Σᵢ log Lᵢᵢ`` (*,) of ``L = packed_to_scale_tril(packed, diag_transform, min_diag)``:
+    half the log-determinant of the covariance L Lᵀ, from the k diagonal entries alone (L is
+    never built), in one pass each way. The entropy of a packed Gaussian is
+    ``½k(1 + log 2π)`` plus this."""
+    validation.packed_scale_tril("packed_scale_tril_log_det", packed, diag_transform, min_diag)
+    return _implementation("packed_scale_tril_log_det", packed, event_size=1)(packed, diag_transform, float(min_diag))
+
+
 def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags):
     value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
     return _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
@@ -278,14 +289,22 @@ def _rsample_autograd(backward_op):
 def _packed_to_scale_tril_autograd(backward_op):
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        return backward_op(grad, packed, ctx.diag_transform), None, None
+        return backward_op(grad, packed, ctx.flags[0]), None, None
+
+    return backward
+
+
+def _packed_scale_tril_log_det_autograd(backward_op):
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return backward_op(grad, packed, *ctx.flags), None, None
 
     return backward
 
 
 def _save_packed(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0])
-    ctx.diag_transform = inputs[1]
+    ctx.flags = inputs[1:]  # diag_transform, min_diag
 
 
 def _packed_log_prob_autograd(backward_op):
@@ -317,7 +336,7 @@ _RSAMPLE_OPS = ("squashed_diag_rsample_log_prob", "squashed_tril_rsample_log_pro
 _PACKED_LOG_PROB_OPS = ("mvn_packed_log_prob", "squashed_packed_log_prob")
 OPS = (
     *_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, *_PACKED_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
-    "cholesky", "packed_to_scale_tril",
+    "cholesky", "packed_to_scale_tril", "packed_scale_tril_log_det",
 )
 
 
@@ -334,6 +353,7 @@ def register_autograd(namespace: str) -> None:
         "tanh_log_abs_det_jacobian": (_tanh_log_abs_det_jacobian_autograd, _save_inputs),
         "cholesky": (_cholesky_autograd, _save_output),
         "packed_to_scale_tril": (_packed_to_scale_tril_autograd, _save_packed),
+        "packed_scale_tril_log_det": (_packed_scale_tril_log_det_autograd, _save_packed),
     }
     for name in names:
         formula, setup_context = formulas[name]
@@ -376,6 +396,10 @@ def _register_compiled() -> None:
     torch.library.register_fake(lib + "cholesky_backward", lambda grad, L: torch.empty_like(L))
     torch.library.register_fake(lib + "packed_to_scale_tril", _fake_packed_to_scale_tril)
     torch.library.register_fake(lib + "packed_to_scale_tril_backward", lambda grad, packed, transform: torch.empty_like(packed))
+    torch.library.register_fake(lib + "packed_scale_tril_log_det", lambda packed, *flags: packed.new_empty(packed.shape[:-1]))
+    torch.library.register_fake(
+        lib + "packed_scale_tril_log_det_backward", lambda grad, packed, *flags: torch.empty_like(packed)
+    )
     register_autograd("fusedgauss")
 
 

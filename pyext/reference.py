@@ -185,6 +185,12 @@ def packed_diagonal(packed: torch.Tensor, diag_transform: str, min_diag: float) 
     return (_diag_transform(x.index_select(-1, positions), diag_transform) + min_diag).to(packed.dtype)
 
 
+def packed_scale_tril_log_det(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    """Σᵢ log L_ii (*,) of packed_to_scale_tril(packed, ...), from the k diagonal entries alone."""
+    x = packed.to(_compute_dtype(packed.dtype))
+    return packed_diagonal(x, diag_transform, min_diag).log().sum(-1).to(packed.dtype)
+
+
 def packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
     """L (*, k, k) from packed (*, k(k+1)/2), row by row as ``torch.tril_indices(k, k)`` lists
     the lower triangle, with L_ii = diag_transform(x_ii) + min_diag."""

@@ -525,6 +525,21 @@ def _packed_to_scale_tril_backward(grad: torch.Tensor, packed: torch.Tensor, dia
                           diag_transform=diag_transform)
 
 
+def _packed_scale_tril_log_det(packed: torch.Tensor, diag_transform: str, min_diag: float) -> torch.Tensor:
+    k = reference.event_size_of_packed(packed.shape[-1])
+    out = packed.new_empty(packed.shape[:-1])
+    return _packed_launch(packed_kernels._packed_scale_tril_log_det_forward_kernel, out, packed, k=k,
+                          diag_transform=diag_transform, min_diag=min_diag)
+
+
+def _packed_scale_tril_log_det_backward(grad: torch.Tensor, packed: torch.Tensor, diag_transform: str,
+                                        min_diag: float) -> torch.Tensor:
+    k = reference.event_size_of_packed(packed.shape[-1])
+    out = torch.empty_like(packed, memory_format=torch.contiguous_format)
+    return _packed_launch(packed_kernels._packed_scale_tril_log_det_backward_kernel, out, grad, packed, k=k,
+                          diag_transform=diag_transform, min_diag=min_diag)
+
+
 def _mvn_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
 ) -> torch.Tensor:
@@ -603,6 +618,8 @@ LAUNCHERS = {
     "tanh_log_abs_det_jacobian_backward": _tanh_log_abs_det_jacobian_backward,
     "packed_to_scale_tril": _packed_to_scale_tril,
     "packed_to_scale_tril_backward": _packed_to_scale_tril_backward,
+    "packed_scale_tril_log_det": _packed_scale_tril_log_det,
+    "packed_scale_tril_log_det_backward": _packed_scale_tril_log_det_backward,
     "mvn_packed_log_prob": _mvn_packed_log_prob,
     "mvn_packed_log_prob_backward": _mvn_packed_log_prob_backward,
     "squashed_packed_log_prob": _squashed_packed_log_prob,

@@ -50,6 +50,8 @@ KERNELS = [
     squashed._tanh_log_abs_det_jacobian_backward_kernel,
     packed._packed_to_scale_tril_forward_kernel,
     packed._packed_to_scale_tril_backward_kernel,
+    packed._packed_scale_tril_log_det_forward_kernel,
+    packed._packed_scale_tril_log_det_backward_kernel,
 ]
 POINTER_TYPES = {"float32": "*fp32", "float64": "*fp64"}
 

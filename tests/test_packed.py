@@ -1,6 +1,7 @@
-"""packed_to_scale_tril, the fused policy head, on every backend that runs here: against the
-float64 reference and the plain-PyTorch head it replaces, gradients included; gradcheck,
-opcheck, half precision, non-contiguous, zero-size and saturated inputs, and its errors."""
+"""packed_to_scale_tril, the fused policy head, and packed_scale_tril_log_det on every backend
+that runs here: against the float64 reference and the plain-PyTorch head they replace,
+gradients included; gradcheck, opcheck, half precision, non-contiguous, zero-size and
+saturated inputs, and their errors; then the packed log-probs and from_packed."""
 
 from __future__ import annotations
 
@@ -206,6 +207,132 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.fusedgauss.packed_to_scale_tril(torch.randn(2, 5), "exp", 0.0)
 
 
+# --- the log-determinant of a packed factor ---------------------------------------------------
+
+
+def log_det_on_backend(backend, diag_transform, min_diag):
+    def run(packed):
+        with backends.use(backend):
+            return ops.packed_scale_tril_log_det(packed, diag_transform, min_diag)
+
+    return run
+
+
+def plain_torch_log_det(packed, diag_transform, min_diag):
+    """Σᵢ log Lᵢᵢ of the plain-PyTorch head's L: the oracle the fused op replaces."""
+    return plain_torch_scale_tril(packed, diag_transform, min_diag).diagonal(dim1=-2, dim2=-1).log().sum(-1)
+
+
+def positive_when_untransformed(packed, diag_transform):
+    """With no transform, the diagonal entries made positive (a log-determinant needs them)."""
+    if diag_transform != "none":
+        return packed
+    k = reference.event_size_of_packed(packed.shape[-1])
+    diagonal = [i * (i + 3) // 2 for i in range(k)]
+    packed = packed.clone()
+    packed[..., diagonal] = 0.5 + packed[..., diagonal].abs()
+    return packed
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("k", EVENT_SIZES)
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_log_det_against_plain_head(backend, device, k, batch_shape, diag_transform, dtype):
+    packed = positive_when_untransformed(random_packed(batch_shape, k, dtype), diag_transform)
+    expected, expected_grad = value_and_grad(
+        lambda x: plain_torch_log_det(x, diag_transform, 1e-3), packed.double()
+    )
+    got, got_grad = value_and_grad(log_det_on_backend(backend, diag_transform, 1e-3), packed.to(device))
+    assert got.shape == batch_shape and got.dtype == dtype
+    assert got_grad.shape == packed.shape and got_grad.dtype == dtype
+    tolerance = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6 * k}
+    torch.testing.assert_close(got.cpu().double(), expected, **tolerance)
+    torch.testing.assert_close(got_grad.cpu().double(), expected_grad, **tolerance)
+    off_diagonal = torch.ones(packed.shape[-1], dtype=torch.bool)
+    off_diagonal[[i * (i + 3) // 2 for i in range(k)]] = False
+    assert (got_grad[..., off_diagonal] == 0).all()
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("diag_transform", TRANSFORMS)
+def test_log_det_gradcheck(backend, device, diag_transform):
+    packed = positive_when_untransformed(random_packed((3, 2), 4), diag_transform).to(device).requires_grad_()
+    assert torch.autograd.gradcheck(log_det_on_backend(backend, diag_transform, 0.5), (packed,))
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_log_det_half_non_contiguous_zero_size_and_large_entries(backend, device):
+    run = log_det_on_backend(backend, "softplus", 0.1)
+    for dtype in (torch.float16, torch.bfloat16):
+        packed = random_packed((50,), 6, dtype).to(device)
+        got, got_grad = value_and_grad(run, packed)
+        expected, expected_grad = value_and_grad(lambda x: reference.packed_scale_tril_log_det(x.float(), "softplus", 0.1), packed)
+        assert got.dtype == dtype and got_grad.dtype == dtype
+        torch.testing.assert_close(got.cpu(), expected.to(dtype).cpu())
+        torch.testing.assert_close(got_grad.cpu(), expected_grad.to(dtype).cpu())
+    wide = random_packed((12,), 6).to(device).repeat(1, 2)[:, ::2]
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(
+        value_and_grad(run, wide), value_and_grad(lambda x: plain_torch_log_det(x, "softplus", 0.1), wide.contiguous())
+    )
+    empty = random_packed((0, 3), 4).to(device).requires_grad_()
+    log_det = run(empty)
+    assert log_det.shape == (0, 3)
+    log_det.sum().backward()
+    assert empty.grad.shape == empty.shape
+    # Entries of ±30 in float32: softplus and exp of the diagonal without overflow, and a
+    # finite gradient.
+    for diag_transform in ("softplus", "exp"):
+        packed = (30.0 * torch.randn(64, packed_size(5)).sign()).to(device)
+        got, got_grad = value_and_grad(log_det_on_backend(backend, diag_transform, 0.0), packed)
+        expected, expected_grad = value_and_grad(
+            lambda x: reference.packed_scale_tril_log_det(x, diag_transform, 0.0), packed.double().cpu()
+        )
+        assert torch.isfinite(got).all() and torch.isfinite(got_grad).all()
+        torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(got_grad.cpu().double(), expected_grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "device"),
+    [
+        pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
+        pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
+            not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
+        pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
+            not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
+    ],
+)
+def test_log_det_opcheck(namespace, device):
+    if namespace == "fusedgauss_triton":
+        from fusedgauss import triton_ops  # noqa: F401  (registers the Triton ops)
+    library = getattr(torch.ops, namespace)
+    for packed, diag_transform, min_diag in TestOpcheck.sample_inputs(device):
+        packed = positive_when_untransformed(packed.detach(), diag_transform).requires_grad_()
+        torch.library.opcheck(library.packed_scale_tril_log_det.default, (packed, diag_transform, min_diag))
+        grad = torch.randn(packed.shape[:-1], device=device)
+        torch.library.opcheck(
+            library.packed_scale_tril_log_det_backward.default, (grad, packed.detach(), diag_transform, min_diag)
+        )
+
+
+def test_log_det_errors():
+    with pytest.raises(ValueError, match=re.escape("k(k+1)/2 values for some k >= 1")):
+        ops.packed_scale_tril_log_det(torch.randn(4, 5))
+    with pytest.raises(ValueError, match=re.escape("diag_transform must be one of softplus, exp, none, got 'relu'")):
+        ops.packed_scale_tril_log_det(torch.randn(4, 6), "relu")
+    with pytest.raises(TypeError, match="packed must be a floating-point tensor"):
+        ops.packed_scale_tril_log_det(torch.ones(4, 6, dtype=torch.int64))
+
+
+@requires_compiled_cpu
+def test_compiled_log_det_backward_checks_the_gradient_shape():
+    with pytest.raises(RuntimeError, match=re.escape("grad has shape [3] but the log-determinants of packed [4, 6]")):
+        torch.ops.fusedgauss.packed_scale_tril_log_det_backward(torch.randn(3), torch.randn(4, 6), "softplus", 0.0)
+
+
 # --- log-probs that read the packed factor directly ------------------------------------------
 
 # (value, loc, packed) batch shapes: per-sample, a packed factor shared by the batch (a
@@ -396,6 +523,23 @@ def test_multivariate_normal_from_packed(backend, device, k):
             torch.distributions.kl_divergence(ours, other),
             torch.distributions.kl_divergence(theirs, torch.distributions.MultivariateNormal(loc.flip(0), scale_tril=theirs.scale_tril.flip(0))),
         )
+
+
+@pytest.mark.parametrize(("backend", "device"), [p for p in BACKENDS if p.id != "torch"])
+def test_from_packed_entropy_is_the_fused_log_det(backend, device):
+    """The entropy of a packed Gaussian and its gradient run packed_scale_tril_log_det and its
+    backward alone: neither L nor a plain-PyTorch transform of its diagonal."""
+    import fusedgauss
+
+    loc = torch.randn(5, 4, device=device)
+    packed = random_packed((5,), 4, torch.float32).to(device).requires_grad_()
+    namespace = "fusedgauss_triton" if backend == "triton" else "fusedgauss"
+    with backends.use(backend), _OpRecorder() as recorder:
+        entropy = fusedgauss.MultivariateNormal.from_packed(loc, packed, "softplus", 1e-3, validate_args=False).entropy()
+        torch.autograd.grad(entropy.sum(), packed)
+    assert f"{namespace}::packed_scale_tril_log_det" in recorder.names, recorder.names
+    assert f"{namespace}::packed_scale_tril_log_det_backward" in recorder.names, recorder.names
+    assert not [name for name in recorder.names if "packed_to_scale_tril" in name or "softplus" in name], recorder.names
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)

@@ -47,6 +47,7 @@ CALLS = {
     "squashed_diag_rsample_log_prob": ("loc", "scale", "noise"),
     "squashed_tril_rsample_log_prob": ("loc", "L", "noise"),
     "packed_to_scale_tril": ("packed", "softplus", 1e-3),
+    "packed_scale_tril_log_det": ("packed", "softplus", 1e-3),
     "mvn_packed_log_prob": ("value", "loc", "packed", "softplus", 1e-3),
     "squashed_packed_log_prob": ("action", "loc", "packed", "exp", 0.0, False),
     "tanh_log_abs_det_jacobian": ("value",),

@@ -1,9 +1,11 @@
 // CPU kernels of packed_to_scale_tril(packed, diag_transform, min_diag) and its backward: a
-// policy head's k(k+1)/2 outputs per sample into its k x k scale_tril, and back. A chunk of
-// the batch goes in blocks of samples: the off-diagonal entries are copied row by row, and
-// the diagonal ones (the only arithmetic: csrc/math/packed_math.h's transform) are gathered
-// into one contiguous run per block and transformed in a flat loop, so that the exp and log
-// of the transform vectorise across samples instead of running one latency chain at a time.
+// policy head's k(k+1)/2 outputs per sample into its k x k scale_tril, and back; and of
+// packed_scale_tril_log_det, sum_i log L_ii from the diagonal entries alone, and its backward.
+// A chunk of the batch goes in blocks of samples: the off-diagonal entries are copied row by
+// row, and the diagonal ones (the only arithmetic: csrc/math/packed_math.h's transform) are
+// gathered into one contiguous run per block and transformed in a flat loop, so that the exp
+// and log of the transform vectorise across samples instead of running one latency chain at a
+// time.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -38,6 +40,15 @@ void transform_diagonal(DiagTransform transform, int64_t count, const acc_t* in,
       for (int64_t e = 0; e < count; ++e) y[e] = f(decltype(t)::value, x[e]);
     });
   });
+}
+
+/// The k diagonal entries of samples [b0, b0 + count), one contiguous run in acc_t.
+template <typename scalar_t, typename acc_t>
+void gather_diagonal(const scalar_t* packed, int64_t k, int64_t b0, int64_t count, acc_t* diagonal) {
+  const int64_t n = math::packed_size(k);
+  for (int64_t b = b0; b < b0 + count; ++b) {
+    for (int64_t i = 0; i < k; ++i) diagonal[(b - b0) * k + i] = static_cast<acc_t>(packed[b * n + math::packed_index(i, i)]);
+  }
 }
 
 at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_transform, double min_diag) {
@@ -96,9 +107,7 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
       std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), derivative(diagonal.size());
       for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
         const int64_t count = std::min(kBlockSamples, end - b0);
-        for (int64_t b = b0; b < b0 + count; ++b) {
-          for (int64_t i = 0; i < k; ++i) diagonal[(b - b0) * k + i] = static_cast<acc_t>(in[b * n + math::packed_index(i, i)]);
-        }
+        gather_diagonal(in, k, b0, count, diagonal.data());
         transform_diagonal(p.transform, count * k, diagonal.data(), derivative.data(),
                            [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
                              return math::diag_entry(t, x, acc_t(0)).derivative;
@@ -118,11 +127,85 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
   return out;
 }
 
+at::Tensor packed_scale_tril_log_det(const at::Tensor& packed, c10::string_view diag_transform, double min_diag) {
+  const PackedProblem p = prepare_packed_problem("packed_scale_tril_log_det", packed, diag_transform);
+  at::Tensor out = empty_output(packed.sizes().slice(0, packed.dim() - 1), packed.options());
+  const int64_t k = p.k;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), "packed_scale_tril_log_det", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
+    scalar_t* log_det = out.data_ptr<scalar_t>();
+    const acc_t shift = static_cast<acc_t>(min_diag);
+    const Chunks chunks(p.samples, grain_size(k * k));
+    chunks.run([&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), logs(diagonal.size());
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+        const int64_t count = std::min(kBlockSamples, end - b0);
+        gather_diagonal(in, k, b0, count, diagonal.data());
+        transform_diagonal(p.transform, count * k, diagonal.data(), logs.data(),
+                           [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+                             return math::log_diag_entry(t, x, shift).log_diag;
+                           });
+        for (int64_t b = 0; b < count; ++b) {
+          acc_t sum = 0;
+          for (int64_t i = 0; i < k; ++i) sum += logs[b * k + i];
+          log_det[b0 + b] = static_cast<scalar_t>(sum);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+/// d/dpacked: grad times d log L_ii / dx on the diagonal entries, zero off it.
+at::Tensor packed_scale_tril_log_det_backward(const at::Tensor& grad, const at::Tensor& packed,
+                                              c10::string_view diag_transform, double min_diag) {
+  constexpr const char* op = "packed_scale_tril_log_det_backward";
+  const PackedProblem p = prepare_packed_problem(op, packed, diag_transform);
+  check_same_dtype_and_device(op, "grad", grad, packed);
+  TORCH_CHECK(grad.sizes() == packed.sizes().slice(0, packed.dim() - 1), op, ": grad has shape ", grad.sizes(),
+              " but the log-determinants of packed ", packed.sizes(), " have shape ",
+              packed.sizes().slice(0, packed.dim() - 1));
+  const at::Tensor upstream = grad.contiguous();
+  at::Tensor out = empty_output(packed.sizes(), packed.options());
+  const int64_t k = p.k, n = math::packed_size(k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
+    const scalar_t* g = upstream.const_data_ptr<scalar_t>();
+    scalar_t* d_packed = out.data_ptr<scalar_t>();
+    const acc_t shift = static_cast<acc_t>(min_diag);
+    const Chunks chunks(p.samples, grain_size(k * k));
+    chunks.run([&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), derivative(diagonal.size());
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+        const int64_t count = std::min(kBlockSamples, end - b0);
+        gather_diagonal(in, k, b0, count, diagonal.data());
+        transform_diagonal(p.transform, count * k, diagonal.data(), derivative.data(),
+                           [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+                             return math::log_diag_entry(t, x, shift).derivative;
+                           });
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          scalar_t* d_row = d_packed + b * n;
+          std::fill(d_row, d_row + n, scalar_t(0));
+          const acc_t g_b = static_cast<acc_t>(g[b]);
+          for (int64_t i = 0; i < k; ++i) {
+            d_row[math::packed_index(i, i)] = static_cast<scalar_t>(g_b * derivative[(b - b0) * k + i]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedgauss, CPU, m) {
   m.impl("packed_to_scale_tril", &packed_to_scale_tril);
   m.impl("packed_to_scale_tril_backward", &packed_to_scale_tril_backward);
+  m.impl("packed_scale_tril_log_det", &packed_scale_tril_log_det);
+  m.impl("packed_scale_tril_log_det_backward", &packed_scale_tril_log_det_backward);
 }
 
 }  // namespace cpu

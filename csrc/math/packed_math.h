@@ -63,6 +63,21 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE DiagEntry<T> diag_entry(DiagTransform transfor
   }
 }
 
+/// log L_ii of a diagonal entry from its packed value x, and its derivative:
+///   log_diag = log(transform(x) + min_diag),   d log_diag / dx = (dL_ii/dx) / L_ii.
+/// Summed over i, the log-determinant of L (an entropy, a KL) with its gradient.
+template <typename T>
+struct LogDiagEntry {
+  T log_diag;
+  T derivative;
+};
+
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE LogDiagEntry<T> log_diag_entry(DiagTransform transform, T x, T min_diag) {
+  const DiagEntry<T> d = diag_entry(transform, x, min_diag);
+  return {log_(d.value), d.derivative / d.value};
+}
+
 /// Runs fn(std::integral_constant<DiagTransform, t>) for the runtime transform t: inside fn
 /// the transform is a constant, diag_entry's switch folds away, and a loop of diag_entry
 /// calls vectorises.
