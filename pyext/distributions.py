@@ -320,6 +320,13 @@ class DiagNormal(td.Independent):
         log_prob = ops.diag_normal_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale)
         return _with_batch_shape(log_prob, value, self.batch_shape)
 
+    def entropy(self) -> torch.Tensor:
+        """½k(1 + log 2π) + Σᵢ log scaleᵢ, on the unbroadcast scale: a scale shared by the batch
+        (a state-independent log-std) takes k logs, not one per sample and entry."""
+        k = self.event_shape[0]
+        scale = self._unbroadcasted_scale.expand(self._unbroadcasted_scale.shape[:-1] + self.event_shape)
+        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + scale.log().sum(-1)).expand(self.batch_shape)
+
 
 class _TanhSquashedGaussian(td.TransformedDistribution):
     r"""a = center + half_range · tanh(u), u ~ a Gaussian base: the shared machinery of

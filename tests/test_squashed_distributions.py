@@ -68,6 +68,22 @@ def test_diag_normal_is_a_drop_in(backend):
     torch.testing.assert_close(expanded.log_prob(value[0]), theirs.expand((5, 6)).log_prob(value[0]))
 
 
+@pytest.mark.parametrize("scale_shape", [(4,), (6, 4), (6, 1), (1, 4), ()], ids=str)
+def test_diag_normal_entropy(scale_shape):
+    """The entropy, taken on the unbroadcast scale, and its gradient are the Independent
+    Normal's for every way the scale broadcasts against loc (6, 4), expanded too."""
+    loc = torch.randn(6, 4, dtype=torch.float64)
+    scale = (torch.rand(scale_shape, dtype=torch.float64) + 0.5).requires_grad_()
+    ours, theirs = fusedgauss.DiagNormal(loc, scale), td.Independent(td.Normal(loc, scale), 1)
+    weights = torch.randn(6, dtype=torch.float64)
+    torch.testing.assert_close(ours.entropy(), theirs.entropy())
+    (g_ours,) = torch.autograd.grad((ours.entropy() * weights).sum(), scale)
+    (g_theirs,) = torch.autograd.grad((theirs.entropy() * weights).sum(), scale)
+    torch.testing.assert_close(g_ours, g_theirs)
+    torch.testing.assert_close(ours.expand((3, 6)).entropy(), theirs.expand((3, 6)).entropy())
+    assert fusedgauss.DiagNormal(loc, 0.5).entropy().shape == (6,)
+
+
 def test_diag_normal_checks_its_arguments():
     with pytest.raises(ValueError, match="scale"):
         fusedgauss.DiagNormal(torch.zeros(3), -torch.ones(3), validate_args=True)

@@ -38,6 +38,11 @@ constexpr int64_t kBlockEntries = 1024;
 
 int64_t rows_per_block(int64_t k) { return std::max<int64_t>(1, kBlockEntries / std::max<int64_t>(k, 1)); }
 
+/// Rows per block in the chunk [begin, end): no more than the chunk has, so that a shared
+/// operand's tile and the block scratch, built per chunk, are only as large as it uses (a
+/// small batch has chunks of a few dozen rows).
+int64_t block_rows_in(int64_t k, int64_t begin, int64_t end) { return std::min(rows_per_block(k), end - begin); }
+
 /// Multiply-adds per entry, about, for the grain size: the exp and logs of a squashed entry.
 constexpr int64_t kWorkPerEntry = 64;
 
@@ -108,7 +113,9 @@ class BlockRows {
       : data_(operand.data.const_data_ptr<scalar_t>()), k_(k), shared_(operand.shared()) {
     if (shared_) {
       tile_.resize(static_cast<size_t>(block_rows * k));
-      for (int64_t e = 0; e < block_rows * k; ++e) tile_[e] = static_cast<acc_t>(data_[e % k]);
+      for (int64_t r = 0; r < block_rows; ++r) {
+        for (int64_t i = 0; i < k; ++i) tile_[r * k + i] = static_cast<acc_t>(data_[i]);
+      }
     } else if (!std::is_same_v<scalar_t, acc_t>) {
       tile_.resize(static_cast<size_t>(block_rows * k));
     }
@@ -191,7 +198,9 @@ class BlockGradient {
   void finish(int64_t chunk) {
     if (!sink_.reduces) return;
     acc_t* partial = sink_.partials.chunk(chunk);
-    for (size_t e = 0; e < accumulator_.size(); ++e) partial[e % k_] += accumulator_[e];
+    for (size_t row = 0; row < accumulator_.size(); row += static_cast<size_t>(k_)) {
+      for (int64_t i = 0; i < k_; ++i) partial[i] += accumulator_[row + i];
+    }
   }
 
  private:
@@ -244,10 +253,10 @@ template <Squash kSquash, typename scalar_t>
 void diag_log_prob_kernel(const RowsProblem& p, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
-  const int64_t block_rows = rows_per_block(k);
   const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
         scale(p.operands[2], k, block_rows);
     BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
@@ -271,11 +280,11 @@ std::array<at::Tensor, 3> diag_log_prob_backward_kernel(const RowsProblem& p, co
                                                         std::array<bool, 3> mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
-  const int64_t block_rows = rows_per_block(k);
   const acc_t eps = math::action_epsilon<scalar_t, acc_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   std::array<GradientSink<scalar_t>, 3> sinks = gradient_sinks<scalar_t>(p, chunks, mask);
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+    const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
         scale(p.operands[2], k, block_rows);
     BlockGradient<scalar_t> d_value(sinks[0], k, block_rows), d_loc(sinks[1], k, block_rows),
@@ -370,12 +379,12 @@ template <typename scalar_t>
 void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
-  const int64_t block_rows = rows_per_block(k);
   scalar_t* action_out = out.action.data_ptr<scalar_t>();
   scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
   scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
         noise(p.operands[2], k, block_rows);
     BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
@@ -408,7 +417,6 @@ std::array<at::Tensor, 3> diag_rsample_backward_kernel(const RowsProblem& p, con
                                                        std::array<bool, 3> mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = p.k;
-  const int64_t block_rows = rows_per_block(k);
   const Chunks chunks(p.layout.batch_numel, grain_size(k * kWorkPerEntry));
   std::array<GradientSink<scalar_t>, 3> sinks = gradient_sinks<scalar_t>(p, chunks, mask);
   const auto data = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
@@ -416,6 +424,7 @@ std::array<at::Tensor, 3> diag_rsample_backward_kernel(const RowsProblem& p, con
   const scalar_t* grad_pre_tanh = data(upstream.pre_tanh);
   const scalar_t* grad_log_prob = data(upstream.log_prob);
   chunks.run([&](int64_t chunk, int64_t begin, int64_t end) {
+    const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
         noise(p.operands[2], k, block_rows);
     BlockGradient<scalar_t> d_loc(sinks[0], k, block_rows), d_scale(sinks[1], k, block_rows),
