@@ -35,6 +35,14 @@ BACKENDS = [
     ),
 ]
 # 17, 32 and 40: a CUDA warp per sample, with one and two slots per lane.
+# (op namespace, device) pairs for opcheck: the Triton ops' fake tracing needs a GPU.
+OPCHECK_LIBRARIES = [
+    pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
+    pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
+        not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
+    pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
+        not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
+]
 EVENT_SIZES = [1, 2, 3, 6, 17, 32, 40]
 BATCH_SHAPES = [(), (7,), (4, 3)]
 TRANSFORMS = ["softplus", "exp", "none"]
@@ -295,16 +303,7 @@ def test_log_det_half_non_contiguous_zero_size_and_large_entries(backend, device
         torch.testing.assert_close(got_grad.cpu().double(), expected_grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("namespace", "device"),
-    [
-        pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
-        pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
-            not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
-        pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
-            not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
-    ],
-)
+@pytest.mark.parametrize(("namespace", "device"), OPCHECK_LIBRARIES)
 def test_log_det_opcheck(namespace, device):
     if namespace == "fusedgauss_triton":
         from fusedgauss import triton_ops  # noqa: F401  (registers the Triton ops)
@@ -454,16 +453,7 @@ def test_packed_log_prob_zero_size_and_half(backend, device):
             torch.testing.assert_close(got.cpu().float(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize(
-    ("namespace", "device"),
-    [
-        pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
-        pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
-            not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
-        pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
-            not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
-    ],
-)
+@pytest.mark.parametrize(("namespace", "device"), OPCHECK_LIBRARIES)
 @pytest.mark.parametrize("k", [3, backends.CUDA_WARP_MIN_EVENT_SIZE])
 def test_packed_log_prob_opcheck(namespace, device, k):
     if namespace == "fusedgauss_triton":

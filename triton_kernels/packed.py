@@ -59,12 +59,14 @@ def _packed_to_scale_tril_forward_kernel(
 
 
 @triton.jit
-def _packed_row(p):
-    """The row i of packed positions p: i(i+1)/2 <= p < (i+1)(i+2)/2, from a square root
-    corrected by one step either way."""
+def _packed_position(e, N: tl.constexpr):
+    """(sample b, packed position p, row i of p) of flat packed entries e: i(i+1)/2 <= p <
+    (i+1)(i+2)/2, from a square root corrected by one step either way."""
+    b = e // N
+    p = e % N
     i = ((tl.sqrt(8.0 * p.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int64)
     i = tl.where(i * (i + 1) // 2 > p, i - 1, i)
-    return tl.where((i + 1) * (i + 2) // 2 <= p, i + 1, i)
+    return b, p, tl.where((i + 1) * (i + 2) // 2 <= p, i + 1, i)
 
 
 @triton.jit(do_not_specialize=["entries"])
@@ -76,9 +78,7 @@ def _packed_to_scale_tril_backward_kernel(
     N: tl.constexpr = K * (K + 1) // 2
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < entries
-    b = e // N
-    p = e % N
-    i = _packed_row(p)
+    b, p, i = _packed_position(e, N)
     j = p - i * (i + 1) // 2
     g = tl.load(grad_ptr + (b * K + i) * K + j, mask=mask, other=0.0).to(ACC)
     x = tl.load(packed_ptr + e, mask=mask, other=0.0).to(ACC)
@@ -110,9 +110,7 @@ def _packed_scale_tril_log_det_backward_kernel(
     N: tl.constexpr = K * (K + 1) // 2
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < entries
-    b = e // N
-    p = e % N
-    i = _packed_row(p)
+    b, p, i = _packed_position(e, N)
     on_diagonal = p == i * (i + 1) // 2 + i
     g = tl.load(grad_ptr + b, mask=mask & on_diagonal, other=0.0).to(ACC)
     x = tl.load(packed_ptr + e, mask=mask, other=1.0).to(ACC)

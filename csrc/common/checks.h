@@ -133,6 +133,14 @@ inline PackedProblem prepare_packed_problem(const char* op, const at::Tensor& pa
   return {rows, k, packed.numel() / packed.size(-1), parse_diag_transform(op, diag_transform), sizes};
 }
 
+/// The gradient of packed_scale_tril_log_det's output: shaped like packed's batch.
+inline void check_log_det_gradient(const char* op, const at::Tensor& grad, const at::Tensor& packed) {
+  check_same_dtype_and_device(op, "grad", grad, packed);
+  const at::IntArrayRef batch = packed.sizes().slice(0, packed.dim() - 1);
+  TORCH_CHECK(grad.sizes() == batch, op, ": grad has shape ", grad.sizes(), " but the log-determinants of packed ",
+              packed.sizes(), " have shape ", batch);
+}
+
 /// value (*, k), loc (*, k) and a packed scale_tril (*, k(k+1)/2), ready for a kernel.
 inline MvnProblem prepare_packed_mvn_problem(const char* op, const at::Tensor& value, const at::Tensor& loc,
                                              const at::Tensor& packed, c10::string_view diag_transform,

@@ -42,13 +42,29 @@ void transform_diagonal(DiagTransform transform, int64_t count, const acc_t* in,
   });
 }
 
-/// The k diagonal entries of samples [b0, b0 + count), one contiguous run in acc_t.
-template <typename scalar_t, typename acc_t>
-void gather_diagonal(const scalar_t* packed, int64_t k, int64_t b0, int64_t count, acc_t* diagonal) {
-  const int64_t n = math::packed_size(k);
-  for (int64_t b = b0; b < b0 + count; ++b) {
-    for (int64_t i = 0; i < k; ++i) diagonal[(b - b0) * k + i] = static_cast<acc_t>(packed[b * n + math::packed_index(i, i)]);
-  }
+/// Runs consume(b0, count, values) for each block [b0, b0 + count) of the batch's samples, in
+/// parallel, with values[(b - b0) k + i] = f(transform, x) of sample b's diagonal entry
+/// x = x_ii. The block's diagonal entries are gathered into one run first, so that f
+/// vectorises.
+template <typename scalar_t, typename F, typename Consume>
+void for_each_diagonal_block(const PackedProblem& p, const F& f, const Consume& consume) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* packed = p.packed.const_data_ptr<scalar_t>();
+  const int64_t k = p.k, n = math::packed_size(k);
+  const Chunks chunks(p.samples, grain_size(k * k));
+  chunks.run([&](int64_t, int64_t begin, int64_t end) {
+    std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), values(diagonal.size());
+    for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+      const int64_t count = std::min(kBlockSamples, end - b0);
+      for (int64_t b = b0; b < b0 + count; ++b) {
+        for (int64_t i = 0; i < k; ++i) {
+          diagonal[(b - b0) * k + i] = static_cast<acc_t>(packed[b * n + math::packed_index(i, i)]);
+        }
+      }
+      transform_diagonal(p.transform, count * k, diagonal.data(), values.data(), f);
+      consume(b0, count, static_cast<const acc_t*>(values.data()));
+    }
+  });
 }
 
 at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_transform, double min_diag) {
@@ -99,30 +115,22 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
   const int64_t k = p.k, n = math::packed_size(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
-    const Chunks chunks(p.samples, grain_size(k * k));
-    chunks.run([&](int64_t, int64_t begin, int64_t end) {
-      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), derivative(diagonal.size());
-      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
-        const int64_t count = std::min(kBlockSamples, end - b0);
-        gather_diagonal(in, k, b0, count, diagonal.data());
-        transform_diagonal(p.transform, count * k, diagonal.data(), derivative.data(),
-                           [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-                             return math::diag_entry(t, x, acc_t(0)).derivative;
-                           });
-        for (int64_t b = b0; b < b0 + count; ++b) {
-          const scalar_t* g_row = g + b * k * k;
-          scalar_t* d_row = d_packed + b * n;
-          for (int64_t i = 0; i < k; ++i, g_row += k) {
-            std::copy(g_row, g_row + i, d_row + math::packed_index(i, 0));
-            d_row[math::packed_index(i, i)] =
-                static_cast<scalar_t>(static_cast<acc_t>(g_row[i]) * derivative[(b - b0) * k + i]);
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::diag_entry(t, x, acc_t(0)).derivative; },
+        [&](int64_t b0, int64_t count, const acc_t* derivative) {
+          for (int64_t b = b0; b < b0 + count; ++b) {
+            const scalar_t* g_row = g + b * k * k;
+            scalar_t* d_row = d_packed + b * n;
+            for (int64_t i = 0; i < k; ++i, g_row += k) {
+              std::copy(g_row, g_row + i, d_row + math::packed_index(i, 0));
+              d_row[math::packed_index(i, i)] =
+                  static_cast<scalar_t>(static_cast<acc_t>(g_row[i]) * derivative[(b - b0) * k + i]);
+            }
           }
-        }
-      }
-    });
+        });
   });
   return out;
 }
@@ -133,26 +141,18 @@ at::Tensor packed_scale_tril_log_det(const at::Tensor& packed, c10::string_view 
   const int64_t k = p.k;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), "packed_scale_tril_log_det", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
     scalar_t* log_det = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
-    const Chunks chunks(p.samples, grain_size(k * k));
-    chunks.run([&](int64_t, int64_t begin, int64_t end) {
-      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), logs(diagonal.size());
-      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
-        const int64_t count = std::min(kBlockSamples, end - b0);
-        gather_diagonal(in, k, b0, count, diagonal.data());
-        transform_diagonal(p.transform, count * k, diagonal.data(), logs.data(),
-                           [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-                             return math::log_diag_entry(t, x, shift).log_diag;
-                           });
-        for (int64_t b = 0; b < count; ++b) {
-          acc_t sum = 0;
-          for (int64_t i = 0; i < k; ++i) sum += logs[b * k + i];
-          log_det[b0 + b] = static_cast<scalar_t>(sum);
-        }
-      }
-    });
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).log_diag; },
+        [&](int64_t b0, int64_t count, const acc_t* logs) {
+          for (int64_t b = 0; b < count; ++b) {
+            acc_t sum = 0;
+            for (int64_t i = 0; i < k; ++i) sum += logs[b * k + i];
+            log_det[b0 + b] = static_cast<scalar_t>(sum);
+          }
+        });
   });
   return out;
 }
@@ -162,39 +162,28 @@ at::Tensor packed_scale_tril_log_det_backward(const at::Tensor& grad, const at::
                                               c10::string_view diag_transform, double min_diag) {
   constexpr const char* op = "packed_scale_tril_log_det_backward";
   const PackedProblem p = prepare_packed_problem(op, packed, diag_transform);
-  check_same_dtype_and_device(op, "grad", grad, packed);
-  TORCH_CHECK(grad.sizes() == packed.sizes().slice(0, packed.dim() - 1), op, ": grad has shape ", grad.sizes(),
-              " but the log-determinants of packed ", packed.sizes(), " have shape ",
-              packed.sizes().slice(0, packed.dim() - 1));
+  check_log_det_gradient(op, grad, packed);
   const at::Tensor upstream = grad.contiguous();
   at::Tensor out = empty_output(packed.sizes(), packed.options());
   const int64_t k = p.k, n = math::packed_size(k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, packed.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
-    const Chunks chunks(p.samples, grain_size(k * k));
-    chunks.run([&](int64_t, int64_t begin, int64_t end) {
-      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), derivative(diagonal.size());
-      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
-        const int64_t count = std::min(kBlockSamples, end - b0);
-        gather_diagonal(in, k, b0, count, diagonal.data());
-        transform_diagonal(p.transform, count * k, diagonal.data(), derivative.data(),
-                           [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-                             return math::log_diag_entry(t, x, shift).derivative;
-                           });
-        for (int64_t b = b0; b < b0 + count; ++b) {
-          scalar_t* d_row = d_packed + b * n;
-          std::fill(d_row, d_row + n, scalar_t(0));
-          const acc_t g_b = static_cast<acc_t>(g[b]);
-          for (int64_t i = 0; i < k; ++i) {
-            d_row[math::packed_index(i, i)] = static_cast<scalar_t>(g_b * derivative[(b - b0) * k + i]);
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).derivative; },
+        [&](int64_t b0, int64_t count, const acc_t* derivative) {
+          for (int64_t b = b0; b < b0 + count; ++b) {
+            scalar_t* d_row = d_packed + b * n;
+            std::fill(d_row, d_row + n, scalar_t(0));
+            const acc_t g_b = static_cast<acc_t>(g[b]);
+            for (int64_t i = 0; i < k; ++i) {
+              d_row[math::packed_index(i, i)] = static_cast<scalar_t>(g_b * derivative[(b - b0) * k + i]);
+            }
           }
-        }
-      }
-    });
+        });
   });
   return out;
 }

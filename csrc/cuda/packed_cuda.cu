@@ -129,10 +129,7 @@ at::Tensor packed_scale_tril_log_det_backward(const at::Tensor& grad, const at::
                                               c10::string_view diag_transform, double min_diag) {
   constexpr const char* op = "packed_scale_tril_log_det_backward";
   const PackedProblem p = prepare_packed_problem(op, packed, diag_transform);
-  check_same_dtype_and_device(op, "grad", grad, packed);
-  TORCH_CHECK(grad.sizes() == packed.sizes().slice(0, packed.dim() - 1), op, ": grad has shape ", grad.sizes(),
-              " but the log-determinants of packed ", packed.sizes(), " have shape ",
-              packed.sizes().slice(0, packed.dim() - 1));
+  check_log_det_gradient(op, grad, packed);
   const at::Tensor upstream = grad.contiguous();
   at::Tensor out = at::empty(packed.sizes(), packed.options());
   const c10::cuda::CUDAGuard guard(packed.device());
