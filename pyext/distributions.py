@@ -285,8 +285,8 @@ class DiagNormal(td.Independent):
 
     :meth:`log_prob` runs the fused ``diag_normal_log_prob`` on the unbroadcast parameters,
     so a ``scale`` shared by the batch (a state-independent log-std) is read once and its
-    gradient reduced in the kernel. Sampling, entropy, mean, mode, variance and stddev are
-    the Normal's.
+    gradient reduced in the kernel; :meth:`entropy` is taken on the unbroadcast scale too.
+    Sampling, mean, mode, variance and stddev are the Normal's.
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None) -> None:
