@@ -158,8 +158,9 @@ class MultivariateNormal(td.MultivariateNormal):
 
         :meth:`log_prob` reads the packed values directly (``mvn_packed_log_prob``: L is
         unpacked inside the kernel and never written), and :meth:`entropy` reads only the
-        diagonal entries (``packed_scale_tril_log_det``). L itself is built (by the fused ``packed_to_scale_tril``) only when
-        something needs it (``rsample``, ``scale_tril``, KL...), and then once."""
+        diagonal entries (``packed_scale_tril_log_det``). L itself is built (by the fused
+        ``packed_to_scale_tril``) only when something needs it (``rsample``, ``scale_tril``,
+        KL...), and then once."""
         validation.packed_scale_tril("MultivariateNormal.from_packed", packed, diag_transform, min_diag)
         k = loc.shape[-1] if loc.dim() >= 1 else None
         if k is None or packed.shape[-1] != k * (k + 1) // 2:
@@ -243,10 +244,15 @@ class MultivariateNormal(td.MultivariateNormal):
     def entropy(self) -> torch.Tensor:
         if self._parameterization != "packed":
             return super().entropy()
-        # From the packed diagonal alone, fused: ½k(1 + log 2π) + Σᵢ log Lᵢᵢ.
+        # From the packed diagonal alone, fused.
         log_det = ops.packed_scale_tril_log_det(self._unbroadcasted_matrix, *self._packed_transform)
-        k = self.event_shape[0]
-        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det).expand(self.batch_shape)
+        return _gaussian_entropy(self.event_shape[0], log_det, self.batch_shape)
+
+
+def _gaussian_entropy(k: int, log_det: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
+    """½k(1 + log 2π) + Σᵢ log Lᵢᵢ of a k-dimensional Gaussian from its `log_det` = Σᵢ log Lᵢᵢ
+    (unbroadcast), expanded to the batch shape."""
+    return (0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det).expand(batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
@@ -321,11 +327,10 @@ class DiagNormal(td.Independent):
         return _with_batch_shape(log_prob, value, self.batch_shape)
 
     def entropy(self) -> torch.Tensor:
-        """½k(1 + log 2π) + Σᵢ log scaleᵢ, on the unbroadcast scale: a scale shared by the batch
-        (a state-independent log-std) takes k logs, not one per sample and entry."""
-        k = self.event_shape[0]
+        """On the unbroadcast scale: a scale shared by the batch (a state-independent log-std)
+        takes k logs, not one per sample and entry."""
         scale = self._unbroadcasted_scale.expand(self._unbroadcasted_scale.shape[:-1] + self.event_shape)
-        return (0.5 * k * (1.0 + math.log(2 * math.pi)) + scale.log().sum(-1)).expand(self.batch_shape)
+        return _gaussian_entropy(self.event_shape[0], scale.log().sum(-1), self.batch_shape)
 
 
 class _TanhSquashedGaussian(td.TransformedDistribution):
