@@ -72,16 +72,21 @@ TORCH_LIBRARY(fusedgauss, m) {
       "-> Tensor");
   // The log-probs of mvn_tril_log_prob and squashed_tril_log_prob with scale_tril given packed
   // (as packed_to_scale_tril reads it): L is unpacked inside the kernel and never written out,
-  // and the gradient is the packed operand's.
+  // and the gradient is the packed operand's. They also return each sample's sum_i log L_ii
+  // (log_det, batch-shaped like the log-prob), which the log-prob computes anyway, so that an
+  // entropy beside a log-prob costs no pass of its own; grad_log_det is its upstream gradient
+  // (None: it was not used).
   m.def(
-      "mvn_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag) -> Tensor");
+      "mvn_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag) "
+      "-> (Tensor log_prob, Tensor log_det)");
   m.def(
-      "mvn_packed_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor packed, str diag_transform, "
-      "float min_diag, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "mvn_packed_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor loc, Tensor packed, "
+      "str diag_transform, float min_diag, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   m.def(
       "squashed_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag, "
-      "bool value_is_pre_tanh) -> Tensor");
+      "bool value_is_pre_tanh) -> (Tensor log_prob, Tensor log_det)");
   m.def(
-      "squashed_packed_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor packed, str diag_transform, "
-      "float min_diag, bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "squashed_packed_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor loc, "
+      "Tensor packed, str diag_transform, float min_diag, bool value_is_pre_tanh, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }

@@ -160,7 +160,16 @@ class MultivariateNormal(td.MultivariateNormal):
         unpacked inside the kernel and never written), and :meth:`entropy` reads only the
         diagonal entries (``packed_scale_tril_log_det``). L itself is built (by the fused
         ``packed_to_scale_tril``) only when something needs it (``rsample``, ``scale_tril``,
-        KL...), and then once."""
+        KL...), and then once.
+
+        An :meth:`entropy` after a :meth:`log_prob` of the batch's shape (PPO's loss) costs
+        nothing of its own: the log-prob kernel also returns ``Σᵢ log Lᵢᵢ``, the entropy is built
+        from it, and its gradient joins the log-prob's in one backward pass. This holds when
+        ``packed`` comes out of a graph (a network's output, as for a policy head) and in the
+        grad mode of the log-prob; otherwise the entropy runs ``packed_scale_tril_log_det``.
+        The entropy's graph then runs through the log-prob's: backward them together (one
+        loss), or keep the graph (``retain_graph=True``) between two backward calls, as for
+        any two outputs of one network."""
         validation.packed_scale_tril("MultivariateNormal.from_packed", packed, diag_transform, min_diag)
         k = loc.shape[-1] if loc.dim() >= 1 else None
         if k is None or packed.shape[-1] != k * (k + 1) // 2:
@@ -235,8 +244,9 @@ class MultivariateNormal(td.MultivariateNormal):
         if self._parameterization == "covariance_matrix":
             log_prob = ops.mvn_cov_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix)
         elif self._parameterization == "packed":
-            log_prob = ops.mvn_packed_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix,
-                                               *self._packed_transform)
+            log_prob, log_det = ops.mvn_packed_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix,
+                                                        *self._packed_transform, return_log_det=True)
+            self._keep_log_det(log_det)
         else:
             log_prob = ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril)
         return _with_batch_shape(log_prob, value, self.batch_shape)
@@ -244,15 +254,29 @@ class MultivariateNormal(td.MultivariateNormal):
     def entropy(self) -> torch.Tensor:
         if self._parameterization != "packed":
             return super().entropy()
-        # From the packed diagonal alone, fused.
-        log_det = ops.packed_scale_tril_log_det(self._unbroadcasted_matrix, *self._packed_transform)
+        kept = self.__dict__.get("_log_prob_log_det")
+        if kept is not None and kept[0] == torch.is_grad_enabled():
+            log_det = kept[1]
+        else:  # from the packed diagonal alone, fused
+            log_det = ops.packed_scale_tril_log_det(self._unbroadcasted_matrix, *self._packed_transform)
         return _gaussian_entropy(self.event_shape[0], log_det, self.batch_shape)
+
+    def _keep_log_det(self, log_det: torch.Tensor) -> None:
+        """Keeps a packed log-prob's Σᵢ log Lᵢᵢ for :meth:`entropy` (see :meth:`from_packed`):
+        when it has the batch shape, and when reusing its graph is no surprise, that is, unless
+        a parameter is a leaf that requires grad (whose entropy-only backward would then also
+        pass through the log-prob, and give zeros where PyTorch gives no gradient)."""
+        parameters = (self._unbroadcasted_loc, self._unbroadcasted_matrix)
+        if log_det.shape == self.batch_shape and not any(t.requires_grad and t.is_leaf for t in parameters):
+            self.__dict__["_log_prob_log_det"] = (torch.is_grad_enabled(), log_det)
 
 
 def _gaussian_entropy(k: int, log_det: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     """½k(1 + log 2π) + Σᵢ log Lᵢᵢ of a k-dimensional Gaussian from its `log_det` = Σᵢ log Lᵢᵢ
-    (unbroadcast), expanded to the batch shape."""
-    return (0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det).expand(batch_shape)
+    (unbroadcast), expanded to the batch shape (a per-sample one already has it: no expand node,
+    whose backward would be one more autograd step per minibatch)."""
+    entropy = 0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det
+    return entropy if entropy.shape == batch_shape else entropy.expand(batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
@@ -528,8 +552,11 @@ class TanhMultivariateNormal(_TanhSquashedGaussian):
     def _log_prob_op(self, value: torch.Tensor, value_is_pre_tanh: bool) -> torch.Tensor:
         base = self.base_dist
         if base._parameterization == "packed":
-            return ops.squashed_packed_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_matrix,
-                                                *base._packed_transform, value_is_pre_tanh)
+            log_prob, log_det = ops.squashed_packed_log_prob(
+                value, base._unbroadcasted_loc, base._unbroadcasted_matrix, *base._packed_transform,
+                value_is_pre_tanh, return_log_det=True)
+            base._keep_log_det(log_det)  # for base_dist.entropy(), as MultivariateNormal.log_prob does
+            return log_prob
         return ops.squashed_tril_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_scale_tril,
                                           value_is_pre_tanh)
 

@@ -165,30 +165,39 @@ def packed_scale_tril_log_det(
     return _implementation("packed_scale_tril_log_det", packed, event_size=1)(packed, diag_transform, float(min_diag))
 
 
-def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags):
+def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags, return_log_det: bool):
     value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
-    return _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
+    log_prob, log_det = _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
+    return (log_prob, log_det) if return_log_det else log_prob
 
 
 def mvn_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str = "softplus",
-    min_diag: float = 0.0,
-) -> torch.Tensor:
+    min_diag: float = 0.0, *, return_log_det: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r""":func:`mvn_tril_log_prob` with ``scale_tril = packed_to_scale_tril(packed, diag_transform,
     min_diag)``, reading the k(k+1)/2 packed values per sample directly: L is unpacked inside the
     kernel, never written to memory, and the gradient comes back to ``packed``. A packed
     operand shared by the batch (a state-independent factor) has its gradient reduced in the
-    kernel."""
-    return _packed_log_prob("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag)
+    kernel.
+
+    With ``return_log_det``, also ``Σᵢ log Lᵢᵢ`` per sample (shaped like the log-prob), which
+    the kernel computes anyway: an entropy from it costs no pass of its own, and its gradient
+    joins the log-prob's in the one backward pass (``MultivariateNormal.from_packed`` keeps it
+    for :meth:`~MultivariateNormal.entropy`)."""
+    return _packed_log_prob("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag,
+                            return_log_det=return_log_det)
 
 
 def squashed_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
-    value_is_pre_tanh: bool,
-) -> torch.Tensor:
-    r""":func:`squashed_tril_log_prob` with the scale_tril packed, as :func:`mvn_packed_log_prob`."""
+    value_is_pre_tanh: bool, *, return_log_det: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    r""":func:`squashed_tril_log_prob` with the scale_tril packed, as :func:`mvn_packed_log_prob`
+    (``return_log_det`` too: the base Gaussian's ``Σᵢ log Lᵢᵢ``)."""
     return _packed_log_prob(
         "squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag, bool(value_is_pre_tanh),
+        return_log_det=return_log_det,
     )
 
 
@@ -204,6 +213,12 @@ def _fake_log_prob(parameter_dims: int):
         return value.new_empty(batch)
 
     return fake
+
+
+def _fake_packed_log_prob(value, loc, packed, *flags) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake of a packed log-prob op: the log-prob and the log_det, both batch-shaped."""
+    log_prob = _fake_log_prob(1)(value, loc, packed)
+    return log_prob, torch.empty_like(log_prob)
 
 
 def _fake_gradients(*inputs_then_mask) -> tuple[torch.Tensor, ...]:
@@ -308,9 +323,9 @@ def _save_packed(ctx, inputs, output) -> None:
 
 
 def _packed_log_prob_autograd(backward_op):
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_log_det):
         mask = list(ctx.needs_input_grad[:3])
-        grads = backward_op(grad, *ctx.saved_tensors, *ctx.flags, mask)
+        grads = backward_op(grad, grad_log_det, *ctx.saved_tensors, *ctx.flags, mask)
         return (*(g if wanted else None for g, wanted in zip(grads, mask)), *(None for _ in ctx.flags))
 
     return backward
@@ -382,10 +397,16 @@ _PARAMETER_DIMS = {
 
 def _register_compiled() -> None:
     lib = "fusedgauss::"
-    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_PACKED_LOG_PROB_OPS):
+    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS):
         torch.library.register_fake(lib + name, _fake_log_prob(_PARAMETER_DIMS[name]))
         torch.library.register_fake(
             lib + name + "_backward", lambda grad, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1])
+        )
+    for name in _PACKED_LOG_PROB_OPS:
+        torch.library.register_fake(lib + name, _fake_packed_log_prob)
+        torch.library.register_fake(
+            lib + name + "_backward",
+            lambda grad, grad_log_det, value, loc, packed, *rest: _fake_gradients(value, loc, packed, rest[-1]),
         )
     for name in _RSAMPLE_OPS:
         torch.library.register_fake(lib + name, _fake_rsample(_PARAMETER_DIMS[name]))

@@ -204,17 +204,27 @@ def packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: fl
     return L.view(x.shape[:-1] + (k, k)).to(packed.dtype)
 
 
+def _packed_log_det_like(log_prob: torch.Tensor, packed: torch.Tensor, diag_transform: str,
+                         min_diag: float) -> torch.Tensor:
+    """The packed log-prob ops' second output: Σᵢ log Lᵢᵢ per sample, shaped like the log-prob."""
+    return packed_scale_tril_log_det(packed, diag_transform, min_diag).expand(log_prob.shape)
+
+
 def mvn_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
-) -> torch.Tensor:
-    """mvn_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)."""
-    return mvn_tril_log_prob(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag))
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mvn_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag),
+    Σᵢ log Lᵢᵢ per sample)."""
+    log_prob = mvn_tril_log_prob(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag))
+    return log_prob, _packed_log_det_like(log_prob, packed, diag_transform, min_diag)
 
 
 def squashed_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
     value_is_pre_tanh: bool,
-) -> torch.Tensor:
-    """squashed_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squashed_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag),
+    Σᵢ log Lᵢᵢ per sample)."""
     scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)
-    return squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)
+    log_prob = squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)
+    return log_prob, _packed_log_det_like(log_prob, packed, diag_transform, min_diag)

@@ -121,19 +121,22 @@ def _packing_arguments(packing: _Packing | None) -> tuple[tuple, dict]:
 
 
 def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | None = None, **constexprs):
+    """The log-prob, and for a packed factor also (log_prob, log_det): its kernels store
+    sum_i log L_ii beside the log-prob."""
     k = value.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, (v, m, M) = _layout(value, loc, matrix, 1 if packing else 2)
     out = value.new_empty(batch_shape)
+    log_det = (value.new_empty(batch_shape),) if packing else ()
     if n > 0:
         tile = _tile(k, value.dtype)
         grid = (triton.cdiv(n, tile["BLOCK"]),)
         scalars, packed_constexprs = _packing_arguments(packing)
         _launchable(kernel)[grid](
-            v.data, v.stride, m.data, m.stride, M.data, M.stride, out, n, *scalars,
+            v.data, v.stride, m.data, m.stride, M.data, M.stride, out, *log_det, n, *scalars,
             **packed_constexprs, **constexprs, **tile,
         )
-    return out
+    return (out, *log_det) if packing else out
 
 
 def _squash_constexprs(squash: int, dtype: torch.dtype) -> dict:
@@ -177,7 +180,10 @@ def _reduced_packed_gradient(outer, grad_sum, packed, packing: _Packing):
 
 
 def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0,
-                       packing: _Packing | None = None):
+                       packing: _Packing | None = None, grad_log_det: torch.Tensor | None = None):
+    """The gradients of value, loc and the matrix. A packed factor's kernels also take the
+    upstream gradient h of the forward's log_det (None: unused): per sample, inside the kernel;
+    for a factor shared by the batch, (sum h) d/dx sum_i log L_ii, added here."""
     k = value.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, operands = _layout(value, loc, matrix, 1 if packing else 2)
@@ -192,16 +198,22 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
     tile = _tile(k, value.dtype)
     programs = triton.cdiv(n, tile["BLOCK"])
     partials = value.new_empty((programs, k + k * k + 1), dtype=acc_dtype) if reduces else None
+    # A shared factor's log-det term is added after the kernel (from sum h), not inside it.
+    per_sample_log_det = grad_log_det is not None and not operands[2].reduces
     if n > 0:
         # Unused pointers (their constexpr switch is off) still need a tensor.
         placeholder = grad
         v, m, M = operands
         scalars, packed_constexprs = _packing_arguments(packing)
+        log_det_arguments = ()
+        if packing:
+            log_det_arguments = (grad_log_det.contiguous() if per_sample_log_det else placeholder,)
+        rows_switches = (int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces))
         _launchable(kernel)[(programs,)](
-            grad.contiguous(), v.data, v.stride, m.data, m.stride, M.data, M.stride,
+            grad.contiguous(), *log_det_arguments, v.data, v.stride, m.data, m.stride, M.data, M.stride,
             *(r if r is not None else placeholder for r in rows),
-            partials if reduces else placeholder, n, *scalars,
-            int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces),
+            partials if reduces else placeholder, n, *scalars, *rows_switches,
+            *((int(per_sample_log_det),) if packing else ()),
             **packed_constexprs, **_squash_constexprs(squash, value.dtype), **tile,
         )
     grads = list(rows)
@@ -213,7 +225,11 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
         for i, (wanted, operand) in enumerate(zip(output_mask, operands)):
             if wanted and operand.reduces:
                 if i == 2 and packing:
-                    reduced_grad = _reduced_packed_gradient(outer, grad_sum, operand.data.to(acc_dtype), packing)
+                    factor = operand.data.to(acc_dtype)
+                    reduced_grad = _reduced_packed_gradient(outer, grad_sum, factor, packing)
+                    if grad_log_det is not None:
+                        reduced_grad = reduced_grad + _packed_scale_tril_log_det_backward(
+                            grad_log_det.to(acc_dtype).sum(), factor, packing.diag_transform, packing.min_diag)
                 elif i == 2:
                     reduced_grad = _reduced_matrix_gradient(outer, grad_sum, operand.data.to(acc_dtype), covariance)
                 else:
@@ -542,7 +558,7 @@ def _packed_scale_tril_log_det_backward(grad: torch.Tensor, packed: torch.Tensor
 
 def _mvn_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _log_prob_forward(
         mvn_kernels._mvn_packed_log_prob_forward_kernel, value, loc, packed, "mvn_packed_log_prob",
         _Packing(diag_transform, min_diag),
@@ -550,19 +566,19 @@ def _mvn_packed_log_prob(
 
 
 def _mvn_packed_log_prob_backward(
-    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str,
-    min_diag: float, output_mask: list[bool],
+    grad: torch.Tensor, grad_log_det: torch.Tensor | None, value: torch.Tensor, loc: torch.Tensor,
+    packed: torch.Tensor, diag_transform: str, min_diag: float, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._mvn_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
-        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag),
+        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
     )
 
 
 def _squashed_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float,
     value_is_pre_tanh: bool,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _log_prob_forward(
         mvn_kernels._squashed_packed_log_prob_forward_kernel, value, loc, packed, "squashed_packed_log_prob",
         _Packing(diag_transform, min_diag), **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
@@ -570,13 +586,13 @@ def _squashed_packed_log_prob(
 
 
 def _squashed_packed_log_prob_backward(
-    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str,
-    min_diag: float, value_is_pre_tanh: bool, output_mask: list[bool],
+    grad: torch.Tensor, grad_log_det: torch.Tensor | None, value: torch.Tensor, loc: torch.Tensor,
+    packed: torch.Tensor, diag_transform: str, min_diag: float, value_is_pre_tanh: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._squashed_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
         "squashed_packed_log_prob_backward", squash=_squash(value_is_pre_tanh),
-        packing=_Packing(diag_transform, min_diag),
+        packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
     )
 
 

@@ -7,6 +7,8 @@ a compile-time k and a runtime one, per-sample and batch-shared parameters.
 """
 
 
+import functools
+
 import pytest
 import torch
 
@@ -54,6 +56,15 @@ CALLS = {
 }
 
 
+def _fused(op_name: str):
+    """The op's public function, called as the reference is: the packed log-probs return their
+    log_det too, so that its value and its gradient (which joins the log-prob's in the kernel)
+    are checked at every level."""
+    if op_name in ("mvn_packed_log_prob", "squashed_packed_log_prob"):
+        return functools.partial(getattr(ops, op_name), return_log_det=True)
+    return getattr(ops, op_name)
+
+
 def _outputs_and_gradients(fn, names, tensors):
     """fn's outputs and the gradients of a random weighting of them to its tensor inputs."""
     leaves = {n: tensors[n].detach().clone().requires_grad_() for n in names if isinstance(n, str) and n in tensors}
@@ -78,7 +89,7 @@ def test_op_matches_reference_at_level(op_name, shared, k, dtype, level):
     expected, expected_grads = _outputs_and_gradients(getattr(reference, op_name), names, tensors)
     cast = {n: t.to(dtype) for n, t in tensors.items()}
     with backends.use("cpu"), backends.use_cpu_simd(level):
-        got, got_grads = _outputs_and_gradients(getattr(ops, op_name), names, cast)
+        got, got_grads = _outputs_and_gradients(_fused(op_name), names, cast)
     tolerance = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
     for g, e in zip(got + got_grads, expected + expected_grads):
         assert g.dtype == dtype

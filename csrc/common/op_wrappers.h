@@ -4,6 +4,7 @@
 // differ only in the kernels they run inside these wrappers.
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <array>
@@ -70,10 +71,11 @@ at::Tensor mvn_forward_op(const char* op, const char* matrix_name, const at::Ten
 
 /// Checks the upstream gradient of a batch-shaped output and makes it contiguous.
 inline at::Tensor batch_gradient(const char* op, const at::Tensor& grad, const at::Tensor& like,
-                                 const BatchLayout& layout) {
-  check_same_dtype_and_device(op, "grad", grad, like);
-  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(layout.batch_shape), op, ": grad has shape ", grad.sizes(),
-              " but the log-prob has shape ", c10::IntArrayRef(layout.batch_shape));
+                                 const BatchLayout& layout, const char* name = "grad",
+                                 const char* output = "the log-prob") {
+  check_same_dtype_and_device(op, name, grad, like);
+  TORCH_CHECK(grad.sizes() == c10::IntArrayRef(layout.batch_shape), op, ": ", name, " has shape ", grad.sizes(),
+              " but ", output, " has shape ", c10::IntArrayRef(layout.batch_shape));
   return grad.contiguous();
 }
 
@@ -94,12 +96,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 /// The ten log-prob ops of one device around its kernels: mvn_tril_log_prob,
 /// mvn_cov_log_prob, squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob and
 /// their backward ops. `Kernels` runs a checked problem:
-///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash);
+///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash,
+///       const at::Tensor& log_det);
 ///   template <Param kParam> static std::array<at::Tensor, 3> backward(
-///       const MvnProblem&, const at::Tensor& contiguous_grad, std::array<bool, 3> mask, ValueSquash);
+///       const MvnProblem&, const at::Tensor& contiguous_grad, std::array<bool, 3> mask, ValueSquash,
+///       const at::Tensor& contiguous_grad_log_det);
 /// backward returns the gradients of value, loc and the matrix operand as the kernel lays
 /// them out (see mvn_backward_op). A squashed op maps the value to its pre-tanh value first
-/// (ValueSquash); a packed one reads the factor as a policy head's packed output.
+/// (ValueSquash); a packed one reads the factor as a policy head's packed output, and also
+/// returns each sample's sum_i log L_ii (log_det, batch-shaped; undefined for the other ops),
+/// whose upstream gradient its backward takes (grad_log_det; undefined: none).
 template <class Kernels>
 struct LogProbOps {
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
@@ -107,7 +113,9 @@ struct LogProbOps {
   template <Param kParam>
   static at::Tensor mvn(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
     return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix,
-                          [](const MvnProblem& p, at::Tensor& out) { Kernels::template forward<kParam>(p, out, {}); });
+                          [](const MvnProblem& p, at::Tensor& out) {
+                            Kernels::template forward<kParam>(p, out, {}, {});
+                          });
   }
 
   template <Param kParam>
@@ -115,7 +123,7 @@ struct LogProbOps {
                             const at::Tensor& matrix, std::array<bool, 3> mask) {
     return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask,
                            [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                             return Kernels::template backward<kParam>(p, grad, mask, {});
+                             return Kernels::template backward<kParam>(p, grad, mask, {}, {});
                            });
   }
 
@@ -124,7 +132,7 @@ struct LogProbOps {
     const ValueSquash squash{true, !value_is_pre_tanh};
     return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
                           [&](const MvnProblem& p, at::Tensor& out) {
-                            Kernels::template forward<Param::kScaleTril>(p, out, squash);
+                            Kernels::template forward<Param::kScaleTril>(p, out, squash, {});
                           });
   }
 
@@ -133,33 +141,37 @@ struct LogProbOps {
     const ValueSquash squash{true, !value_is_pre_tanh};
     return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
                            [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                             return Kernels::template backward<Param::kScaleTril>(p, grad, mask, squash);
+                             return Kernels::template backward<Param::kScaleTril>(p, grad, mask, squash, {});
                            });
   }
 
-  static at::Tensor mvn_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-                               c10::string_view diag_transform, double min_diag) {
+  using LogProbAndLogDet = std::tuple<at::Tensor, at::Tensor>;
+
+  static LogProbAndLogDet mvn_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                     c10::string_view diag_transform, double min_diag) {
     return packed_forward("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag, {});
   }
 
-  static Grads mvn_packed_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
-                                   const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
-                                   std::array<bool, 3> mask) {
-    return packed_backward("mvn_packed_log_prob_backward", grad, value, loc, packed, diag_transform, min_diag, {},
-                           mask);
+  static Grads mvn_packed_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                   const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                   c10::string_view diag_transform, double min_diag, std::array<bool, 3> mask) {
+    return packed_backward("mvn_packed_log_prob_backward", grad, grad_log_det, value, loc, packed, diag_transform,
+                           min_diag, {}, mask);
   }
 
-  static at::Tensor squashed_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
-                                    c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh) {
+  static LogProbAndLogDet squashed_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                          c10::string_view diag_transform, double min_diag,
+                                          bool value_is_pre_tanh) {
     return packed_forward("squashed_packed_log_prob", value, loc, packed, diag_transform, min_diag,
                           {true, !value_is_pre_tanh});
   }
 
-  static Grads squashed_packed_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
-                                        const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
-                                        bool value_is_pre_tanh, std::array<bool, 3> mask) {
-    return packed_backward("squashed_packed_log_prob_backward", grad, value, loc, packed, diag_transform, min_diag,
-                           {true, !value_is_pre_tanh}, mask);
+  static Grads squashed_packed_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                        const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                                        c10::string_view diag_transform, double min_diag, bool value_is_pre_tanh,
+                                        std::array<bool, 3> mask) {
+    return packed_backward("squashed_packed_log_prob_backward", grad, grad_log_det, value, loc, packed,
+                           diag_transform, min_diag, {true, !value_is_pre_tanh}, mask);
   }
 
   static void register_kernels(torch::Library& m) {
@@ -176,21 +188,40 @@ struct LogProbOps {
   }
 
  private:
-  static at::Tensor packed_forward(const char* op, const at::Tensor& value, const at::Tensor& loc,
-                                   const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
-                                   ValueSquash squash) {
+  static LogProbAndLogDet packed_forward(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                                         const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
+                                         ValueSquash squash) {
     const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
     at::Tensor out = empty_output(p.layout.batch_shape, value.options());
-    Kernels::template forward<Param::kPacked>(p, out, squash);
-    return out;
+    at::Tensor log_det = empty_output(p.layout.batch_shape, value.options());
+    Kernels::template forward<Param::kPacked>(p, out, squash, log_det);
+    return {out, log_det};
   }
 
-  static Grads packed_backward(const char* op, const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
-                               const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
-                               ValueSquash squash, std::array<bool, 3> mask) {
+  static Grads packed_backward(const char* op, const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                               const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
+                               c10::string_view diag_transform, double min_diag, ValueSquash squash,
+                               std::array<bool, 3> mask) {
     const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-    const std::array<at::Tensor, 3> grads =
-        Kernels::template backward<Param::kPacked>(p, batch_gradient(op, grad, value, p.layout), mask, squash);
+    at::Tensor upstream_log_det;
+    if (grad_log_det.has_value() && grad_log_det->defined()) {
+      upstream_log_det = batch_gradient(op, *grad_log_det, value, p.layout, "grad_log_det", "log_det");
+    }
+    // A factor shared by the batch has its gradient reduced inside the kernel, from sums of g
+    // that other gradients share; the log_det's part of it, (sum h) d/dx sum_i log L_ii, is
+    // added here by packed_scale_tril_log_det_backward instead (one k(k+1)/2 vector).
+    const bool reduced_factor = p.matrix.reduces_gradient;
+    std::array<at::Tensor, 3> grads = Kernels::template backward<Param::kPacked>(
+        p, batch_gradient(op, grad, value, p.layout), mask, squash,
+        reduced_factor ? at::Tensor() : upstream_log_det);
+    if (reduced_factor && mask[2] && upstream_log_det.defined()) {
+      static const auto log_det_backward =
+          c10::Dispatcher::singleton()
+              .findSchemaOrThrow("fusedgauss::packed_scale_tril_log_det_backward", "")
+              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>();
+      const at::Tensor factor = packed.reshape({packed.size(-1)});
+      grads[2] = grads[2] + log_det_backward.call(upstream_log_det.sum(), factor, diag_transform, min_diag);
+    }
     return gradients_for_inputs(grads, {&value, &loc, &packed}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
   }
 };

@@ -219,7 +219,8 @@ C10_ALWAYS_INLINE void store_lanes(const acc_t* lanes, int count, scalar_t* out)
 
 /// The scale_tril gradients tril(a b^T) - c diag(1/L_ii) of a block of samples, lane-minor
 /// k x k (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
-/// b = z, c = g for a log-prob and a = g_u, b = eps, c = g_log_prob for a sample.
+/// b = z, c = g for a log-prob (g - h with a log-det output) and a = g_u, b = eps,
+/// c = g_log_prob for a sample.
 template <int W, typename acc_t>
 C10_ALWAYS_INLINE void scale_tril_gradient_block(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT a,
                                                  const acc_t* FUSEDGAUSS_RESTRICT b, const acc_t* FUSEDGAUSS_RESTRICT c,
@@ -330,8 +331,12 @@ constexpr SimdLevel widest_simd(Param param, int kK) {
   return param == Param::kCovariance ? kWidestCholeskySimd : kK == 0 ? SimdLevel::kAvx2 : SimdLevel::kAvx512;
 }
 
+/// Writes the log-prob of each sample to `out` and, when `log_det_out` is given (the packed
+/// ops), the sample's sum_i log L_ii, which the log-prob computes anyway: an entropy reads it
+/// instead of a pass of its own.
 template <Param kParam, int kK, int W, typename scalar_t>
-void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squash = {}) {
+void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squash = {},
+                             scalar_t* log_det_out = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
@@ -366,13 +371,18 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
         }
       }
       store_lanes<W>(log_prob, count, out + b0);
+      if (log_det_out != nullptr) store_lanes<W>(factors.log_det(), count, log_det_out + b0);
     }
   });
 }
 
+/// `grad_log_det` (the packed ops; null: none) is the upstream gradient h of the sum_i log L_ii
+/// output: it enters where the log-prob's own -g sum_i log L_ii does, as the diagonal
+/// coefficient c = g - h of d/dL = tril(g w z^T) - c diag(1/L_ii).
 template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
-                                                   std::array<bool, 3> mask, ValueSquash squash = {}) {
+                                                   std::array<bool, 3> mask, ValueSquash squash = {},
+                                                   const scalar_t* grad_log_det = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kCovariance = kParam == Param::kCovariance;
   constexpr bool kPacked = kParam == Param::kPacked;
@@ -409,12 +419,14 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? matrix_entries + 1 : 0);
     SinkRows<W, scalar_t> value_rows(value_sink), loc_rows(loc_sink), matrix_rows(matrix_sink);
-    acc_t g[W];
+    acc_t g[W], diag_coefficient[W];
 
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       // Lanes past the batch carry g = 0, so they add nothing to the reduced gradients.
       load_upstream_lanes<W>(grad, b0, count, g);
+      load_upstream_lanes<W>(grad_log_det, b0, count, diag_coefficient);
+      for (int l = 0; l < W; ++l) diag_coefficient[l] = g[l] - diag_coefficient[l];
       if (squash.squashed) {
         squash_block.load_differences(p, value, loc, b0, count, z.data());
       } else {
@@ -450,7 +462,8 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
 
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
-        // lower triangle, and the sum of g; the parameter terms are added once at the end.
+        // lower triangle, and the sum of the diagonal coefficient (g, less h when packed); the
+        // parameter terms are added once at the end.
         const acc_t* FUSEDGAUSS_RESTRICT v = kCovariance ? w.data() : z.data();
         acc_t* FUSEDGAUSS_RESTRICT acc = matrix_acc.data();
         for (int64_t i = 0; i < k; ++i) {
@@ -458,11 +471,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             for (int l = 0; l < W; ++l) acc[slot(i, j) * W + l] += gw_block[i * W + l] * v[j * W + l];
           }
         }
-        for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
+        for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += diag_coefficient[l];
       } else if (matrix_rows.active()) {
         if constexpr (!kCovariance) {
-          // d/dL = tril(g w z^T) - g diag(1/L_ii)
-          scale_tril_gradient_block<W>(k, gw_block, z.data(), g, L, matrix_grad.data());
+          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g (less h when packed)
+          scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, matrix_grad.data());
         } else {
           // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric
           math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
@@ -720,14 +733,14 @@ void with_block_shape(const MvnProblem& p, const F& fn) {
 /// The kernels behind this device's log-prob ops (LogProbOps, csrc/common/op_wrappers.h).
 struct LogProbKernels {
   template <Param kParam>
-  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash);
+  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det);
   template <Param kParam>
   static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                            ValueSquash squash);
+                                            ValueSquash squash, const at::Tensor& grad_log_det);
 };
 
 template <Param kParam>
-void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
+void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
     // Large per-sample factors keep 16 lanes here, two chains of a triangular solve side by
     // side: a block holds the factors alone (18 KB at k=17), which L1 takes. A k=17 scale_tril
@@ -735,20 +748,22 @@ void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash s
     // 4096 samples (from cache): 0.37 -> 0.32 ms. The backward, which also holds their
     // gradient, keeps kStreamingLanes: with 16 lanes it went from 7.2 to 8.5 ms.
     with_block_shape<kParam, scalar_t, kLanes>(p, [&](auto K, auto W) {
-      log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(p, out.data_ptr<scalar_t>(),
-                                                                                        squash);
+      log_prob_forward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
+          p, out.data_ptr<scalar_t>(), squash, log_det.defined() ? log_det.data_ptr<scalar_t>() : nullptr);
     });
   });
 }
 
 template <Param kParam>
 std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
-                                                   std::array<bool, 3> mask, ValueSquash squash) {
+                                                   std::array<bool, 3> mask, ValueSquash squash,
+                                                   const at::Tensor& grad_log_det) {
   std::array<at::Tensor, 3> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
     with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
       grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
-          p, grad.const_data_ptr<scalar_t>(), mask, squash);
+          p, grad.const_data_ptr<scalar_t>(), mask, squash,
+          grad_log_det.defined() ? grad_log_det.const_data_ptr<scalar_t>() : nullptr);
     });
   });
   return grads;

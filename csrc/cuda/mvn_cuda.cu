@@ -179,9 +179,12 @@ __device__ C10_ALWAYS_INLINE bool load_factor(const MvnOperands<scalar_t>& a, in
   return ok;
 }
 
+/// Writes each sample's log-prob to `out` and, when `log_det_out` is given (the packed ops), its
+/// sum_i log L_ii.
 template <Param kParam, int kK, int kMaxK, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out) {
+    log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out,
+                            scalar_t* __restrict__ log_det_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : a.k;
   const bool shared_matrix = a.matrix_stride == 0;
@@ -214,6 +217,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     out[b] = ok ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian)
                 : quiet_nan<scalar_t>();
+    if (log_det_out != nullptr) log_det_out[b] = static_cast<scalar_t>(log_det);
   }
 }
 
@@ -231,6 +235,10 @@ struct BackwardOutputs {
   // sum g w (k), then sum g w v^T (k * k, lower triangle) when the matrix reduces, then sum g.
   acc_t* partials;
   bool reduce_matrix;
+  // The upstream gradient h of the packed ops' log_det (nullptr: none), per sample: the
+  // diagonal coefficient of a per-sample factor's gradient is g - h. (The wrapper adds it
+  // itself for a factor whose gradient reduces.)
+  const scalar_t* grad_log_det;
 };
 
 __host__ __device__ inline int64_t partial_width(int64_t k) { return k + k * k + 1; }
@@ -339,6 +347,7 @@ __global__ void __launch_bounds__(kThreads)
         solve(tril);
       }
       if (!ok) g = quiet_nan<acc_t>();
+      const acc_t diag_coefficient = o.grad_log_det != nullptr ? g - static_cast<acc_t>(o.grad_log_det[b]) : g;
       // d log p / d value = -w, d log p / d loc = w.
       for (int64_t i = 0; i < k; ++i) {
         if (o.value_rows != nullptr) {
@@ -350,7 +359,7 @@ __global__ void __launch_bounds__(kThreads)
       if (o.matrix_rows != nullptr) {
         scalar_t* out = o.matrix_rows + b * matrix_row_width<kParam>(k);
         if constexpr (!kCovariance) {
-          // d/dL = tril(w z^T) - diag(1/L_ii), packed through dL_ii/dx_ii.
+          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h, packed through dL_ii/dx_ii.
           for (int64_t i = 0; i < k; ++i) {
             acc_t L_ii;
             if (shared_matrix) {
@@ -361,7 +370,8 @@ __global__ void __launch_bounds__(kThreads)
               L_ii = static_cast<acc_t>(tril[i * k + i]);
             }
             for (int64_t j = 0; j < k; ++j) {
-              const acc_t gij = j < i ? g * w[i] * z[j] : j == i ? g * w[i] * z[i] - g / L_ii : acc_t(0);
+              const acc_t gij =
+                  j < i ? g * w[i] * z[j] : j == i ? g * w[i] * z[i] - diag_coefficient / L_ii : acc_t(0);
               write_matrix_gradient<kParam>(a, tril, out, k, i, j, gij);
             }
           }
@@ -492,7 +502,8 @@ __device__ void load_noise_and_loc(const Warp& warp, const MvnOperands<scalar_t>
 
 template <Param kParam, int kSlots, typename scalar_t>
 __global__ void __launch_bounds__(kWarpKernelThreads)
-    warp_log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out) {
+    warp_log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out,
+                                 scalar_t* __restrict__ log_det_out) {
   using acc_t = at::opmath_type<scalar_t>;
   const Warp warp;
   const WarpGrid grid;
@@ -509,6 +520,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     if (warp.lane() == 0) {
       out[b] = ok ? static_cast<scalar_t>(math::gaussian_log_prob(k, squared_norm, log_det) - jacobian)
                   : quiet_nan<scalar_t>();
+      if (log_det_out != nullptr) log_det_out[b] = static_cast<scalar_t>(log_det);
     }
   });
 }
@@ -540,6 +552,7 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
     for (int t = 0; t < kSlots; ++t) w[t] = z[t];
     math::team_solve_lower_transposed(warp, k, L, ld, w);
     const acc_t g = ok ? static_cast<acc_t>(o.grad[b]) : quiet_nan<acc_t>();
+    const acc_t diag_coefficient = o.grad_log_det != nullptr ? g - static_cast<acc_t>(o.grad_log_det[b]) : g;
     acc_t gw[kSlots];
     for (int t = 0; t < kSlots; ++t) gw[t] = g * w[t];
     sums.add(gw, g);
@@ -569,9 +582,9 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
             // inverse_product_entry sums the same products in the same order for (j, i).
             gij = acc_t(0.5) * g * (w_i * w[t] - math::inverse_product_entry(k, L_inv, ld, i, j));
           } else {
-            // d/dL = g (tril(w z^T) - diag(1/L_ii)), packed through dL_ii/dx_ii.
+            // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h, packed through dL_ii/dx_ii.
             const acc_t gw_i = g * w_i;
-            gij = j < i ? gw_i * z[t] : j == i ? gw_i * z[t] - g / L[i * ld + i] : acc_t(0);
+            gij = j < i ? gw_i * z[t] : j == i ? gw_i * z[t] - diag_coefficient / L[i * ld + i] : acc_t(0);
           }
           write_matrix_gradient<kParam>(a, m, out, k, i, j, gij);
         }
@@ -868,24 +881,25 @@ __global__ void __launch_bounds__(kWarpKernelThreads)
 /// The kernels behind this device's log-prob ops (LogProbOps, csrc/common/op_wrappers.h).
 struct LogProbKernels {
   template <Param kParam>
-  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash);
+  static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det);
   template <Param kParam>
   static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                            ValueSquash squash);
+                                            ValueSquash squash, const at::Tensor& grad_log_det);
 };
 
 template <Param kParam>
-void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash) {
+void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det) {
   const c10::cuda::CUDAGuard guard(out.device());
   if (p.layout.batch_numel == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), forward_op_name(kParam), [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* log_det_out = log_det.defined() ? log_det.data_ptr<scalar_t>() : nullptr;
     if (warp_per_sample(p)) {
       check_event_size(forward_op_name(kParam), p.k);
       const LaunchShape shape = warp_launch_shape<acc_t>(p.layout.batch_numel, p.k, 1);
       with_warp_slots(p.k, [&](auto kSlots) {
         launch(warp_log_prob_forward_kernel<kParam, decltype(kSlots)::value, scalar_t>, shape.blocks, shape.threads,
-               shape.shared_bytes, MvnOperands<scalar_t>(p, squash), out.data_ptr<scalar_t>());
+               shape.shared_bytes, MvnOperands<scalar_t>(p, squash), out.data_ptr<scalar_t>(), log_det_out);
       });
       return;
     }
@@ -893,7 +907,7 @@ void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash s
       const size_t shared_bytes = p.matrix.shared() ? p.k * p.k * sizeof(acc_t) : 0;
       launch(log_prob_forward_kernel<kParam, decltype(K)::value, decltype(kMaxK)::value, scalar_t>,
              blocks_for(p.layout.batch_numel, kThreads), kThreads, shared_bytes, MvnOperands<scalar_t>(p, squash),
-             out.data_ptr<scalar_t>());
+             out.data_ptr<scalar_t>(), log_det_out);
     });
   });
 }
@@ -914,11 +928,12 @@ LaunchShape thread_backward_launch_shape(const MvnProblem& p, bool reduces) {
 /// that reduce come from the blocks' partial sums and finish_reduction_kernel<kParam>.
 /// `launch_kernel(shape, outputs)` launches the kernel, a warp per sample when `warps` (with
 /// `warp_matrices` matrices per warp), a thread per sample otherwise; `grad` is the upstream
-/// gradient of a log-prob (or nullptr: the kernel reads its own).
+/// gradient of a log-prob (or nullptr: the kernel reads its own), `grad_log_det` that of a
+/// packed op's log_det (or nullptr).
 template <Param kParam, typename LaunchKernel>
 std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, const at::Tensor& like, const void* grad,
-                                       std::array<bool, 3> mask, ValueSquash squash, bool warps, int warp_matrices,
-                                       const LaunchKernel& launch_kernel) {
+                                       const void* grad_log_det, std::array<bool, 3> mask, ValueSquash squash,
+                                       bool warps, int warp_matrices, const LaunchKernel& launch_kernel) {
   const c10::cuda::CUDAGuard guard(like.device());
   const auto options = like.options();
   const int64_t n = p.layout.batch_numel;
@@ -953,7 +968,8 @@ std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, cons
                                       static_cast<scalar_t*>(output(1, false)),
                                       static_cast<scalar_t*>(output(2, false)),
                                       reduces ? partials.data_ptr<acc_t>() : nullptr,
-                                      mask[2] && p.matrix.reduces_gradient};
+                                      mask[2] && p.matrix.reduces_gradient,
+                                      static_cast<const scalar_t*>(grad_log_det)};
     if (n > 0) {
       launch_kernel(shape, o);
     } else if (reduces) {
@@ -972,11 +988,13 @@ std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, cons
 
 template <Param kParam>
 std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
-                                                   std::array<bool, 3> mask, ValueSquash squash) {
+                                                   std::array<bool, 3> mask, ValueSquash squash,
+                                                   const at::Tensor& grad_log_det) {
   const char* op = backward_op_name(kParam);
   const bool warps = warp_per_sample(p);
   return run_backward<kParam>(
-      op, p, grad, grad.const_data_ptr(), mask, squash, warps, kParam == Param::kCovariance ? 2 : 1,
+      op, p, grad, grad.const_data_ptr(), grad_log_det.defined() ? grad_log_det.const_data_ptr() : nullptr, mask,
+      squash, warps, kParam == Param::kCovariance ? 2 : 1,
       [&](const LaunchShape& shape, const auto& o) {
         using scalar_t = typename std::decay_t<decltype(o)>::scalar_type;
         if (warps) {
@@ -1044,7 +1062,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> squashed_tril_rsample_log_prob_ba
   // The kernel's operand order is (eps, loc, scale_tril); the op's is (loc, scale_tril, eps).
   const bool warps = warp_per_sample(p);
   const std::array<at::Tensor, 3> kernel_grads = run_backward<Param::kScaleTril>(
-      op, p, loc, nullptr, {mask[2], mask[0], mask[1]}, ValueSquash{}, warps, 1,
+      op, p, loc, nullptr, nullptr, {mask[2], mask[0], mask[1]}, ValueSquash{}, warps, 1,
       [&](const LaunchShape& shape, const auto& o) {
         using scalar_t = typename std::decay_t<decltype(o)>::scalar_type;
         if (warps) {
