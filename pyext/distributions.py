@@ -164,9 +164,10 @@ class MultivariateNormal(td.MultivariateNormal):
 
         An :meth:`entropy` after a :meth:`log_prob` of the batch's shape (PPO's loss) costs
         nothing of its own: the log-prob kernel also returns ``Σᵢ log Lᵢᵢ``, the entropy is built
-        from it, and its gradient joins the log-prob's in one backward pass. This holds when
-        ``packed`` comes out of a graph (a network's output, as for a policy head) and in the
-        grad mode of the log-prob; otherwise the entropy runs ``packed_scale_tril_log_det``.
+        from it, and its gradient joins the log-prob's in one backward pass. This holds in the
+        grad mode of the log-prob, unless ``loc`` or ``packed`` is a leaf that requires grad (a
+        policy head's are a network's outputs); otherwise the entropy runs
+        ``packed_scale_tril_log_det``.
         The entropy's graph then runs through the log-prob's: backward them together (one
         loss), or keep the graph (``retain_graph=True``) between two backward calls, as for
         any two outputs of one network."""

@@ -376,9 +376,10 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
   });
 }
 
-/// `grad_log_det` (the packed ops; null: none) is the upstream gradient h of the sum_i log L_ii
-/// output: it enters where the log-prob's own -g sum_i log L_ii does, as the diagonal
-/// coefficient c = g - h of d/dL = tril(g w z^T) - c diag(1/L_ii).
+/// `grad_log_det` (the packed ops, per-sample factors; null: none) is the upstream gradient h
+/// of the sum_i log L_ii output: it enters where the log-prob's own -g sum_i log L_ii does, as
+/// the diagonal coefficient c = g - h of d/dL = tril(g w z^T) - c diag(1/L_ii). (A shared
+/// factor's part of it is added by the op wrapper, LogProbOps::packed_backward.)
 template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask, ValueSquash squash = {},
@@ -462,8 +463,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
 
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
-        // lower triangle, and the sum of the diagonal coefficient (g, less h when packed); the
-        // parameter terms are added once at the end.
+        // lower triangle, and the sum of g; the parameter terms are added once at the end.
         const acc_t* FUSEDGAUSS_RESTRICT v = kCovariance ? w.data() : z.data();
         acc_t* FUSEDGAUSS_RESTRICT acc = matrix_acc.data();
         for (int64_t i = 0; i < k; ++i) {
@@ -471,7 +471,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             for (int l = 0; l < W; ++l) acc[slot(i, j) * W + l] += gw_block[i * W + l] * v[j * W + l];
           }
         }
-        for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += diag_coefficient[l];
+        for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
       } else if (matrix_rows.active()) {
         if constexpr (!kCovariance) {
           // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g (less h when packed)
