@@ -343,11 +343,11 @@ LOG_PROB_LAYOUTS = {
     "partial": ((4, 1), (1, 3), (4, 3)),
 }
 LOG_PROB_OPS = {
-    "mvn": (lambda v, m, p, t, d: ops.mvn_packed_log_prob(v, m, p, t, d),
+    "mvn": (lambda v, m, p, t, d, **kw: ops.mvn_packed_log_prob(v, m, p, t, d, **kw),
             lambda v, m, p, t, d: reference.mvn_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d))),
-    "squashed_pre_tanh": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v, m, p, t, d, True),
+    "squashed_pre_tanh": (lambda v, m, p, t, d, **kw: ops.squashed_packed_log_prob(v, m, p, t, d, True, **kw),
                           lambda v, m, p, t, d: reference.squashed_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d), True)),
-    "squashed_action": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v.tanh(), m, p, t, d, False),
+    "squashed_action": (lambda v, m, p, t, d, **kw: ops.squashed_packed_log_prob(v.tanh(), m, p, t, d, False, **kw),
                         lambda v, m, p, t, d: reference.squashed_tril_log_prob(v.tanh(), m, plain_torch_scale_tril(p, t, d), False)),
 }
 
@@ -502,15 +502,9 @@ def test_packed_log_prob_log_det_output(backend, device, op, layout, k):
         return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
 
     expected, expected_grads = outputs_and_grads(lambda *a: with_log_det(oracle, *a), [t.double() for t in inputs])
-    public = ops.mvn_packed_log_prob if op == "mvn" else ops.squashed_packed_log_prob
-    flags = () if op == "mvn" else (op == "squashed_pre_tanh",)
-
-    def run(value, loc, packed):
-        value = value.tanh() if op == "squashed_action" else value
-        return public(value, loc, packed, "softplus", 1e-3, *flags, return_log_det=True)
-
     with backends.use(backend):
-        got, got_grads = outputs_and_grads(run, [t.to(device) for t in inputs])
+        got, got_grads = outputs_and_grads(lambda *a: fused(*a, "softplus", 1e-3, return_log_det=True),
+                                           [t.to(device) for t in inputs])
     for g, e in zip([*got, *got_grads], [*expected, *expected_grads]):
         assert g.shape == e.shape and g.dtype == torch.float32
         scale = 1 + e.abs().max()
