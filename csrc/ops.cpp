@@ -6,11 +6,15 @@
 
 TORCH_LIBRARY(fusedgauss, m) {
   // log N(value; loc, scale_tril scale_tril^T). Batch shapes broadcast; event size k.
-  m.def("mvn_tril_log_prob(Tensor value, Tensor loc, Tensor scale_tril) -> Tensor");
+  // The ops whose factor is given (scale_tril, or packed below) also return each sample's
+  // sum_i log L_ii (log_det, batch-shaped like the log-prob), which the log-prob computes
+  // anyway, so that an entropy beside a log-prob costs no pass of its own; their backward ops
+  // take its upstream gradient grad_log_det (None: it was not used).
+  m.def("mvn_tril_log_prob(Tensor value, Tensor loc, Tensor scale_tril) -> (Tensor log_prob, Tensor log_det)");
   // Gradients with the shapes of value, loc and scale_tril; an entry whose output_mask is
   // false is an empty tensor.
   m.def(
-      "mvn_tril_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale_tril, "
+      "mvn_tril_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor loc, Tensor scale_tril, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // log N(value; loc, covariance); the Cholesky factor lives in the kernel only.
   m.def("mvn_cov_log_prob(Tensor value, Tensor loc, Tensor covariance) -> Tensor");
@@ -36,12 +40,13 @@ TORCH_LIBRARY(fusedgauss, m) {
   m.def(
       "squashed_diag_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale, "
       "bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // (log_det: the base Gaussian's sum_i log L_ii, as mvn_tril_log_prob's.)
   m.def(
       "squashed_tril_log_prob(Tensor value, Tensor loc, Tensor scale_tril, bool value_is_pre_tanh) "
-      "-> Tensor");
+      "-> (Tensor log_prob, Tensor log_det)");
   m.def(
-      "squashed_tril_log_prob_backward(Tensor grad, Tensor value, Tensor loc, Tensor scale_tril, "
-      "bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "squashed_tril_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor loc, "
+      "Tensor scale_tril, bool value_is_pre_tanh, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
   // A reparameterised squashed sample from standard-normal noise eps (*, k):
   // u = loc + scale * eps (or scale_tril @ eps), action = tanh(u), and its log-prob, with no
   // solve and no atanh. Backward takes the gradients of the three outputs (absent: zero).
@@ -72,10 +77,7 @@ TORCH_LIBRARY(fusedgauss, m) {
       "-> Tensor");
   // The log-probs of mvn_tril_log_prob and squashed_tril_log_prob with scale_tril given packed
   // (as packed_to_scale_tril reads it): L is unpacked inside the kernel and never written out,
-  // and the gradient is the packed operand's. They also return each sample's sum_i log L_ii
-  // (log_det, batch-shaped like the log-prob), which the log-prob computes anyway, so that an
-  // entropy beside a log-prob costs no pass of its own; grad_log_det is its upstream gradient
-  // (None: it was not used).
+  // and the gradient is the packed operand's; log_det and grad_log_det as theirs.
   m.def(
       "mvn_packed_log_prob(Tensor value, Tensor loc, Tensor packed, str diag_transform, float min_diag) "
       "-> (Tensor log_prob, Tensor log_det)");

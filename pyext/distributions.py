@@ -163,14 +163,8 @@ class MultivariateNormal(td.MultivariateNormal):
         KL...), and then once.
 
         An :meth:`entropy` after a :meth:`log_prob` of the batch's shape (PPO's loss) costs
-        nothing of its own: the log-prob kernel also returns ``Σᵢ log Lᵢᵢ``, the entropy is built
-        from it, and its gradient joins the log-prob's in one backward pass. This holds in the
-        grad mode of the log-prob, unless ``loc`` or ``packed`` is a leaf that requires grad (a
-        policy head's are a network's outputs); otherwise the entropy runs
-        ``packed_scale_tril_log_det``.
-        The entropy's graph then runs through the log-prob's: backward them together (one
-        loss), or keep the graph (``retain_graph=True``) between two backward calls, as for
-        any two outputs of one network."""
+        nothing of its own (see :meth:`entropy`); otherwise it runs
+        ``packed_scale_tril_log_det``."""
         validation.packed_scale_tril("MultivariateNormal.from_packed", packed, diag_transform, min_diag)
         k = loc.shape[-1] if loc.dim() >= 1 else None
         if k is None or packed.shape[-1] != k * (k + 1) // 2:
@@ -249,24 +243,35 @@ class MultivariateNormal(td.MultivariateNormal):
                                                         *self._packed_transform, return_log_det=True)
             self._keep_log_det(log_det)
         else:
-            log_prob = ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril)
+            log_prob, log_det = ops.mvn_tril_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale_tril,
+                                                      return_log_det=True)
+            self._keep_log_det(log_det)
         return _with_batch_shape(log_prob, value, self.batch_shape)
 
     def entropy(self) -> torch.Tensor:
-        if self._parameterization != "packed":
-            return super().entropy()
+        """PyTorch's entropy, ``½k(1 + log 2π) + Σᵢ log Lᵢᵢ``. After a :meth:`log_prob` of the
+        batch's shape from ``scale_tril`` or :meth:`from_packed` (PPO's loss), it is built from
+        the ``Σᵢ log Lᵢᵢ`` that the log-prob kernel also returned: it costs no pass of its own,
+        and its gradient joins the log-prob's in one backward pass, instead of a dense (*, k, k)
+        gradient of L's diagonal summed into the log-prob's. This holds in the grad mode of the
+        log-prob, unless ``loc`` or the matrix is a leaf that requires grad (a policy head's are
+        a network's outputs). The entropy's graph then runs through the log-prob's: backward
+        them together (one loss), or keep the graph (``retain_graph=True``) between two
+        backward calls, as for any two outputs of one network."""
         kept = self.__dict__.get("_log_prob_log_det")
         if kept is not None and kept[0] == torch.is_grad_enabled():
             log_det = kept[1]
-        else:  # from the packed diagonal alone, fused
+        elif self._parameterization == "packed":  # from the packed diagonal alone, fused
             log_det = ops.packed_scale_tril_log_det(self._unbroadcasted_matrix, *self._packed_transform)
+        else:
+            return super().entropy()
         return _gaussian_entropy(self.event_shape[0], log_det, self.batch_shape)
 
     def _keep_log_det(self, log_det: torch.Tensor) -> None:
-        """Keeps a packed log-prob's Σᵢ log Lᵢᵢ for :meth:`entropy` (see :meth:`from_packed`):
-        when it has the batch shape, and when reusing its graph is no surprise, that is, unless
-        a parameter is a leaf that requires grad (whose entropy-only backward would then also
-        pass through the log-prob, and give zeros where PyTorch gives no gradient)."""
+        """Keeps a log-prob's Σᵢ log Lᵢᵢ for :meth:`entropy`: when it has the batch shape, and
+        when reusing its graph is no surprise, that is, unless a parameter is a leaf that
+        requires grad (whose entropy-only backward would then also pass through the log-prob,
+        and give zeros where PyTorch gives no gradient)."""
         parameters = (self._unbroadcasted_loc, self._unbroadcasted_matrix)
         if log_det.shape == self.batch_shape and not any(t.requires_grad and t.is_leaf for t in parameters):
             self.__dict__["_log_prob_log_det"] = (torch.is_grad_enabled(), log_det)
@@ -556,10 +561,12 @@ class TanhMultivariateNormal(_TanhSquashedGaussian):
             log_prob, log_det = ops.squashed_packed_log_prob(
                 value, base._unbroadcasted_loc, base._unbroadcasted_matrix, *base._packed_transform,
                 value_is_pre_tanh, return_log_det=True)
-            base._keep_log_det(log_det)  # for base_dist.entropy(), as MultivariateNormal.log_prob does
-            return log_prob
-        return ops.squashed_tril_log_prob(value, base._unbroadcasted_loc, base._unbroadcasted_scale_tril,
-                                          value_is_pre_tanh)
+        else:
+            log_prob, log_det = ops.squashed_tril_log_prob(
+                value, base._unbroadcasted_loc, base._unbroadcasted_scale_tril, value_is_pre_tanh,
+                return_log_det=True)
+        base._keep_log_det(log_det)  # for base_dist.entropy(), as MultivariateNormal.log_prob does
+        return log_prob
 
     def _rsample_op(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         base = self.base_dist

@@ -34,17 +34,29 @@ def _implementation(name: str, like: torch.Tensor, event_size: int | None = None
     return getattr(torch.ops.fusedgauss, name)
 
 
-def mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+def _with_log_det(outputs: tuple[torch.Tensor, torch.Tensor], return_log_det: bool):
+    """A log-prob op's (log_prob, log_det), or its log_prob alone."""
+    return outputs if return_log_det else outputs[0]
+
+
+def mvn_tril_log_prob(
+    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, *, return_log_det: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""log N(value; loc, scale_tril scale_trilᵀ), batched.
 
     value (*, k), loc (*, k) and scale_tril (*, k, k) broadcast over their batch
     dimensions; scale_tril is read through its lower triangle. With z = L⁻¹(value - loc):
     ``log p = -½‖z‖² - Σᵢ log Lᵢᵢ - (k/2) log 2π``.
+
+    With ``return_log_det``, also ``Σᵢ log Lᵢᵢ`` per sample (shaped like the log-prob), which
+    the kernel computes anyway: an entropy from it costs no pass of its own, and its gradient
+    joins the log-prob's in the one backward pass (:class:`MultivariateNormal` keeps it for
+    :meth:`~MultivariateNormal.entropy`).
     """
     value, loc, scale_tril = validation.mvn_operands(
         "mvn_tril_log_prob", value, loc, scale_tril, "scale_tril"
     )
-    return _implementation("mvn_tril_log_prob", value)(value, loc, scale_tril)
+    return _with_log_det(_implementation("mvn_tril_log_prob", value)(value, loc, scale_tril), return_log_det)
 
 
 def mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -104,14 +116,17 @@ def squashed_diag_log_prob(
 
 
 def squashed_tril_log_prob(
-    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
-) -> torch.Tensor:
+    value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool, *,
+    return_log_det: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""log-prob of a = tanh(u) with u ~ N(loc, L Lᵀ), in one pass: the full-covariance
-    log-prob of u minus ``Σᵢ log(1 - tanh(uᵢ)²)``; u as in :func:`squashed_diag_log_prob`."""
+    log-prob of u minus ``Σᵢ log(1 - tanh(uᵢ)²)``; u as in :func:`squashed_diag_log_prob`
+    (``return_log_det`` as in :func:`mvn_tril_log_prob`: the base Gaussian's ``Σᵢ log Lᵢᵢ``)."""
     value, loc, scale_tril = validation.mvn_operands(
         "squashed_tril_log_prob", value, loc, scale_tril, "scale_tril"
     )
-    return _implementation("squashed_tril_log_prob", value)(value, loc, scale_tril, bool(value_is_pre_tanh))
+    outputs = _implementation("squashed_tril_log_prob", value)(value, loc, scale_tril, bool(value_is_pre_tanh))
+    return _with_log_det(outputs, return_log_det)
 
 
 def squashed_diag_rsample_log_prob(
@@ -167,8 +182,8 @@ def packed_scale_tril_log_det(
 
 def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags, return_log_det: bool):
     value, loc, packed = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
-    log_prob, log_det = _implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags)
-    return (log_prob, log_det) if return_log_det else log_prob
+    return _with_log_det(_implementation(op, value)(value, loc, packed, diag_transform, float(min_diag), *flags),
+                         return_log_det)
 
 
 def mvn_packed_log_prob(
@@ -179,12 +194,7 @@ def mvn_packed_log_prob(
     min_diag)``, reading the k(k+1)/2 packed values per sample directly: L is unpacked inside the
     kernel, never written to memory, and the gradient comes back to ``packed``. A packed
     operand shared by the batch (a state-independent factor) has its gradient reduced in the
-    kernel.
-
-    With ``return_log_det``, also ``Σᵢ log Lᵢᵢ`` per sample (shaped like the log-prob), which
-    the kernel computes anyway: an entropy from it costs no pass of its own, and its gradient
-    joins the log-prob's in the one backward pass (``MultivariateNormal.from_packed`` keeps it
-    for :meth:`~MultivariateNormal.entropy`)."""
+    kernel. ``return_log_det`` as in :func:`mvn_tril_log_prob`."""
     return _packed_log_prob("mvn_packed_log_prob", value, loc, packed, diag_transform, min_diag,
                             return_log_det=return_log_det)
 
@@ -215,10 +225,14 @@ def _fake_log_prob(parameter_dims: int):
     return fake
 
 
-def _fake_packed_log_prob(value, loc, packed, *flags) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fake of a packed log-prob op: the log-prob and the log_det, both batch-shaped."""
-    log_prob = _fake_log_prob(1)(value, loc, packed)
-    return log_prob, torch.empty_like(log_prob)
+def _fake_log_prob_and_log_det(parameter_dims: int):
+    """The fake of a log-prob op that also returns log_det: both batch-shaped."""
+
+    def fake(value: torch.Tensor, loc: torch.Tensor, parameter: torch.Tensor, *flags):
+        log_prob = _fake_log_prob(parameter_dims)(value, loc, parameter)
+        return log_prob, torch.empty_like(log_prob)
+
+    return fake
 
 
 def _fake_gradients(*inputs_then_mask) -> tuple[torch.Tensor, ...]:
@@ -322,7 +336,10 @@ def _save_packed(ctx, inputs, output) -> None:
     ctx.flags = inputs[1:]  # diag_transform, min_diag
 
 
-def _packed_log_prob_autograd(backward_op):
+def _log_det_log_prob_autograd(backward_op):
+    """The gradient of an op with outputs (log_prob, log_det), whose backward op takes both
+    upstream gradients, then the inputs and flags."""
+
     def backward(ctx, grad, grad_log_det):
         mask = list(ctx.needs_input_grad[:3])
         grads = backward_op(grad, grad_log_det, *ctx.saved_tensors, *ctx.flags, mask)
@@ -331,9 +348,9 @@ def _packed_log_prob_autograd(backward_op):
     return backward
 
 
-def _save_packed_log_prob_inputs(ctx, inputs, output) -> None:
+def _save_inputs_and_flags(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:3])
-    ctx.flags = inputs[3:]  # diag_transform, min_diag (and value_is_pre_tanh)
+    ctx.flags = inputs[3:]  # the op's other arguments: diag_transform, min_diag, value_is_pre_tanh
 
 
 def _tanh_log_abs_det_jacobian_autograd(backward_op):
@@ -345,12 +362,14 @@ def _tanh_log_abs_det_jacobian_autograd(backward_op):
 
 
 #: Each op's backward op, by the kind of autograd formula that calls it.
-_LOG_PROB_OPS = ("mvn_tril_log_prob", "mvn_cov_log_prob", "diag_normal_log_prob")
-_SQUASHED_LOG_PROB_OPS = ("squashed_diag_log_prob", "squashed_tril_log_prob")
+_LOG_PROB_OPS = ("mvn_cov_log_prob", "diag_normal_log_prob")
+_SQUASHED_LOG_PROB_OPS = ("squashed_diag_log_prob",)
 _RSAMPLE_OPS = ("squashed_diag_rsample_log_prob", "squashed_tril_rsample_log_prob")
-_PACKED_LOG_PROB_OPS = ("mvn_packed_log_prob", "squashed_packed_log_prob")
+#: The log-prob ops that also return log_det (Σᵢ log Lᵢᵢ): those whose factor is given.
+LOG_DET_LOG_PROB_OPS = ("mvn_tril_log_prob", "squashed_tril_log_prob", "mvn_packed_log_prob",
+                        "squashed_packed_log_prob")
 OPS = (
-    *_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, *_PACKED_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
+    *_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, *LOG_DET_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
     "cholesky", "packed_to_scale_tril", "packed_scale_tril_log_det",
 )
 
@@ -364,7 +383,7 @@ def register_autograd(namespace: str) -> None:
         **{name: (_mvn_log_prob_autograd, _save_inputs) for name in _LOG_PROB_OPS},
         **{name: (_squashed_log_prob_autograd, _save_squashed_inputs) for name in _SQUASHED_LOG_PROB_OPS},
         **{name: (_rsample_autograd, _save_inputs) for name in _RSAMPLE_OPS},
-        **{name: (_packed_log_prob_autograd, _save_packed_log_prob_inputs) for name in _PACKED_LOG_PROB_OPS},
+        **{name: (_log_det_log_prob_autograd, _save_inputs_and_flags) for name in LOG_DET_LOG_PROB_OPS},
         "tanh_log_abs_det_jacobian": (_tanh_log_abs_det_jacobian_autograd, _save_inputs),
         "cholesky": (_cholesky_autograd, _save_output),
         "packed_to_scale_tril": (_packed_to_scale_tril_autograd, _save_packed),
@@ -402,11 +421,11 @@ def _register_compiled() -> None:
         torch.library.register_fake(
             lib + name + "_backward", lambda grad, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1])
         )
-    for name in _PACKED_LOG_PROB_OPS:
-        torch.library.register_fake(lib + name, _fake_packed_log_prob)
+    for name in LOG_DET_LOG_PROB_OPS:
+        torch.library.register_fake(lib + name, _fake_log_prob_and_log_det(_PARAMETER_DIMS[name]))
         torch.library.register_fake(
             lib + name + "_backward",
-            lambda grad, grad_log_det, value, loc, packed, *rest: _fake_gradients(value, loc, packed, rest[-1]),
+            lambda grad, grad_log_det, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1]),
         )
     for name in _RSAMPLE_OPS:
         torch.library.register_fake(lib + name, _fake_rsample(_PARAMETER_DIMS[name]))

@@ -23,15 +23,16 @@ def _batch_shape(value: torch.Tensor, loc: torch.Tensor, matrix: torch.Tensor) -
     return torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], matrix.shape[:-2])
 
 
-def _tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
-    """log N(value; loc, L L^T) = -1/2 ||L^{-1}(value - loc)||^2 - sum_i log L_ii - (k/2) log 2 pi"""
+def _tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor):
+    """(log N(value; loc, L L^T), sum_i log L_ii), both batch-shaped:
+    log N = -1/2 ||L^{-1}(value - loc)||^2 - sum_i log L_ii - (k/2) log 2 pi"""
     k = value.shape[-1]
     batch = _batch_shape(value, loc, scale_tril)
     diff = (value - loc).expand(batch + (k,))
     L = scale_tril.expand(batch + (k, k))
     z = torch.linalg.solve_triangular(L, diff.unsqueeze(-1), upper=False).squeeze(-1)
-    half_log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return -0.5 * z.pow(2).sum(-1) - half_log_det - 0.5 * k * LOG_2PI
+    log_det = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return -0.5 * z.pow(2).sum(-1) - log_det - 0.5 * k * LOG_2PI, log_det
 
 
 def _cholesky_or_nan(A: torch.Tensor) -> torch.Tensor:
@@ -39,16 +40,25 @@ def _cholesky_or_nan(A: torch.Tensor) -> torch.Tensor:
     return torch.where((info == 0)[..., None, None], L, torch.full_like(L, math.nan))
 
 
-def mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
+def mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the log-prob, Σᵢ log Lᵢᵢ per sample), as the op returns them."""
     dtype = _compute_dtype(value.dtype)
-    return _tril_log_prob(value.to(dtype), loc.to(dtype), scale_tril.to(dtype)).to(value.dtype)
+    log_prob, log_det = _tril_log_prob(value.to(dtype), loc.to(dtype), scale_tril.to(dtype))
+    return log_prob.to(value.dtype), log_det.to(value.dtype)
+
+
+def log_prob_of(op):
+    """The reference `op` of a log-prob that also returns log_det (Σᵢ log Lᵢᵢ), returning its
+    log-prob alone, as the op's public function does by default."""
+    return lambda *args: op(*args)[0]
 
 
 def mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
     """log N(value; loc, covariance) through L = cholesky(covariance)."""
     dtype = _compute_dtype(value.dtype)
     L = _cholesky_or_nan(covariance.to(dtype))
-    return _tril_log_prob(value.to(dtype), loc.to(dtype), L).to(value.dtype)
+    return _tril_log_prob(value.to(dtype), loc.to(dtype), L)[0].to(value.dtype)
 
 
 def cholesky(A: torch.Tensor) -> torch.Tensor:
@@ -109,12 +119,13 @@ def squashed_diag_log_prob(
 
 def squashed_tril_log_prob(
     value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
-) -> torch.Tensor:
-    """log-prob of tanh(u), u ~ N(loc, L Lᵀ), from the action or from u."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of tanh(u), u ~ N(loc, L Lᵀ), from the action or from u; Σᵢ log Lᵢᵢ per sample)."""
     dtype = _compute_dtype(value.dtype)
     u = _pre_tanh(value.to(dtype), value_is_pre_tanh, action_epsilon(value.dtype))
-    log_prob = _tril_log_prob(u, loc.to(dtype), scale_tril.to(dtype)) - _tanh_log_abs_det_jacobian(u).sum(-1)
-    return log_prob.to(value.dtype)
+    gaussian, log_det = _tril_log_prob(u, loc.to(dtype), scale_tril.to(dtype))
+    log_prob = gaussian - _tanh_log_abs_det_jacobian(u).sum(-1)
+    return log_prob.to(value.dtype), log_det.to(value.dtype)
 
 
 def _squashed_sample(u: torch.Tensor, gaussian_log_prob: torch.Tensor, dtype: torch.dtype):
@@ -204,19 +215,12 @@ def packed_to_scale_tril(packed: torch.Tensor, diag_transform: str, min_diag: fl
     return L.view(x.shape[:-1] + (k, k)).to(packed.dtype)
 
 
-def _packed_log_det_like(log_prob: torch.Tensor, packed: torch.Tensor, diag_transform: str,
-                         min_diag: float) -> torch.Tensor:
-    """The packed log-prob ops' second output: Σᵢ log Lᵢᵢ per sample, shaped like the log-prob."""
-    return packed_scale_tril_log_det(packed, diag_transform, min_diag).expand(log_prob.shape)
-
-
 def mvn_packed_log_prob(
     value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mvn_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag),
     Σᵢ log Lᵢᵢ per sample)."""
-    log_prob = mvn_tril_log_prob(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag))
-    return log_prob, _packed_log_det_like(log_prob, packed, diag_transform, min_diag)
+    return mvn_tril_log_prob(value, loc, packed_to_scale_tril(packed, diag_transform, min_diag))
 
 
 def squashed_packed_log_prob(
@@ -226,5 +230,4 @@ def squashed_packed_log_prob(
     """(squashed_tril_log_prob with scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag),
     Σᵢ log Lᵢᵢ per sample)."""
     scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)
-    log_prob = squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)
-    return log_prob, _packed_log_det_like(log_prob, packed, diag_transform, min_diag)
+    return squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)

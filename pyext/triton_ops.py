@@ -120,14 +120,15 @@ def _packing_arguments(packing: _Packing | None) -> tuple[tuple, dict]:
     return (packing.min_diag,), {"DIAG": _DIAG_TRANSFORMS[packing.diag_transform]}
 
 
-def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | None = None, **constexprs):
-    """The log-prob, and for a packed factor also (log_prob, log_det): its kernels store
-    sum_i log L_ii beside the log-prob."""
+def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | None = None,
+                      with_log_det: bool = False, **constexprs):
+    """The log-prob, and for a given factor (`with_log_det`: scale_tril, packed) also
+    (log_prob, log_det): their kernels store sum_i log L_ii beside the log-prob."""
     k = value.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, (v, m, M) = _layout(value, loc, matrix, 1 if packing else 2)
     out = value.new_empty(batch_shape)
-    log_det = (value.new_empty(batch_shape),) if packing else ()
+    log_det = (value.new_empty(batch_shape),) if with_log_det else ()
     if n > 0:
         tile = _tile(k, value.dtype)
         grid = (triton.cdiv(n, tile["BLOCK"]),)
@@ -136,7 +137,7 @@ def _log_prob_forward(kernel, value, loc, matrix, op: str, packing: _Packing | N
             v.data, v.stride, m.data, m.stride, M.data, M.stride, out, *log_det, n, *scalars,
             **packed_constexprs, **constexprs, **tile,
         )
-    return (out, *log_det) if packing else out
+    return (out, *log_det) if with_log_det else out
 
 
 def _squash_constexprs(squash: int, dtype: torch.dtype) -> dict:
@@ -180,10 +181,12 @@ def _reduced_packed_gradient(outer, grad_sum, packed, packing: _Packing):
 
 
 def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0,
-                       packing: _Packing | None = None, grad_log_det: torch.Tensor | None = None):
-    """The gradients of value, loc and the matrix. A packed factor's kernels also take the
-    upstream gradient h of the forward's log_det (None: unused): per sample, inside the kernel;
-    for a factor shared by the batch, (sum h) d/dx sum_i log L_ii, added here."""
+                       packing: _Packing | None = None, with_log_det: bool = False,
+                       grad_log_det: torch.Tensor | None = None):
+    """The gradients of value, loc and the matrix. A given factor's kernels (`with_log_det`:
+    scale_tril, packed) also take the upstream gradient h of the forward's log_det (None:
+    unused): per sample, inside the kernel; for a factor shared by the batch,
+    (sum h) d/dx sum_i log L_ii, added here."""
     k = value.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, operands = _layout(value, loc, matrix, 1 if packing else 2)
@@ -206,14 +209,14 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
         v, m, M = operands
         scalars, packed_constexprs = _packing_arguments(packing)
         log_det_arguments = ()
-        if packing:
+        if with_log_det:
             log_det_arguments = (grad_log_det.contiguous() if per_sample_log_det else placeholder,)
         rows_switches = (int(rows[0] is not None), int(rows[1] is not None), int(rows[2] is not None), int(reduces))
         _launchable(kernel)[(programs,)](
             grad.contiguous(), *log_det_arguments, v.data, v.stride, m.data, m.stride, M.data, M.stride,
             *(r if r is not None else placeholder for r in rows),
             partials if reduces else placeholder, n, *scalars, *rows_switches,
-            *((int(per_sample_log_det),) if packing else ()),
+            *((int(per_sample_log_det),) if with_log_det else ()),
             **packed_constexprs, **_squash_constexprs(squash, value.dtype), **tile,
         )
     grads = list(rows)
@@ -231,7 +234,10 @@ def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, outpu
                         reduced_grad = reduced_grad + _packed_scale_tril_log_det_backward(
                             grad_log_det.to(acc_dtype).sum(), factor, packing.diag_transform, packing.min_diag)
                 elif i == 2:
-                    reduced_grad = _reduced_matrix_gradient(outer, grad_sum, operand.data.to(acc_dtype), covariance)
+                    factor = operand.data.to(acc_dtype)
+                    reduced_grad = _reduced_matrix_gradient(outer, grad_sum, factor, covariance)
+                    if grad_log_det is not None:  # (sum h) diag(1 / L_ii)
+                        reduced_grad = reduced_grad + torch.diag(grad_log_det.to(acc_dtype).sum() / factor.diagonal())
                 else:
                     reduced_grad = reduced[i]
                 grads[i] = reduced_grad.to(value.dtype)
@@ -270,8 +276,10 @@ def _cholesky_backward(grad: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 # --- the ops ----------------------------------------------------------------------------------
 
 
-def _mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor) -> torch.Tensor:
-    return _log_prob_forward(mvn_kernels._mvn_tril_log_prob_forward_kernel, value, loc, scale_tril, "mvn_tril_log_prob")
+def _mvn_tril_log_prob(value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _log_prob_forward(mvn_kernels._mvn_tril_log_prob_forward_kernel, value, loc, scale_tril, "mvn_tril_log_prob",
+                             with_log_det=True)
 
 
 def _mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.Tensor) -> torch.Tensor:
@@ -279,11 +287,12 @@ def _mvn_cov_log_prob(value: torch.Tensor, loc: torch.Tensor, covariance: torch.
 
 
 def _mvn_tril_log_prob_backward(
-    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, output_mask: list[bool]
+    grad: torch.Tensor, grad_log_det: torch.Tensor | None, value: torch.Tensor, loc: torch.Tensor,
+    scale_tril: torch.Tensor, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._mvn_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
-        "mvn_tril_log_prob_backward",
+        "mvn_tril_log_prob_backward", with_log_det=True, grad_log_det=grad_log_det,
     )
 
 
@@ -442,20 +451,21 @@ def _squashed_diag_log_prob_backward(
 
 def _squashed_tril_log_prob(
     value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _log_prob_forward(
         mvn_kernels._squashed_tril_log_prob_forward_kernel, value, loc, scale_tril, "squashed_tril_log_prob",
-        **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
+        with_log_det=True, **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
     )
 
 
 def _squashed_tril_log_prob_backward(
-    grad: torch.Tensor, value: torch.Tensor, loc: torch.Tensor, scale_tril: torch.Tensor, value_is_pre_tanh: bool,
-    output_mask: list[bool],
+    grad: torch.Tensor, grad_log_det: torch.Tensor | None, value: torch.Tensor, loc: torch.Tensor,
+    scale_tril: torch.Tensor, value_is_pre_tanh: bool, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._squashed_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
-        "squashed_tril_log_prob_backward", squash=_squash(value_is_pre_tanh),
+        "squashed_tril_log_prob_backward", squash=_squash(value_is_pre_tanh), with_log_det=True,
+        grad_log_det=grad_log_det,
     )
 
 
@@ -561,7 +571,7 @@ def _mvn_packed_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _log_prob_forward(
         mvn_kernels._mvn_packed_log_prob_forward_kernel, value, loc, packed, "mvn_packed_log_prob",
-        _Packing(diag_transform, min_diag),
+        _Packing(diag_transform, min_diag), with_log_det=True,
     )
 
 
@@ -571,7 +581,8 @@ def _mvn_packed_log_prob_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._mvn_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
-        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
+        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag), with_log_det=True,
+        grad_log_det=grad_log_det,
     )
 
 
@@ -581,7 +592,8 @@ def _squashed_packed_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _log_prob_forward(
         mvn_kernels._squashed_packed_log_prob_forward_kernel, value, loc, packed, "squashed_packed_log_prob",
-        _Packing(diag_transform, min_diag), **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
+        _Packing(diag_transform, min_diag), with_log_det=True,
+        **_squash_constexprs(_squash(value_is_pre_tanh), value.dtype),
     )
 
 
@@ -592,7 +604,7 @@ def _squashed_packed_log_prob_backward(
     return _log_prob_backward(
         mvn_kernels._squashed_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
         "squashed_packed_log_prob_backward", squash=_squash(value_is_pre_tanh),
-        packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
+        packing=_Packing(diag_transform, min_diag), with_log_det=True, grad_log_det=grad_log_det,
     )
 
 

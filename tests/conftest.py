@@ -30,3 +30,34 @@ def _seed():
 requires_compiled_cpu = pytest.mark.skipif(
     not fusedgauss.backends.COMPILED_CPU, reason="fusedgauss was built without CPU kernels"
 )
+
+ON_GPU = torch.cuda.is_available()
+TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
+# (backend, device) pairs; each skips cleanly where it cannot run.
+BACKENDS = [
+    pytest.param("cpu", "cpu", marks=requires_compiled_cpu, id="cpu"),
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param(
+        "cuda", "cuda", id="cuda",
+        marks=pytest.mark.skipif(not (ON_GPU and fusedgauss.backends.COMPILED_CUDA),
+                                 reason="needs a GPU and the CUDA kernels"),
+    ),
+    pytest.param(
+        "triton", TRITON_DEVICE, id="triton",
+        marks=pytest.mark.skipif(
+            fusedgauss.backends.unavailable_reason("triton", TRITON_DEVICE) is not None,
+            reason=f"the triton backend cannot run here: "
+                   f"{fusedgauss.backends.unavailable_reason('triton', TRITON_DEVICE)}",
+        ),
+    ),
+]
+#: The fused backends of BACKENDS.
+FUSED_BACKENDS = [p for p in BACKENDS if p.id != "torch"]
+# (op namespace, device) pairs for opcheck: the Triton ops' fake tracing needs a GPU.
+OPCHECK_LIBRARIES = [
+    pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
+    pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
+        not (ON_GPU and fusedgauss.backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
+    pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
+        not (ON_GPU and fusedgauss.backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
+]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def run_module(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
@@ -66,3 +67,15 @@ def plain_torch_scale_tril(packed, diag_transform="softplus", min_diag=0.0):
     transform = {"softplus": torch.nn.functional.softplus, "exp": torch.exp, "none": lambda x: x}[diag_transform]
     diagonal = transform(L.diagonal(dim1=-2, dim2=-1)) + min_diag
     return L.tril(-1) + torch.diag_embed(diagonal)
+
+
+class OpRecorder(TorchDispatchMode):
+    """The names of the ops that reach the dispatcher's Python modes."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))

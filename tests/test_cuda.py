@@ -18,6 +18,7 @@ from test_mvn_ops import (
     make_operands,
     opcheck_inputs,
     run_on,
+    upstream_gradients,
 )
 
 from fusedgauss import backends, ops, reference
@@ -99,9 +100,9 @@ def test_gradcheck(matrix, layout, k):
 def test_backward_op(matrix, layout, mask):
     _, ref = OPS[matrix]
     inputs = make_operands(layout, (4, 3), 5, matrix=matrix)
-    grad = torch.randn(4, 3, dtype=torch.float64)
-    _, expected = grads_of(ref, inputs, grad)
-    got = getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix])(grad.cuda(), *on_gpu(inputs), list(mask))
+    [upstream] = upstream_gradients(matrix, (4, 3), torch.float64, "cuda", with_log_det=False)
+    _, expected = grads_of(ref, inputs, upstream[0].cpu())
+    got = getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix])(*upstream, *on_gpu(inputs), list(mask))
     for g, e, wanted in zip(got, expected, mask):
         if wanted:
             torch.testing.assert_close(g.cpu(), e)
@@ -272,12 +273,13 @@ class TestOpcheck:
 
     def test_backward_ops(self):
         for matrix, (value, loc, M) in self.sample_inputs():
-            grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2]), device="cuda")
+            batch_shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2])
             for mask in ([True, True, True], [False, True, True]):
-                torch.library.opcheck(
-                    getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix]).default,
-                    (grad, value, loc.detach(), M.detach(), mask),
-                )
+                for grads in upstream_gradients(matrix, batch_shape, device="cuda"):
+                    torch.library.opcheck(
+                        getattr(torch.ops.fusedgauss, BACKWARD_OPS[matrix]).default,
+                        (*grads, value, loc.detach(), M.detach(), mask),
+                    )
 
     @pytest.mark.parametrize("k", [4, backends.CUDA_WARP_MIN_EVENT_SIZE])
     def test_cholesky_ops(self, k):

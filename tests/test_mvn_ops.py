@@ -48,9 +48,18 @@ def make_operands(layout, batch_shape, k, *, matrix, dtype=torch.float64, condit
 
 
 OPS = {
-    "scale_tril": (ops.mvn_tril_log_prob, reference.mvn_tril_log_prob),
+    "scale_tril": (ops.mvn_tril_log_prob, reference.log_prob_of(reference.mvn_tril_log_prob)),
     "covariance": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob),
 }
+
+
+def upstream_gradients(matrix, batch_shape, dtype=torch.float32, device="cpu", with_log_det=True):
+    """The upstream gradients that a log-prob backward op takes first: of the log-prob and, for
+    the scale_tril op, of its log_det output (None: unused; with `with_log_det`, also a tensor)."""
+    grad = torch.randn(batch_shape, dtype=dtype, device=device)
+    if matrix != "scale_tril":
+        return [(grad,)]
+    return [(grad, None)] + ([(grad, torch.randn(batch_shape, dtype=dtype, device=device))] if with_log_det else [])
 
 
 def grads_of(fn, inputs, weights):
@@ -236,9 +245,10 @@ def test_backward_op(matrix, layout, mask):
     _, ref = OPS[matrix]
     backward = getattr(torch.ops.fusedgauss, f"mvn_{'tril' if matrix == 'scale_tril' else 'cov'}_log_prob_backward")
     inputs = make_operands(layout, (4, 3), 5, matrix=matrix)
-    grad = torch.randn(4, 3, dtype=torch.float64)
-    _, expected = grads_of(ref, inputs, grad)
-    got = backward(grad, *inputs, list(mask))
+    # The log_det output of the scale_tril op is unused here (test_log_det_output.py checks it).
+    [upstream] = upstream_gradients(matrix, (4, 3), torch.float64, with_log_det=False)
+    _, expected = grads_of(ref, inputs, upstream[0])
+    got = backward(*upstream, *inputs, list(mask))
     for g, e, wanted in zip(got, expected, mask):
         if wanted:
             torch.testing.assert_close(g, e)
@@ -360,12 +370,12 @@ class TestOpcheck:
     def test_backward_ops(self):
         for matrix, (value, loc, M) in self.sample_inputs():
             name = "mvn_tril_log_prob_backward" if matrix == "scale_tril" else "mvn_cov_log_prob_backward"
-            grad = torch.randn(torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2]))
+            batch_shape = torch.broadcast_shapes(value.shape[:-1], loc.shape[:-1], M.shape[:-2])
             for mask in ([True, True, True], [False, True, True]):
-                torch.library.opcheck(
-                    getattr(torch.ops.fusedgauss, name).default,
-                    (grad, value, loc.detach(), M.detach(), mask),
-                )
+                for grads in upstream_gradients(matrix, batch_shape):
+                    torch.library.opcheck(
+                        getattr(torch.ops.fusedgauss, name).default, (*grads, value, loc.detach(), M.detach(), mask)
+                    )
 
 
 def test_public_api():

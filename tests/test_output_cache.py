@@ -36,7 +36,7 @@ def _scale_tril_gradient() -> torch.Tensor:
     value, loc = torch.randn(BATCH, K), torch.randn(BATCH, K)
     scale_tril = random_scale_tril((BATCH,), K, dtype=torch.float32).requires_grad_()
     (grad,) = torch.autograd.grad(ops.mvn_tril_log_prob(value, loc, scale_tril).sum(), scale_tril)
-    (expected,) = torch.autograd.grad(reference.mvn_tril_log_prob(value, loc, scale_tril).sum(), scale_tril)
+    (expected,) = torch.autograd.grad(reference.mvn_tril_log_prob(value, loc, scale_tril)[0].sum(), scale_tril)
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4)
     return grad
 

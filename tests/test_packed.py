@@ -9,40 +9,13 @@ import re
 
 import pytest
 import torch
-from helpers import plain_torch_scale_tril
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpRecorder, plain_torch_scale_tril
 
 from fusedgauss import backends, ops, reference
 
-from conftest import requires_compiled_cpu
+from conftest import BACKENDS, FUSED_BACKENDS, ON_GPU, OPCHECK_LIBRARIES, requires_compiled_cpu
 
-ON_GPU = torch.cuda.is_available()
-TRITON_DEVICE = "cuda" if ON_GPU else "cpu"
-# (backend, device) pairs; each skips cleanly where it cannot run.
-BACKENDS = [
-    pytest.param("cpu", "cpu", marks=requires_compiled_cpu, id="cpu"),
-    pytest.param("torch", "cpu", id="torch"),
-    pytest.param(
-        "cuda", "cuda", id="cuda",
-        marks=pytest.mark.skipif(not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels"),
-    ),
-    pytest.param(
-        "triton", TRITON_DEVICE, id="triton",
-        marks=pytest.mark.skipif(
-            backends.unavailable_reason("triton", TRITON_DEVICE) is not None,
-            reason=f"the triton backend cannot run here: {backends.unavailable_reason('triton', TRITON_DEVICE)}",
-        ),
-    ),
-]
 # 17, 32 and 40: a CUDA warp per sample, with one and two slots per lane.
-# (op namespace, device) pairs for opcheck: the Triton ops' fake tracing needs a GPU.
-OPCHECK_LIBRARIES = [
-    pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
-    pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
-        not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
-    pytest.param("fusedgauss_triton", "cuda", id="triton", marks=pytest.mark.skipif(
-        not (ON_GPU and backends.TRITON_KERNELS), reason="opcheck of a triton_op needs a GPU")),
-]
 EVENT_SIZES = [1, 2, 3, 6, 17, 32, 40]
 BATCH_SHAPES = [(), (7,), (4, 3)]
 TRANSFORMS = ["softplus", "exp", "none"]
@@ -343,12 +316,12 @@ LOG_PROB_LAYOUTS = {
     "partial": ((4, 1), (1, 3), (4, 3)),
 }
 LOG_PROB_OPS = {
-    "mvn": (lambda v, m, p, t, d, **kw: ops.mvn_packed_log_prob(v, m, p, t, d, **kw),
-            lambda v, m, p, t, d: reference.mvn_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d))),
-    "squashed_pre_tanh": (lambda v, m, p, t, d, **kw: ops.squashed_packed_log_prob(v, m, p, t, d, True, **kw),
-                          lambda v, m, p, t, d: reference.squashed_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d), True)),
-    "squashed_action": (lambda v, m, p, t, d, **kw: ops.squashed_packed_log_prob(v.tanh(), m, p, t, d, False, **kw),
-                        lambda v, m, p, t, d: reference.squashed_tril_log_prob(v.tanh(), m, plain_torch_scale_tril(p, t, d), False)),
+    "mvn": (lambda v, m, p, t, d: ops.mvn_packed_log_prob(v, m, p, t, d),
+            lambda v, m, p, t, d: reference.mvn_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d))[0]),
+    "squashed_pre_tanh": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v, m, p, t, d, True),
+                          lambda v, m, p, t, d: reference.squashed_tril_log_prob(v, m, plain_torch_scale_tril(p, t, d), True)[0]),
+    "squashed_action": (lambda v, m, p, t, d: ops.squashed_packed_log_prob(v.tanh(), m, p, t, d, False),
+                        lambda v, m, p, t, d: reference.squashed_tril_log_prob(v.tanh(), m, plain_torch_scale_tril(p, t, d), False)[0]),
 }
 
 
@@ -400,19 +373,7 @@ def test_packed_log_prob_against_reference(backend, device, op, layout, k, diag_
             torch.testing.assert_close(g.cpu().double() / scale, e / scale, rtol=0, atol=1e-5 * k + 1e-5)
 
 
-class _OpRecorder(TorchDispatchMode):
-    """The names of the ops that reach the dispatcher's Python modes."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize(("backend", "device"), [p for p in BACKENDS if p.id != "torch"])
+@pytest.mark.parametrize(("backend", "device"), FUSED_BACKENDS)
 @pytest.mark.parametrize("op", LOG_PROB_OPS)
 @pytest.mark.parametrize("layout", ["per_sample", "shared_packed"])
 def test_packed_log_prob_reads_packed_values(backend, device, op, layout):
@@ -423,7 +384,7 @@ def test_packed_log_prob_reads_packed_values(backend, device, op, layout):
     packed.requires_grad_()
     namespace = "fusedgauss_triton" if backend == "triton" else "fusedgauss"
     packed_op = "mvn_packed_log_prob" if op == "mvn" else "squashed_packed_log_prob"
-    with backends.use(backend), _OpRecorder() as recorder:
+    with backends.use(backend), OpRecorder() as recorder:
         torch.autograd.grad(fused(value, loc, packed, "softplus", 0.01).sum(), packed)
     assert f"{namespace}::{packed_op}" in recorder.names, recorder.names
     assert f"{namespace}::{packed_op}_backward" in recorder.names, recorder.names
@@ -471,56 +432,6 @@ def test_packed_log_prob_opcheck(namespace, device, k):
                 plain = (grad, grad_log_det, value, loc.detach(), packed.detach(), "exp", 0.0)
                 torch.library.opcheck(library.mvn_packed_log_prob_backward.default, (*plain, mask))
                 torch.library.opcheck(library.squashed_packed_log_prob_backward.default, (*plain, False, mask))
-
-
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("op", LOG_PROB_OPS)
-@pytest.mark.parametrize("layout", LOG_PROB_LAYOUTS)
-@pytest.mark.parametrize("k", [3, 6, 17])
-def test_packed_log_prob_log_det_output(backend, device, op, layout, k):
-    """The packed log-probs' second output, Σᵢ log Lᵢᵢ per sample (shaped like the log-prob),
-    and the gradients of a random weighting of both outputs, against the float64 reference's
-    log-prob and packed_scale_tril_log_det on the same L. Per sample the log-det's gradient
-    joins the log-prob's inside the backward kernel; for a shared packed operand it is added
-    from the sum of its upstream gradient."""
-    if backend == "triton" and k > 6:
-        pytest.skip("the interpreter is slow: the Triton kernels run the smaller sizes")
-    fused, oracle = LOG_PROB_OPS[op]
-    inputs = log_prob_inputs(layout, k, torch.float32)
-
-    def with_log_det(fn, *args):
-        log_prob = fn(*args, "softplus", 1e-3)
-        packed = args[2]
-        return log_prob, reference.packed_scale_tril_log_det(packed, "softplus", 1e-3).expand(log_prob.shape)
-
-    def outputs_and_grads(run, tensors):
-        leaves = [t.detach().requires_grad_() for t in tensors]
-        outputs = run(*leaves)
-        generator = torch.Generator().manual_seed(3)
-        loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, generator=generator).to(o.device)).sum()
-                   for o in outputs)
-        return [o.detach() for o in outputs], torch.autograd.grad(loss, leaves)
-
-    expected, expected_grads = outputs_and_grads(lambda *a: with_log_det(oracle, *a), [t.double() for t in inputs])
-    with backends.use(backend):
-        got, got_grads = outputs_and_grads(lambda *a: fused(*a, "softplus", 1e-3, return_log_det=True),
-                                           [t.to(device) for t in inputs])
-    for g, e in zip([*got, *got_grads], [*expected, *expected_grads]):
-        assert g.shape == e.shape and g.dtype == torch.float32
-        scale = 1 + e.abs().max()
-        torch.testing.assert_close(g.cpu().double() / scale, e / scale, rtol=0, atol=1e-5 * k + 1e-5)
-
-
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("layout", ["per_sample", "shared_packed"])
-def test_packed_log_prob_log_det_gradcheck(backend, device, layout):
-    value, loc, packed = (t.to(device).requires_grad_() for t in log_prob_inputs(layout, 3))
-    with backends.use(backend):
-        assert torch.autograd.gradcheck(
-            lambda v, m, p: ops.mvn_packed_log_prob(v, m, p, "softplus", 0.1, return_log_det=True), (value, loc, packed))
-        assert torch.autograd.gradcheck(
-            lambda v, m, p: ops.squashed_packed_log_prob(v, m, p, "exp", 0.1, True, return_log_det=True)[1],
-            (value, loc, packed))
 
 
 def test_packed_log_prob_errors():
@@ -572,7 +483,7 @@ def test_multivariate_normal_from_packed(backend, device, k):
         )
 
 
-@pytest.mark.parametrize(("backend", "device"), [p for p in BACKENDS if p.id != "torch"])
+@pytest.mark.parametrize(("backend", "device"), FUSED_BACKENDS)
 def test_from_packed_entropy_is_the_fused_log_det(backend, device):
     """The entropy of a packed Gaussian and its gradient run packed_scale_tril_log_det and its
     backward alone: neither L nor a plain-PyTorch transform of its diagonal."""
@@ -581,95 +492,12 @@ def test_from_packed_entropy_is_the_fused_log_det(backend, device):
     loc = torch.randn(5, 4, device=device)
     packed = random_packed((5,), 4, torch.float32).to(device).requires_grad_()
     namespace = "fusedgauss_triton" if backend == "triton" else "fusedgauss"
-    with backends.use(backend), _OpRecorder() as recorder:
+    with backends.use(backend), OpRecorder() as recorder:
         entropy = fusedgauss.MultivariateNormal.from_packed(loc, packed, "softplus", 1e-3, validate_args=False).entropy()
         torch.autograd.grad(entropy.sum(), packed)
     assert f"{namespace}::packed_scale_tril_log_det" in recorder.names, recorder.names
     assert f"{namespace}::packed_scale_tril_log_det_backward" in recorder.names, recorder.names
     assert not [name for name in recorder.names if "packed_to_scale_tril" in name or "softplus" in name], recorder.names
-
-
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("squashed", [False, True], ids=["mvn", "tanh"])
-def test_from_packed_entropy_after_log_prob_shares_its_pass(backend, device, squashed):
-    """PPO's loss: an entropy after a log-prob of a packed head's output (packed out of a graph)
-    is built from the log-prob op's log_det: no packed_scale_tril_log_det runs, either way,
-    and the loss and its gradients are torch.distributions' (on the plain-PyTorch head)."""
-    import fusedgauss
-
-    k = 4
-    head = torch.randn(6, k + k * (k + 1) // 2, dtype=torch.float64, device=device, requires_grad=True)
-    pre_tanh = torch.randn(6, k, dtype=torch.float64, device=device)
-    advantages = torch.randn(6, dtype=torch.float64, device=device)
-
-    def loss(dist, base, log_prob_of):
-        return -(log_prob_of(dist) * advantages).mean() - 0.01 * base.entropy().mean()
-
-    def ours():
-        loc, packed = head[:, :k], head[:, k:]
-        if squashed:
-            dist = fusedgauss.TanhMultivariateNormal.from_packed(loc, packed, "softplus", 1e-3)
-            return loss(dist, dist.base_dist, lambda d: d.log_prob(pre_tanh.tanh(), pre_tanh=pre_tanh))
-        dist = fusedgauss.MultivariateNormal.from_packed(loc, packed, "softplus", 1e-3)
-        return loss(dist, dist, lambda d: d.log_prob(pre_tanh))
-
-    def theirs():
-        loc, packed = head[:, :k], head[:, k:]
-        base = torch.distributions.MultivariateNormal(loc, scale_tril=plain_torch_scale_tril(packed, "softplus", 1e-3))
-        if squashed:
-            jacobian = torch.distributions.TanhTransform().log_abs_det_jacobian(pre_tanh, pre_tanh.tanh()).sum(-1)
-            return loss(base, base, lambda d: d.log_prob(pre_tanh) - jacobian)
-        return loss(base, base, lambda d: d.log_prob(pre_tanh))
-
-    namespace = "fusedgauss_triton" if backend == "triton" else "fusedgauss"
-    with backends.use(backend), _OpRecorder() as recorder:
-        ours_loss = ours()
-        ours_grad, = torch.autograd.grad(ours_loss, head)
-    expected_loss = theirs()
-    torch.testing.assert_close(ours_loss, expected_loss)
-    torch.testing.assert_close(ours_grad, torch.autograd.grad(expected_loss, head)[0])
-    if backend != "torch":
-        assert not [name for name in recorder.names if "log_det" in name], recorder.names
-
-
-@pytest.mark.parametrize(("backend", "device"), [p for p in BACKENDS if p.id != "torch"])
-def test_from_packed_entropy_keeps_its_own_pass_where_sharing_would_surprise(backend, device):
-    """The entropy runs packed_scale_tril_log_det itself: for leaf parameters (an entropy-only
-    backward must not pass through the log-prob, and must leave loc without a gradient, as
-    PyTorch does), for a log-prob of another shape (a sample dimension), and in another grad
-    mode than the log-prob's (no graph from under no_grad)."""
-    import fusedgauss
-
-    k = 3
-    loc = torch.randn(5, k, device=device, requires_grad=True)
-    packed = random_packed((5,), k, torch.float32).to(device).requires_grad_()
-    value = torch.randn(5, k, device=device)
-    namespace = "fusedgauss_triton" if backend == "triton" else "fusedgauss"
-    log_det_op = f"{namespace}::packed_scale_tril_log_det"
-    with backends.use(backend):
-        dist = fusedgauss.MultivariateNormal.from_packed(loc, packed, "softplus", 1e-3)
-        dist.log_prob(value)
-        with _OpRecorder() as recorder:
-            entropy = dist.entropy()
-        assert log_det_op in recorder.names
-        entropy.sum().backward()
-        assert loc.grad is None and packed.grad is not None
-
-        head = torch.cat([loc, packed], -1) * 1.0  # out of a graph
-        dist = fusedgauss.MultivariateNormal.from_packed(head[:, :k], head[:, k:], "softplus", 1e-3)
-        dist.log_prob(torch.randn(2, 5, k, device=device))
-        with _OpRecorder() as recorder:
-            dist.entropy()
-        assert log_det_op in recorder.names
-        with torch.no_grad():
-            dist.log_prob(value)
-        with _OpRecorder() as recorder:
-            entropy = dist.entropy()
-        assert log_det_op in recorder.names and entropy.requires_grad
-        dist.log_prob(value)
-        with torch.no_grad(), _OpRecorder() as recorder:
-            entropy = dist.entropy()
-        assert log_det_op in recorder.names and not entropy.requires_grad
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)

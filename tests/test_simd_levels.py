@@ -57,10 +57,10 @@ CALLS = {
 
 
 def _fused(op_name: str):
-    """The op's public function, called as the reference is: the packed log-probs return their
-    log_det too, so that its value and its gradient (which joins the log-prob's in the kernel)
-    are checked at every level."""
-    if op_name in ("mvn_packed_log_prob", "squashed_packed_log_prob"):
+    """The op's public function, called as the reference is: the log-probs of a given factor
+    return their log_det too, so that its value and its gradient (which joins the log-prob's in
+    the kernel) are checked at every level."""
+    if op_name in ops.LOG_DET_LOG_PROB_OPS:
         return functools.partial(getattr(ops, op_name), return_log_det=True)
     return getattr(ops, op_name)
 

@@ -109,14 +109,14 @@ CASES = [
     Case(
         "squashed_tril_log_prob[pre_tanh]",
         _squashed(ops.squashed_tril_log_prob, True),
-        _squashed(reference.squashed_tril_log_prob, True),
+        _squashed(reference.log_prob_of(reference.squashed_tril_log_prob), True),
         "scale_tril",
         _pre_tanh,
     ),
     Case(
         "squashed_tril_log_prob[action]",
         _squashed(ops.squashed_tril_log_prob, False),
-        _squashed(reference.squashed_tril_log_prob, False),
+        _squashed(reference.log_prob_of(reference.squashed_tril_log_prob), False),
         "scale_tril",
         _action,
     ),
@@ -358,7 +358,7 @@ def test_saturated_pre_tanh_log_prob(backend, parameter):
     if parameter == "scale":
         scale, op, ref = torch.rand(4, k, dtype=torch.float64) + 0.5, ops.squashed_diag_log_prob, reference.squashed_diag_log_prob
     else:
-        scale, op, ref = random_scale_tril((4,), k), ops.squashed_tril_log_prob, reference.squashed_tril_log_prob
+        scale, op, ref = random_scale_tril((4,), k), ops.squashed_tril_log_prob, reference.log_prob_of(reference.squashed_tril_log_prob)
     inputs32 = [t.float() for t in (u, loc, scale)]
     expected, expected_grads = outputs_and_grads(lambda *a: ref(*a, True), [t.double() for t in inputs32])
     got, got_grads = outputs_and_grads(on_backend(backend, lambda *a: op(*a, True)), inputs32)
@@ -412,7 +412,7 @@ def check_action_at_the_bounds(backend, dtype, parameter, device="cpu"):
     if parameter == "scale":
         scale, op, ref = torch.ones(1, k, dtype=dtype), ops.squashed_diag_log_prob, reference.squashed_diag_log_prob
     else:
-        scale, op, ref = torch.eye(k, dtype=dtype)[None], ops.squashed_tril_log_prob, reference.squashed_tril_log_prob
+        scale, op, ref = torch.eye(k, dtype=dtype)[None], ops.squashed_tril_log_prob, reference.log_prob_of(reference.squashed_tril_log_prob)
     with backends.use(backend):
         got = op(action.to(device), loc.to(device), scale.to(device), False).cpu()
     assert torch.isfinite(got).all()
@@ -448,7 +448,9 @@ def opcheck_cases(device="cpu"):
             t_value, t_loc, L = tril
             tv = t_value if pre_tanh else torch.tanh(t_value)
             yield "squashed_tril_log_prob", (tv, t_loc.requires_grad_(), L.requires_grad_(), pre_tanh)
-            yield "squashed_tril_log_prob_backward", (grad, tv, t_loc.detach(), L.detach(), pre_tanh, [True, True, True])
+            for grad_log_det in (None, torch.randn(2, 3, device=device)):
+                yield "squashed_tril_log_prob_backward", (grad, grad_log_det, tv, t_loc.detach(), L.detach(), pre_tanh,
+                                                          [True, True, True])
         eps = torch.randn(2, 3, 3, device=device)
         rows = torch.randn(2, 3, 3, device=device)
         yield "squashed_diag_rsample_log_prob", (loc, scale, eps)

@@ -17,7 +17,16 @@ import pytest
 import torch
 from helpers import random_spd, symmetrise
 from test_cholesky import check_against_torch_linalg
-from test_mvn_ops import OPS, check_float32, check_float64, grads_of, make_operands, opcheck_inputs, run_on
+from test_mvn_ops import (
+    OPS,
+    check_float32,
+    check_float64,
+    grads_of,
+    make_operands,
+    opcheck_inputs,
+    run_on,
+    upstream_gradients,
+)
 from test_squashed_ops import (
     CASE_IDS,
     CASES,
@@ -125,9 +134,9 @@ def test_backward_op(matrix, mask):
     _, ref = OPS[matrix]
     name = "mvn_tril_log_prob_backward" if matrix == "scale_tril" else "mvn_cov_log_prob_backward"
     inputs = make_operands("shared_matrix", (4, 3), 3, matrix=matrix)
-    grad = torch.randn(4, 3, dtype=torch.float64)
-    _, expected = grads_of(ref, inputs, grad)
-    got = getattr(torch.ops.fusedgauss_triton, name)(grad.to(DEVICE), *(t.to(DEVICE) for t in inputs), list(mask))
+    [upstream] = upstream_gradients(matrix, (4, 3), torch.float64, DEVICE, with_log_det=False)
+    _, expected = grads_of(ref, inputs, upstream[0].cpu())
+    got = getattr(torch.ops.fusedgauss_triton, name)(*upstream, *(t.to(DEVICE) for t in inputs), list(mask))
     for g, e, wanted in zip(got, expected, mask):
         if wanted:
             torch.testing.assert_close(g.cpu(), e)

@@ -40,10 +40,12 @@ PACKED = tl.constexpr(2)
 # strides (0 for a shared operand) and the backward's output switches.
 FORWARD_RUNTIME_INTEGERS = ["n", "value_stride", "loc_stride", "matrix_stride"]
 BACKWARD_RUNTIME_INTEGERS = FORWARD_RUNTIME_INTEGERS + ["VALUE_ROWS", "LOC_ROWS", "MATRIX_ROWS", "REDUCE"]
-# The packed kernels' min_diag, a runtime value as in packed.py's kernels, and their backward's
-# switch of an upstream gradient of the log-det.
+# The switch of an upstream gradient of the log-det, in the backward of the kernels whose
+# factor is given (scale_tril, packed); the packed kernels' min_diag, a runtime value as in
+# packed.py's kernels.
+LOG_DET_BACKWARD_RUNTIME_ARGUMENTS = ["GRAD_LOG_DET"]
 PACKED_RUNTIME_ARGUMENTS = ["min_diag"]
-PACKED_BACKWARD_RUNTIME_ARGUMENTS = PACKED_RUNTIME_ARGUMENTS + ["GRAD_LOG_DET"]
+PACKED_BACKWARD_RUNTIME_ARGUMENTS = PACKED_RUNTIME_ARGUMENTS + LOG_DET_BACKWARD_RUNTIME_ARGUMENTS
 
 
 @triton.jit
@@ -99,8 +101,8 @@ def _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_p
                           log_det_ptr, n, min_diag, MATRIX: tl.constexpr, DIAG: tl.constexpr, SQUASH: tl.constexpr,
                           EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
                           ACC: tl.constexpr):
-    """Stores the log-probs at out_ptr and, for a packed factor, sum_i log L_ii at log_det_ptr
-    (unused otherwise)."""
+    """Stores the log-probs at out_ptr and, for a given factor (scale_tril, packed),
+    sum_i log L_ii at log_det_ptr (unused for a covariance)."""
     rows, active = _block_rows(n, BLOCK)
     x, d, jacobian = _squashed_differences(value_ptr, value_stride, loc_ptr, loc_stride, rows, active, SQUASH, EPS,
                                            K, KP, ACC)
@@ -110,17 +112,18 @@ def _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_p
     log_prob = -0.5 * tl.sum(z * z, axis=1) - log_det - 0.5 * K * LOG_2PI - jacobian
     log_prob = tl.where(ok, log_prob, float("nan"))
     tl.store(out_ptr + rows, log_prob.to(out_ptr.dtype.element_ty), mask=active)
-    if MATRIX == PACKED:
+    if MATRIX != COVARIANCE:
         tl.store(log_det_ptr + rows, log_det.to(log_det_ptr.dtype.element_ty), mask=active)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
 def _mvn_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                                      out_ptr, n, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
-                                      ACC: tl.constexpr):
-    """log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (K/2) log 2 pi,  z = L^{-1}(x - mu)."""
+                                      out_ptr, log_det_ptr, n, K: tl.constexpr, KP: tl.constexpr,
+                                      BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (K/2) log 2 pi,  z = L^{-1}(x - mu);
+    also stores sum_i log L_ii at log_det_ptr."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr,
-                          out_ptr, n, 0.0, SCALE_TRIL, 0, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
+                          log_det_ptr, n, 0.0, SCALE_TRIL, 0, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
@@ -139,7 +142,7 @@ def _mvn_log_prob_backward(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, 
                            MATRIX: tl.constexpr, DIAG: tl.constexpr, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE,
                            GRAD_LOG_DET, SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
                            KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """GRAD_LOG_DET (packed factors, per sample): h at grad_log_det_ptr is the upstream gradient
+    """GRAD_LOG_DET (given factors, per sample): h at grad_log_det_ptr is the upstream gradient
     of sum_i log L_ii, and the diagonal term of d/dL is -(g - h) diag(1/L_ii). The partials
     keep sum g: the launcher adds a shared factor's log-det term itself."""
     idx = tl.arange(0, KP)
@@ -197,19 +200,21 @@ def _mvn_log_prob_backward(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, 
         tl.store(row + K + K * K, tl.sum(tl.where(active, g, 0.0), axis=0))
 
 
-@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
-def _mvn_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
-                                       matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
-                                       n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, K: tl.constexpr, KP: tl.constexpr,
-                                       BLOCK: tl.constexpr, ACC: tl.constexpr):
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS + LOG_DET_BACKWARD_RUNTIME_ARGUMENTS)
+def _mvn_tril_log_prob_backward_kernel(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, loc_ptr, loc_stride,
+                                       matrix_ptr, matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr,
+                                       partials_ptr, n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, GRAD_LOG_DET,
+                                       K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """With z = L^{-1}(x - mu), w = L^{-T} z and upstream gradient g:
     d/dx = -g w,  d/dmu = g w,  d/dL = g (tril(w z^T) - diag(1/L_ii)).
     VALUE_ROWS, LOC_ROWS, MATRIX_ROWS: write that gradient per sample; REDUCE: write this
-    program's sums of the per-sample terms to its row of partials."""
-    _mvn_log_prob_backward(grad_ptr, grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+    program's sums of the per-sample terms to its row of partials. GRAD_LOG_DET: h at
+    grad_log_det_ptr, the upstream gradient of the forward's sum_i log L_ii, adds h / L_ii on
+    the diagonal."""
+    _mvn_log_prob_backward(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
                            matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, 0.0,
-                           SCALE_TRIL, 0, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, 0, NO_SQUASH, 0.0, K, KP, BLOCK,
-                           ACC)
+                           SCALE_TRIL, 0, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, GRAD_LOG_DET, NO_SQUASH, 0.0, K,
+                           KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
@@ -227,25 +232,30 @@ def _mvn_cov_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS)
 def _squashed_tril_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride,
-                                           out_ptr, n, SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
-                                           KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                                           out_ptr, log_det_ptr, n, SQUASH: tl.constexpr, EPS: tl.constexpr,
+                                           K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                                           ACC: tl.constexpr):
     """log N(u; mu, L L^T) - sum_i log(1 - tanh(u_i)^2), u the pre-tanh value (SQUASH =
-    FROM_PRE_TANH) or atanh of the action clamped to [-1 + EPS, 1 - EPS] (FROM_ACTION)."""
+    FROM_PRE_TANH) or atanh of the action clamped to [-1 + EPS, 1 - EPS] (FROM_ACTION); also
+    stores sum_i log L_ii at log_det_ptr."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr,
-                          out_ptr, n, 0.0, SCALE_TRIL, 0, SQUASH, EPS, K, KP, BLOCK, ACC)
+                          log_det_ptr, n, 0.0, SCALE_TRIL, 0, SQUASH, EPS, K, KP, BLOCK, ACC)
 
 
-@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS)
-def _squashed_tril_log_prob_backward_kernel(grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
-                                            matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr,
-                                            n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, SQUASH: tl.constexpr,
-                                            EPS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                                            BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """As _mvn_tril_log_prob_backward_kernel at u, except d/du = -g w + g 2 tanh(u), and for an
-    action d/dx = d/du / (1 - x^2) inside the clamp (0 where it clamps)."""
-    _mvn_log_prob_backward(grad_ptr, grad_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
+@triton.jit(do_not_specialize=BACKWARD_RUNTIME_INTEGERS + LOG_DET_BACKWARD_RUNTIME_ARGUMENTS)
+def _squashed_tril_log_prob_backward_kernel(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, loc_ptr,
+                                            loc_stride, matrix_ptr, matrix_stride, value_grad_ptr, loc_grad_ptr,
+                                            matrix_grad_ptr, partials_ptr, n, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS,
+                                            REDUCE, GRAD_LOG_DET, SQUASH: tl.constexpr, EPS: tl.constexpr,
+                                            K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
+                                            ACC: tl.constexpr):
+    """As _mvn_tril_log_prob_backward_kernel at u (GRAD_LOG_DET too), except
+    d/du = -g w + g 2 tanh(u), and for an action d/dx = d/du / (1 - x^2) inside the clamp
+    (0 where it clamps)."""
+    _mvn_log_prob_backward(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
                            matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, 0.0,
-                           SCALE_TRIL, 0, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, 0, SQUASH, EPS, K, KP, BLOCK, ACC)
+                           SCALE_TRIL, 0, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, GRAD_LOG_DET, SQUASH, EPS, K,
+                           KP, BLOCK, ACC)
 
 
 @triton.jit(do_not_specialize=FORWARD_RUNTIME_INTEGERS + PACKED_RUNTIME_ARGUMENTS)
@@ -253,8 +263,7 @@ def _mvn_packed_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, loc_st
                                         out_ptr, log_det_ptr, n, min_diag, DIAG: tl.constexpr, K: tl.constexpr,
                                         KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """_mvn_tril_log_prob_forward_kernel with L unpacked from the K(K+1)/2 values x of a sample:
-    L_ij = x[i(i+1)/2 + j] below the diagonal, L_ii = transform(x[i(i+1)/2 + i]) + min_diag; also
-    stores sum_i log L_ii at log_det_ptr."""
+    L_ij = x[i(i+1)/2 + j] below the diagonal, L_ii = transform(x[i(i+1)/2 + i]) + min_diag."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr,
                           log_det_ptr, n, min_diag, PACKED, DIAG, NO_SQUASH, 0.0, K, KP, BLOCK, ACC)
 
@@ -267,9 +276,7 @@ def _mvn_packed_log_prob_backward_kernel(grad_ptr, grad_log_det_ptr, value_ptr, 
                                          BLOCK: tl.constexpr, ACC: tl.constexpr):
     """As _mvn_tril_log_prob_backward_kernel, the matrix gradient written packed: d/dx at the
     position of (i, j < i) is d/dL_ij, and at (i, i) it is d/dL_ii * dL_ii/dx_ii. A program's
-    partials are the scale_tril's (the launcher packs their sum). GRAD_LOG_DET: h at
-    grad_log_det_ptr, the upstream gradient of the forward's sum_i log L_ii, adds h / L_ii on
-    the diagonal."""
+    partials are the scale_tril's (the launcher packs their sum). GRAD_LOG_DET as there."""
     _mvn_log_prob_backward(grad_ptr, grad_log_det_ptr, value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr,
                            matrix_stride, value_grad_ptr, loc_grad_ptr, matrix_grad_ptr, partials_ptr, n, min_diag,
                            PACKED, DIAG, VALUE_ROWS, LOC_ROWS, MATRIX_ROWS, REDUCE, GRAD_LOG_DET, NO_SQUASH, 0.0, K,
@@ -282,7 +289,7 @@ def _squashed_packed_log_prob_forward_kernel(value_ptr, value_stride, loc_ptr, l
                                              SQUASH: tl.constexpr, EPS: tl.constexpr, K: tl.constexpr,
                                              KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """_squashed_tril_log_prob_forward_kernel with L unpacked as in
-    _mvn_packed_log_prob_forward_kernel (sum_i log L_ii too)."""
+    _mvn_packed_log_prob_forward_kernel."""
     _mvn_log_prob_forward(value_ptr, value_stride, loc_ptr, loc_stride, matrix_ptr, matrix_stride, out_ptr,
                           log_det_ptr, n, min_diag, PACKED, DIAG, SQUASH, EPS, K, KP, BLOCK, ACC)
 

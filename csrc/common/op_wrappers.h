@@ -103,49 +103,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 ///       const at::Tensor& contiguous_grad_log_det);
 /// backward returns the gradients of value, loc and the matrix operand as the kernel lays
 /// them out (see mvn_backward_op). A squashed op maps the value to its pre-tanh value first
-/// (ValueSquash); a packed one reads the factor as a policy head's packed output, and also
-/// returns each sample's sum_i log L_ii (log_det, batch-shaped; undefined for the other ops),
-/// whose upstream gradient its backward takes (grad_log_det; undefined: none).
+/// (ValueSquash); a packed one reads the factor as a policy head's packed output. The ops whose
+/// factor is given (scale_tril, packed) also return each sample's sum_i log L_ii (log_det,
+/// batch-shaped; undefined for the covariance op), whose upstream gradient their backward
+/// takes (grad_log_det; undefined: none).
 template <class Kernels>
 struct LogProbOps {
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using LogProbAndLogDet = std::tuple<at::Tensor, at::Tensor>;
 
-  template <Param kParam>
-  static at::Tensor mvn(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& matrix) {
-    return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, matrix,
+  static at::Tensor mvn_cov(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& covariance) {
+    constexpr Param kParam = Param::kCovariance;
+    return mvn_forward_op(forward_op_name(kParam), matrix_name(kParam), value, loc, covariance,
                           [](const MvnProblem& p, at::Tensor& out) {
                             Kernels::template forward<kParam>(p, out, {}, {});
                           });
   }
 
-  template <Param kParam>
-  static Grads mvn_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
-                            const at::Tensor& matrix, std::array<bool, 3> mask) {
-    return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, matrix, mask,
+  static Grads mvn_cov_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
+                                const at::Tensor& covariance, std::array<bool, 3> mask) {
+    constexpr Param kParam = Param::kCovariance;
+    return mvn_backward_op(backward_op_name(kParam), matrix_name(kParam), grad, value, loc, covariance, mask,
                            [](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
                              return Kernels::template backward<kParam>(p, grad, mask, {}, {});
                            });
   }
 
-  static at::Tensor squashed_tril(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
-                                  bool value_is_pre_tanh) {
-    const ValueSquash squash{true, !value_is_pre_tanh};
-    return mvn_forward_op("squashed_tril_log_prob", "scale_tril", value, loc, scale_tril,
-                          [&](const MvnProblem& p, at::Tensor& out) {
-                            Kernels::template forward<Param::kScaleTril>(p, out, squash, {});
-                          });
+  static LogProbAndLogDet mvn_tril(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril) {
+    return tril_forward("mvn_tril_log_prob", value, loc, scale_tril, {});
   }
 
-  static Grads squashed_tril_backward(const at::Tensor& grad, const at::Tensor& value, const at::Tensor& loc,
-                                      const at::Tensor& scale_tril, bool value_is_pre_tanh, std::array<bool, 3> mask) {
-    const ValueSquash squash{true, !value_is_pre_tanh};
-    return mvn_backward_op("squashed_tril_log_prob_backward", "scale_tril", grad, value, loc, scale_tril, mask,
-                           [&](const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask) {
-                             return Kernels::template backward<Param::kScaleTril>(p, grad, mask, squash, {});
-                           });
+  static Grads mvn_tril_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                 const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                 std::array<bool, 3> mask) {
+    return tril_backward("mvn_tril_log_prob_backward", grad, grad_log_det, value, loc, scale_tril, {}, mask);
   }
 
-  using LogProbAndLogDet = std::tuple<at::Tensor, at::Tensor>;
+  static LogProbAndLogDet squashed_tril(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                        bool value_is_pre_tanh) {
+    return tril_forward("squashed_tril_log_prob", value, loc, scale_tril, {true, !value_is_pre_tanh});
+  }
+
+  static Grads squashed_tril_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                      const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                                      bool value_is_pre_tanh, std::array<bool, 3> mask) {
+    return tril_backward("squashed_tril_log_prob_backward", grad, grad_log_det, value, loc, scale_tril,
+                         {true, !value_is_pre_tanh}, mask);
+  }
 
   static LogProbAndLogDet mvn_packed(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& packed,
                                      c10::string_view diag_transform, double min_diag) {
@@ -175,10 +179,10 @@ struct LogProbOps {
   }
 
   static void register_kernels(torch::Library& m) {
-    m.impl("mvn_tril_log_prob", &mvn<Param::kScaleTril>);
-    m.impl("mvn_tril_log_prob_backward", &mvn_backward<Param::kScaleTril>);
-    m.impl("mvn_cov_log_prob", &mvn<Param::kCovariance>);
-    m.impl("mvn_cov_log_prob_backward", &mvn_backward<Param::kCovariance>);
+    m.impl("mvn_tril_log_prob", &mvn_tril);
+    m.impl("mvn_tril_log_prob_backward", &mvn_tril_backward);
+    m.impl("mvn_cov_log_prob", &mvn_cov);
+    m.impl("mvn_cov_log_prob_backward", &mvn_cov_backward);
     m.impl("squashed_tril_log_prob", &squashed_tril);
     m.impl("squashed_tril_log_prob_backward", &squashed_tril_backward);
     m.impl("mvn_packed_log_prob", &mvn_packed);
@@ -188,14 +192,30 @@ struct LogProbOps {
   }
 
  private:
+  static LogProbAndLogDet tril_forward(const char* op, const at::Tensor& value, const at::Tensor& loc,
+                                       const at::Tensor& scale_tril, ValueSquash squash) {
+    return forward_with_log_det<Param::kScaleTril>(prepare_mvn_problem(op, "scale_tril", value, loc, scale_tril),
+                                                   value, squash);
+  }
+
+  static Grads tril_backward(const char* op, const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                             const at::Tensor& value, const at::Tensor& loc, const at::Tensor& scale_tril,
+                             ValueSquash squash, std::array<bool, 3> mask) {
+    const MvnProblem p = prepare_mvn_problem(op, "scale_tril", value, loc, scale_tril);
+    // A shared factor's log-det term: (sum h) diag(1 / L_ii).
+    const auto shared_log_det_gradient = [&](const at::Tensor& grad_sum) {
+      const int64_t k = scale_tril.size(-1);
+      return at::diag(grad_sum / scale_tril.reshape({k, k}).diagonal());
+    };
+    return backward_with_log_det<Param::kScaleTril>(op, p, grad, grad_log_det, value, loc, scale_tril, squash, mask,
+                                                    shared_log_det_gradient);
+  }
+
   static LogProbAndLogDet packed_forward(const char* op, const at::Tensor& value, const at::Tensor& loc,
                                          const at::Tensor& packed, c10::string_view diag_transform, double min_diag,
                                          ValueSquash squash) {
-    const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-    at::Tensor out = empty_output(p.layout.batch_shape, value.options());
-    at::Tensor log_det = empty_output(p.layout.batch_shape, value.options());
-    Kernels::template forward<Param::kPacked>(p, out, squash, log_det);
-    return {out, log_det};
+    return forward_with_log_det<Param::kPacked>(
+        prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag), value, squash);
   }
 
   static Grads packed_backward(const char* op, const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
@@ -203,26 +223,47 @@ struct LogProbOps {
                                c10::string_view diag_transform, double min_diag, ValueSquash squash,
                                std::array<bool, 3> mask) {
     const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-    at::Tensor upstream_log_det;
-    if (grad_log_det.has_value() && grad_log_det->defined()) {
-      upstream_log_det = batch_gradient(op, *grad_log_det, value, p.layout, "grad_log_det", "log_det");
-    }
-    // A factor shared by the batch has its gradient reduced inside the kernel, from sums of g
-    // that other gradients share; the log_det's part of it, (sum h) d/dx sum_i log L_ii, is
-    // added here by packed_scale_tril_log_det_backward instead (one k(k+1)/2 vector).
-    const bool reduced_factor = p.matrix.reduces_gradient;
-    std::array<at::Tensor, 3> grads = Kernels::template backward<Param::kPacked>(
-        p, batch_gradient(op, grad, value, p.layout), mask, squash,
-        reduced_factor ? at::Tensor() : upstream_log_det);
-    if (reduced_factor && mask[2] && upstream_log_det.defined()) {
+    // A shared factor's log-det term: (sum h) d/dx sum_i log L_ii, through the diagonal's
+    // transform (one k(k+1)/2 vector).
+    const auto shared_log_det_gradient = [&](const at::Tensor& grad_sum) {
       static const auto log_det_backward =
           c10::Dispatcher::singleton()
               .findSchemaOrThrow("fusedgauss::packed_scale_tril_log_det_backward", "")
               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double)>();
-      const at::Tensor factor = packed.reshape({packed.size(-1)});
-      grads[2] = grads[2] + log_det_backward.call(upstream_log_det.sum(), factor, diag_transform, min_diag);
+      return log_det_backward.call(grad_sum, packed.reshape({packed.size(-1)}), diag_transform, min_diag);
+    };
+    return backward_with_log_det<Param::kPacked>(op, p, grad, grad_log_det, value, loc, packed, squash, mask,
+                                                 shared_log_det_gradient);
+  }
+
+  template <Param kParam>
+  static LogProbAndLogDet forward_with_log_det(const MvnProblem& p, const at::Tensor& value, ValueSquash squash) {
+    at::Tensor out = empty_output(p.layout.batch_shape, value.options());
+    at::Tensor log_det = empty_output(p.layout.batch_shape, value.options());
+    Kernels::template forward<kParam>(p, out, squash, log_det);
+    return {out, log_det};
+  }
+
+  /// `shared_log_det_gradient(sum h)`: the matrix operand's gradient from the log_det of a
+  /// factor shared by the batch. Such a factor has its gradient reduced inside the kernel, from
+  /// sums of g that other gradients share, so its log_det part is added here instead.
+  template <Param kParam, typename SharedLogDetGradient>
+  static Grads backward_with_log_det(const char* op, const MvnProblem& p, const at::Tensor& grad,
+                                     const c10::optional<at::Tensor>& grad_log_det, const at::Tensor& value,
+                                     const at::Tensor& loc, const at::Tensor& matrix, ValueSquash squash,
+                                     std::array<bool, 3> mask, const SharedLogDetGradient& shared_log_det_gradient) {
+    at::Tensor upstream_log_det;
+    if (grad_log_det.has_value() && grad_log_det->defined()) {
+      upstream_log_det = batch_gradient(op, *grad_log_det, value, p.layout, "grad_log_det", "log_det");
     }
-    return gradients_for_inputs(grads, {&value, &loc, &packed}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
+    const bool reduced_factor = p.matrix.reduces_gradient;
+    std::array<at::Tensor, 3> grads = Kernels::template backward<kParam>(
+        p, batch_gradient(op, grad, value, p.layout), mask, squash,
+        reduced_factor ? at::Tensor() : upstream_log_det);
+    if (reduced_factor && mask[2] && upstream_log_det.defined()) {
+      grads[2] = grads[2] + shared_log_det_gradient(upstream_log_det.sum());
+    }
+    return gradients_for_inputs(grads, {&value, &loc, &matrix}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
   }
 };
 

@@ -331,9 +331,9 @@ constexpr SimdLevel widest_simd(Param param, int kK) {
   return param == Param::kCovariance ? kWidestCholeskySimd : kK == 0 ? SimdLevel::kAvx2 : SimdLevel::kAvx512;
 }
 
-/// Writes the log-prob of each sample to `out` and, when `log_det_out` is given (the packed
-/// ops), the sample's sum_i log L_ii, which the log-prob computes anyway: an entropy reads it
-/// instead of a pass of its own.
+/// Writes the log-prob of each sample to `out` and, when `log_det_out` is given (the ops whose
+/// factor is given: scale_tril, packed), the sample's sum_i log L_ii, which the log-prob
+/// computes anyway: an entropy reads it instead of a pass of its own.
 template <Param kParam, int kK, int W, typename scalar_t>
 void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squash = {},
                              scalar_t* log_det_out = nullptr) {
@@ -376,10 +376,11 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
   });
 }
 
-/// `grad_log_det` (the packed ops, per-sample factors; null: none) is the upstream gradient h
-/// of the sum_i log L_ii output: it enters where the log-prob's own -g sum_i log L_ii does, as
-/// the diagonal coefficient c = g - h of d/dL = tril(g w z^T) - c diag(1/L_ii). (A shared
-/// factor's part of it is added by the op wrapper, LogProbOps::packed_backward.)
+/// `grad_log_det` (the scale_tril and packed ops, per-sample factors; null: none) is the
+/// upstream gradient h of the sum_i log L_ii output: it enters where the log-prob's own
+/// -g sum_i log L_ii does, as the diagonal coefficient c = g - h of
+/// d/dL = tril(g w z^T) - c diag(1/L_ii). (A shared factor's part of it is added by the op
+/// wrapper, LogProbOps::backward_with_log_det.)
 template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask, ValueSquash squash = {},
@@ -474,7 +475,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
       } else if (matrix_rows.active()) {
         if constexpr (!kCovariance) {
-          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g (less h when packed)
+          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det)
           scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, matrix_grad.data());
         } else {
           // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric

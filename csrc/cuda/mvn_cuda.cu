@@ -179,8 +179,8 @@ __device__ C10_ALWAYS_INLINE bool load_factor(const MvnOperands<scalar_t>& a, in
   return ok;
 }
 
-/// Writes each sample's log-prob to `out` and, when `log_det_out` is given (the packed ops), its
-/// sum_i log L_ii.
+/// Writes each sample's log-prob to `out` and, when `log_det_out` is given (the ops whose factor
+/// is given: scale_tril, packed), its sum_i log L_ii.
 template <Param kParam, int kK, int kMaxK, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     log_prob_forward_kernel(const MvnOperands<scalar_t> a, scalar_t* __restrict__ out,
@@ -235,7 +235,7 @@ struct BackwardOutputs {
   // sum g w (k), then sum g w v^T (k * k, lower triangle) when the matrix reduces, then sum g.
   acc_t* partials;
   bool reduce_matrix;
-  // The upstream gradient h of the packed ops' log_det (nullptr: none), per sample: the
+  // The upstream gradient h of the scale_tril and packed ops' log_det (nullptr: none), per sample: the
   // diagonal coefficient of a per-sample factor's gradient is g - h. (The wrapper adds it
   // itself for a factor whose gradient reduces.)
   const scalar_t* grad_log_det;
@@ -929,7 +929,7 @@ LaunchShape thread_backward_launch_shape(const MvnProblem& p, bool reduces) {
 /// `launch_kernel(shape, outputs)` launches the kernel, a warp per sample when `warps` (with
 /// `warp_matrices` matrices per warp), a thread per sample otherwise; `grad` is the upstream
 /// gradient of a log-prob (or nullptr: the kernel reads its own), `grad_log_det` that of a
-/// packed op's log_det (or nullptr).
+/// scale_tril or packed op's log_det (or nullptr).
 template <Param kParam, typename LaunchKernel>
 std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, const at::Tensor& like, const void* grad,
                                        const void* grad_log_det, std::array<bool, 3> mask, ValueSquash squash,

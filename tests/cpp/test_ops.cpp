@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
+#include <tuple>
 
 #include "check.h"
 
@@ -14,6 +15,15 @@ at::Tensor call_log_prob(const char* name, const at::Tensor& value, const at::Te
   return dispatcher.findSchemaOrThrow(name, "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>()
       .call(value, loc, matrix);
+}
+
+/// mvn_tril_log_prob's two outputs: the log-prob and each sample's sum_i log L_ii.
+std::tuple<at::Tensor, at::Tensor> call_tril_log_prob(const at::Tensor& value, const at::Tensor& loc,
+                                                      const at::Tensor& scale_tril) {
+  static auto& dispatcher = c10::Dispatcher::singleton();
+  return dispatcher.findSchemaOrThrow("fusedgauss::mvn_tril_log_prob", "")
+      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>()
+      .call(value, loc, scale_tril);
 }
 
 double max_abs_difference(const at::Tensor& a, const at::Tensor& b) {
@@ -29,9 +39,11 @@ void test_log_prob_ops(int64_t k) {
   const at::Tensor L = at::linalg_cholesky(cov).contiguous();
   const at::Tensor diff = (value - loc).unsqueeze(-1);
   const at::Tensor z = at::linalg_solve_triangular(L.expand({5, 3, k, k}), diff, /*upper=*/false).squeeze(-1);
-  const at::Tensor expected = -0.5 * z.pow(2).sum(-1) - L.diagonal(0, -2, -1).log().sum(-1) -
-                              0.5 * k * std::log(2 * M_PI);
-  EXPECT_TRUE(max_abs_difference(call_log_prob("fusedgauss::mvn_tril_log_prob", value, loc, L), expected) < 1e-10);
+  const at::Tensor log_det = L.diagonal(0, -2, -1).log().sum(-1);
+  const at::Tensor expected = -0.5 * z.pow(2).sum(-1) - log_det - 0.5 * k * std::log(2 * M_PI);
+  const auto [tril_log_prob, tril_log_det] = call_tril_log_prob(value, loc, L);
+  EXPECT_TRUE(max_abs_difference(tril_log_prob, expected) < 1e-10);
+  EXPECT_TRUE(max_abs_difference(tril_log_det, log_det.expand({5, 3})) < 1e-12);
   EXPECT_TRUE(max_abs_difference(call_log_prob("fusedgauss::mvn_cov_log_prob", value, loc, cov), expected) < 1e-10);
 }
 
@@ -49,7 +61,7 @@ void test_cholesky_op(int64_t k) {
 void test_bad_input_is_rejected() {
   bool threw = false;
   try {
-    call_log_prob("fusedgauss::mvn_tril_log_prob", at::randn({3}), at::randn({4}), at::eye(3));
+    call_tril_log_prob(at::randn({3}), at::randn({4}), at::eye(3));
   } catch (const c10::Error& e) {
     threw = std::string(e.what()).find("event sizes differ") != std::string::npos;
   }
