@@ -232,6 +232,25 @@ std::array<GradientSink<scalar_t>, 3> gradient_sinks(const RowsProblem& p, const
           GradientSink<scalar_t>(mask[2], p.operands[2], {p.k}, chunks, n)};
 }
 
+/// Each of `rows` per-row values repeated over its row's k entries, as acc_t, into `entries`;
+/// zeros for an upstream gradient autograd did not pass (null).
+template <typename scalar_t, typename acc_t>
+void expand_rows(const scalar_t* per_row, int64_t rows, int64_t k, acc_t* entries) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::fill_n(entries + r * k, k, per_row != nullptr ? static_cast<acc_t>(per_row[r]) : acc_t(0));
+  }
+}
+
+/// `count` entries as acc_t, or zeros for an upstream gradient autograd did not pass (null).
+template <typename scalar_t, typename acc_t>
+void load_entries(const scalar_t* values, int64_t count, acc_t* entries) {
+  if (values == nullptr) {
+    std::fill_n(entries, count, acc_t(0));
+  } else {
+    std::copy(values, values + count, entries);
+  }
+}
+
 /// Sums of `rows` rows of k entries, plus `constant`, into out.
 template <typename scalar_t, typename acc_t>
 void store_row_sums(const acc_t* entries, int64_t rows, int64_t k, acc_t constant, scalar_t* out) {
@@ -293,9 +312,7 @@ std::array<at::Tensor, 3> diag_log_prob_backward_kernel(const RowsProblem& p, co
     for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
       const int64_t rows = std::min(block_rows, end - b0);
       const int64_t entries = rows * k;
-      for (int64_t r = 0; r < rows; ++r) {
-        std::fill_n(upstream.begin() + r * k, k, static_cast<acc_t>(grad[b0 + r]));
-      }
+      expand_rows(grad + b0, rows, k, upstream.data());
       const acc_t* FUSEDGAUSS_RESTRICT g = upstream.data();
       const acc_t* FUSEDGAUSS_RESTRICT x = value.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
@@ -431,14 +448,13 @@ std::array<at::Tensor, 3> diag_rsample_backward_kernel(const RowsProblem& p, con
         d_noise(sinks[2], k, block_rows);
     // An output autograd passed no gradient for contributes zeros.
     std::vector<acc_t> ga(static_cast<size_t>(block_rows * k)), gu(ga.size()), glp(ga.size());
+    const auto offset = [](const scalar_t* t, int64_t at) { return t != nullptr ? t + at : nullptr; };
     for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
       const int64_t rows = std::min(block_rows, end - b0);
       const int64_t entries = rows * k;
-      for (int64_t i = 0; i < entries; ++i) {
-        ga[i] = grad_action ? static_cast<acc_t>(grad_action[b0 * k + i]) : acc_t(0);
-        gu[i] = grad_pre_tanh ? static_cast<acc_t>(grad_pre_tanh[b0 * k + i]) : acc_t(0);
-        glp[i] = grad_log_prob ? static_cast<acc_t>(grad_log_prob[b0 + i / k]) : acc_t(0);
-      }
+      load_entries(offset(grad_action, b0 * k), entries, ga.data());
+      load_entries(offset(grad_pre_tanh, b0 * k), entries, gu.data());
+      expand_rows(offset(grad_log_prob, b0), rows, k, glp.data());
       const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT e = noise.rows(b0, rows);
