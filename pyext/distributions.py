@@ -271,7 +271,8 @@ class MultivariateNormal(td.MultivariateNormal):
         """Keeps a log-prob's Σᵢ log Lᵢᵢ for :meth:`entropy`: when it has the batch shape, and
         when reusing its graph is no surprise, that is, unless a parameter is a leaf that
         requires grad (whose entropy-only backward would then also pass through the log-prob,
-        and give zeros where PyTorch gives no gradient)."""
+        and give zeros where PyTorch gives no gradient). It keeps the log-prob's graph alive
+        while the distribution lives, as a kept log-prob would."""
         parameters = (self._unbroadcasted_loc, self._unbroadcasted_matrix)
         if log_det.shape == self.batch_shape and not any(t.requires_grad and t.is_leaf for t in parameters):
             self.__dict__["_log_prob_log_det"] = (torch.is_grad_enabled(), log_det)
