@@ -260,15 +260,6 @@ def _save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _mvn_log_prob_autograd(backward_op):
-    def backward(ctx, grad):
-        mask = list(ctx.needs_input_grad)
-        grads = backward_op(grad, *ctx.saved_tensors, mask)
-        return tuple(g if wanted else None for g, wanted in zip(grads, mask))
-
-    return backward
-
-
 def _save_output(ctx, inputs, output) -> None:
     ctx.save_for_backward(output)
 
@@ -289,21 +280,6 @@ def _no_double_backward(op_name: str):
         )
 
     return backward
-
-
-def _squashed_log_prob_autograd(backward_op):
-    def backward(ctx, grad):
-        value, loc, matrix = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:3])
-        grads = backward_op(grad, value, loc, matrix, ctx.value_is_pre_tanh, mask)
-        return (*(g if wanted else None for g, wanted in zip(grads, mask)), None)
-
-    return backward
-
-
-def _save_squashed_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:3])
-    ctx.value_is_pre_tanh = inputs[3]
 
 
 def _rsample_autograd(backward_op):
@@ -336,13 +312,14 @@ def _save_packed(ctx, inputs, output) -> None:
     ctx.flags = inputs[1:]  # diag_transform, min_diag
 
 
-def _log_det_log_prob_autograd(backward_op):
-    """The gradient of an op with outputs (log_prob, log_det), whose backward op takes both
-    upstream gradients, then the inputs and flags."""
+def _log_prob_autograd(backward_op):
+    """The gradient of a log-prob op: its backward op takes the upstream gradients of the op's
+    outputs (the log-prob's, and log_det's where the op returns one), then the op's three
+    tensors, its other arguments and the mask."""
 
-    def backward(ctx, grad, grad_log_det):
+    def backward(ctx, *output_grads):
         mask = list(ctx.needs_input_grad[:3])
-        grads = backward_op(grad, grad_log_det, *ctx.saved_tensors, *ctx.flags, mask)
+        grads = backward_op(*output_grads, *ctx.saved_tensors, *ctx.flags, mask)
         return (*(g if wanted else None for g, wanted in zip(grads, mask)), *(None for _ in ctx.flags))
 
     return backward
@@ -362,14 +339,13 @@ def _tanh_log_abs_det_jacobian_autograd(backward_op):
 
 
 #: Each op's backward op, by the kind of autograd formula that calls it.
-_LOG_PROB_OPS = ("mvn_cov_log_prob", "diag_normal_log_prob")
-_SQUASHED_LOG_PROB_OPS = ("squashed_diag_log_prob",)
+_LOG_PROB_OPS = ("mvn_cov_log_prob", "diag_normal_log_prob", "squashed_diag_log_prob")
 _RSAMPLE_OPS = ("squashed_diag_rsample_log_prob", "squashed_tril_rsample_log_prob")
 #: The log-prob ops that also return log_det (Σᵢ log Lᵢᵢ): those whose factor is given.
 LOG_DET_LOG_PROB_OPS = ("mvn_tril_log_prob", "squashed_tril_log_prob", "mvn_packed_log_prob",
                         "squashed_packed_log_prob")
 OPS = (
-    *_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS, *_RSAMPLE_OPS, *LOG_DET_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
+    *_LOG_PROB_OPS, *_RSAMPLE_OPS, *LOG_DET_LOG_PROB_OPS, "tanh_log_abs_det_jacobian",
     "cholesky", "packed_to_scale_tril", "packed_scale_tril_log_det",
 )
 
@@ -380,10 +356,8 @@ def register_autograd(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
     names = [name for name in OPS if hasattr(ops, name)]
     formulas = {
-        **{name: (_mvn_log_prob_autograd, _save_inputs) for name in _LOG_PROB_OPS},
-        **{name: (_squashed_log_prob_autograd, _save_squashed_inputs) for name in _SQUASHED_LOG_PROB_OPS},
+        **{name: (_log_prob_autograd, _save_inputs_and_flags) for name in (*_LOG_PROB_OPS, *LOG_DET_LOG_PROB_OPS)},
         **{name: (_rsample_autograd, _save_inputs) for name in _RSAMPLE_OPS},
-        **{name: (_log_det_log_prob_autograd, _save_inputs_and_flags) for name in LOG_DET_LOG_PROB_OPS},
         "tanh_log_abs_det_jacobian": (_tanh_log_abs_det_jacobian_autograd, _save_inputs),
         "cholesky": (_cholesky_autograd, _save_output),
         "packed_to_scale_tril": (_packed_to_scale_tril_autograd, _save_packed),
@@ -416,7 +390,7 @@ _PARAMETER_DIMS = {
 
 def _register_compiled() -> None:
     lib = "fusedgauss::"
-    for name in (*_LOG_PROB_OPS, *_SQUASHED_LOG_PROB_OPS):
+    for name in _LOG_PROB_OPS:
         torch.library.register_fake(lib + name, _fake_log_prob(_PARAMETER_DIMS[name]))
         torch.library.register_fake(
             lib + name + "_backward", lambda grad, value, loc, parameter, *rest: _fake_gradients(value, loc, parameter, rest[-1])

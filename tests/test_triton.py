@@ -131,6 +131,8 @@ def test_not_positive_definite_poisons_its_samples_only():
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
 @pytest.mark.parametrize("mask", [(True, True, True), (False, True, True), (False, False, True)])
 def test_backward_op(matrix, mask):
+    from fusedgauss import triton_ops  # noqa: F401  (registers the Triton ops, which this test calls directly)
+
     _, ref = OPS[matrix]
     name = "mvn_tril_log_prob_backward" if matrix == "scale_tril" else "mvn_cov_log_prob_backward"
     inputs = make_operands("shared_matrix", (4, 3), 3, matrix=matrix)
