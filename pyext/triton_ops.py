@@ -181,12 +181,12 @@ def _reduced_packed_gradient(outer, grad_sum, packed, packing: _Packing):
 
 
 def _log_prob_backward(kernel, covariance: bool, grad, value, loc, matrix, output_mask, op: str, squash: int = 0,
-                       packing: _Packing | None = None, with_log_det: bool = False,
-                       grad_log_det: torch.Tensor | None = None):
-    """The gradients of value, loc and the matrix. A given factor's kernels (`with_log_det`:
-    scale_tril, packed) also take the upstream gradient h of the forward's log_det (None:
-    unused): per sample, inside the kernel; for a factor shared by the batch,
+                       packing: _Packing | None = None, grad_log_det: torch.Tensor | None = None):
+    """The gradients of value, loc and the matrix. The kernels of a given factor (scale_tril,
+    packed: not `covariance`) also take the upstream gradient h of the forward's log_det
+    (None: unused): per sample, inside the kernel; for a factor shared by the batch,
     (sum h) d/dx sum_i log L_ii, added here."""
+    with_log_det = not covariance
     k = value.shape[-1]
     _check_event_size(op, k)
     batch_shape, n, operands = _layout(value, loc, matrix, 1 if packing else 2)
@@ -292,7 +292,7 @@ def _mvn_tril_log_prob_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._mvn_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
-        "mvn_tril_log_prob_backward", with_log_det=True, grad_log_det=grad_log_det,
+        "mvn_tril_log_prob_backward", grad_log_det=grad_log_det,
     )
 
 
@@ -464,8 +464,7 @@ def _squashed_tril_log_prob_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._squashed_tril_log_prob_backward_kernel, False, grad, value, loc, scale_tril, output_mask,
-        "squashed_tril_log_prob_backward", squash=_squash(value_is_pre_tanh), with_log_det=True,
-        grad_log_det=grad_log_det,
+        "squashed_tril_log_prob_backward", squash=_squash(value_is_pre_tanh), grad_log_det=grad_log_det,
     )
 
 
@@ -581,8 +580,7 @@ def _mvn_packed_log_prob_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _log_prob_backward(
         mvn_kernels._mvn_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
-        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag), with_log_det=True,
-        grad_log_det=grad_log_det,
+        "mvn_packed_log_prob_backward", packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
     )
 
 
@@ -604,7 +602,7 @@ def _squashed_packed_log_prob_backward(
     return _log_prob_backward(
         mvn_kernels._squashed_packed_log_prob_backward_kernel, False, grad, value, loc, packed, output_mask,
         "squashed_packed_log_prob_backward", squash=_squash(value_is_pre_tanh),
-        packing=_Packing(diag_transform, min_diag), with_log_det=True, grad_log_det=grad_log_det,
+        packing=_Packing(diag_transform, min_diag), grad_log_det=grad_log_det,
     )
 
 
