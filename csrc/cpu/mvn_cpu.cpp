@@ -58,14 +58,17 @@ class BlockFactors {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr bool kPacked = kParam == Param::kPacked;
 
-  BlockFactors(const MvnProblem& p, bool need_log_det)
+  /// need_log_det: the log-prob's sum_i log L_ii (forward passes); need_diag_derivative: a
+  /// packed factor's dL_ii/dx_ii (backward passes: the forward skips its division).
+  BlockFactors(const MvnProblem& p, bool need_log_det, bool need_diag_derivative)
       : k_(p.k),
         matrix_(p.matrix.data.const_data_ptr<scalar_t>()),
         stride_(p.matrix.batch_stride),
         need_log_det_(need_log_det),
+        need_diag_derivative_(need_diag_derivative),
         L_(static_cast<size_t>(p.k * p.k * W)),
         packed_(static_cast<size_t>(kPacked ? math::packed_size(p.k) * W : 0)),
-        diag_derivative_(static_cast<size_t>(kPacked ? p.k * W : 0)),
+        diag_derivative_(static_cast<size_t>(kPacked && need_diag_derivative ? p.k * W : 0)),
         diag_transform_(p.diag_transform),
         min_diag_(static_cast<acc_t>(p.min_diag)) {
     if (shared()) {
@@ -159,14 +162,21 @@ class BlockFactors {
     acc_t* FUSEDGAUSS_RESTRICT L = L_.data();
     acc_t* FUSEDGAUSS_RESTRICT derivative = diag_derivative_.data();
     const acc_t min_diag = min_diag_;
+    const bool need_derivative = need_diag_derivative_;
     math::with_diag_transform(diag_transform_, [&](auto transform) FUSEDGAUSS_INLINE_BODY {
       for (int64_t i = 0; i < k(); ++i) {
         const acc_t* row = x + math::packed_index(i, 0) * W;
         for (int64_t e = 0; e < i * W; ++e) L[i * k() * W + e] = row[e];
-        for (int l = 0; l < W; ++l) {
-          const math::DiagEntry<acc_t> d = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag);
-          L[(i * k() + i) * W + l] = d.value;
-          derivative[i * W + l] = d.derivative;
+        if (need_derivative) {
+          for (int l = 0; l < W; ++l) {
+            const math::DiagEntry<acc_t> d = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag);
+            L[(i * k() + i) * W + l] = d.value;
+            derivative[i * W + l] = d.derivative;
+          }
+        } else {
+          for (int l = 0; l < W; ++l) {
+            L[(i * k() + i) * W + l] = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag).value;
+          }
         }
       }
     });
@@ -176,6 +186,7 @@ class BlockFactors {
   const scalar_t* matrix_;
   int64_t stride_;
   bool need_log_det_;
+  bool need_diag_derivative_;
   std::vector<acc_t> L_;
   std::vector<acc_t> inverse_;  // a shared factor's L^{-1}, lane-minor
   std::vector<acc_t> packed_;
@@ -251,16 +262,27 @@ void finish_shared_scale_tril_gradient(int64_t k, const acc_t* L, acc_t c_sum, a
   }
 }
 
-/// A packed factor's gradient from its scale_tril gradient `grad` (lane-minor k x k): the lower
-/// triangle row by row, the diagonal entries times dL_ii/dx_ii.
+/// A packed factor's gradient for a block of samples, written straight in the packed layout
+/// (lane-minor, row by row): scale_tril_gradient_block's tril(a b^T) - c diag(1/L_ii), with
+/// the diagonal entries times dL_ii/dx_ii. Going through the dense k x k gradient and packing
+/// it wrote the upper triangle's zeros and copied the rest once more.
 template <int W, typename acc_t>
-C10_ALWAYS_INLINE void pack_scale_tril_gradient(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT grad,
-                                                const acc_t* FUSEDGAUSS_RESTRICT diag_derivative,
-                                                acc_t* FUSEDGAUSS_RESTRICT out) {
+C10_ALWAYS_INLINE void packed_scale_tril_gradient_block(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT a,
+                                                        const acc_t* FUSEDGAUSS_RESTRICT b,
+                                                        const acc_t* FUSEDGAUSS_RESTRICT c,
+                                                        const acc_t* FUSEDGAUSS_RESTRICT L,
+                                                        const acc_t* FUSEDGAUSS_RESTRICT diag_derivative,
+                                                        acc_t* FUSEDGAUSS_RESTRICT out) {
   for (int64_t i = 0; i < k; ++i) {
     acc_t* row = out + math::packed_index(i, 0) * W;
-    for (int64_t e = 0; e < i * W; ++e) row[e] = grad[i * k * W + e];
-    for (int l = 0; l < W; ++l) row[i * W + l] = grad[(i * k + i) * W + l] * diag_derivative[i * W + l];
+    const acc_t* ai = a + i * W;
+    for (int64_t j = 0; j < i; ++j) {
+      for (int l = 0; l < W; ++l) row[j * W + l] = ai[l] * b[j * W + l];
+    }
+    const acc_t* Lii = L + (i * k + i) * W;
+    for (int l = 0; l < W; ++l) {
+      row[i * W + l] = (ai[l] * b[i * W + l] - c[l] / Lii[l]) * diag_derivative[i * W + l];
+    }
   }
 }
 
@@ -341,7 +363,7 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
   const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true, /*need_diag_derivative=*/false);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
   chunks.run_vectorised<widest_simd(kParam, kK)>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
@@ -396,7 +418,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const auto slot = [k](int64_t i, int64_t j) { return kPacked ? math::packed_index(i, j) : i * k + j; };
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false, /*need_diag_derivative=*/true);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
@@ -414,8 +436,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
     SquashBlock<kK, W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
-    std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? k * k : 0);
-    std::vector<acc_t> packed_grad = block(kPacked && matrix_sink.requested && !matrix_sink.reduces ? matrix_entries : 0);
+    std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? matrix_entries : 0);
     // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
     std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
@@ -474,8 +495,12 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         }
         for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
       } else if (matrix_rows.active()) {
-        if constexpr (!kCovariance) {
-          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det)
+        if constexpr (kPacked) {
+          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det),
+          // through the diagonal transform
+          packed_scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, factors.diag_derivative(),
+                                              matrix_grad.data());
+        } else if constexpr (!kCovariance) {
           scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, matrix_grad.data());
         } else {
           // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric
@@ -492,12 +517,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             }
           }
         }
-        if constexpr (kPacked) {
-          pack_scale_tril_gradient<W>(k, matrix_grad.data(), factors.diag_derivative(), packed_grad.data());
-          matrix_rows.write(packed_grad.data(), b0, count);
-        } else {
-          matrix_rows.write(matrix_grad.data(), b0, count);
-        }
+        matrix_rows.write(matrix_grad.data(), b0, count);
       }
     }
     if (value_sink.reduces) add_lane_sums<W>(k, value_acc.data(), value_sink.partials.chunk(chunk));
@@ -587,7 +607,8 @@ template <int kK, int W, typename scalar_t>
 void rsample_forward_kernel(const MvnProblem& p, RsampleOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
-  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true);
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true,
+                                                                       /*need_diag_derivative=*/false);
   scalar_t* action_out = out.action.data_ptr<scalar_t>();
   scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
   scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
@@ -621,7 +642,8 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
   const int64_t n = p.layout.batch_numel;
-  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false);
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false,
+                                                                       /*need_diag_derivative=*/false);
   const Chunks chunks(n, grain_size(k * k));
   GradientSink<scalar_t> loc_sink(mask[0], p.loc, {k}, chunks, n);
   GradientSink<scalar_t> matrix_sink(mask[1], p.matrix, {k, k}, chunks, n, /*extra_slots=*/1);

@@ -51,7 +51,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE DiagEntry<T> diag_entry(DiagTransform transfor
   switch (transform) {
     case DiagTransform::kSoftplus: {
       const T e = exp_nonpositive(x < T(0) ? x : -x);  // e^{-|x|}
-      return {(x > T(0) ? x : T(0)) + log1p_(e) + min_diag, (x >= T(0) ? T(1) : e) / (T(1) + e)};
+      return {(x > T(0) ? x : T(0)) + log1p_series(e) + min_diag, (x >= T(0) ? T(1) : e) / (T(1) + e)};
     }
     case DiagTransform::kExp: {
       const T e = exp_nonpositive(x < T(0) ? x : -x);
