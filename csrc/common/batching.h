@@ -6,8 +6,12 @@
 //   - shared: one event for the whole batch (batch stride 0). This is an operand whose batch
 //     has one element, or one that was expanded (all batch strides 0). Its gradient is
 //     reduced inside the kernel, never through a (B, *event) temporary.
-//   - per sample: (B, *event) contiguous. An operand that broadcasts only partly (fits
-//     neither layout) is materialised here and its gradient summed back afterwards.
+//   - per sample: (B, *event), each sample's event one contiguous run. Contiguous, or, for the
+//     kernels that read samples at any stride (the full-covariance ops: `strided_samples`),
+//     samples a fixed stride apart, as in a slice of a wider tensor (a policy network's output
+//     split into loc and a packed scale_tril), read where it lies. Any other layout, and an
+//     operand that broadcasts only partly (fits neither layout), is materialised here, and a
+//     partly broadcast one has its gradient summed back afterwards.
 
 #include <ATen/ATen.h>
 #include <ATen/ExpandUtils.h>
@@ -18,7 +22,7 @@
 namespace fusedgauss {
 
 struct BatchedOperand {
-  at::Tensor data;         // contiguous: (*event) when shared, (B, *event) otherwise
+  at::Tensor data;         // contiguous (*event) when shared; (B, *event) samples otherwise
   int64_t batch_stride;    // elements between consecutive samples; 0 when shared
   // The input has a single batch element, so its gradient is the sum over the batch.
   // (An expanded input is read as shared but needs a gradient per batch element.)
@@ -58,7 +62,34 @@ inline BatchLayout broadcast_batch(std::initializer_list<std::pair<const at::Ten
   return {shape, numel};
 }
 
-inline BatchedOperand batch_operand(const at::Tensor& t, int64_t event_dims, const BatchLayout& layout) {
+/// The stride between consecutive samples of `full` (an operand expanded to the batch's
+/// shape) when each sample's event is one contiguous run and the samples lie a fixed stride
+/// apart without overlapping; -1 otherwise.
+inline int64_t uniform_sample_stride(const at::Tensor& full, int64_t event_dims) {
+  int64_t event_numel = 1;
+  for (int64_t d = full.dim() - 1; d >= full.dim() - event_dims; --d) {
+    if (full.size(d) != 1 && full.stride(d) != event_numel) return -1;
+    event_numel *= full.size(d);
+  }
+  int64_t stride = -1;      // of the innermost batch dimension with more than one element
+  int64_t outer_stride = -1;  // what the next one out must have for the batch to flatten
+  for (int64_t d = full.dim() - event_dims - 1; d >= 0; --d) {
+    if (full.size(d) == 1) continue;
+    if (stride < 0) {
+      stride = full.stride(d);
+    } else if (full.stride(d) != outer_stride) {
+      return -1;
+    }
+    outer_stride = full.stride(d) * full.size(d);
+  }
+  if (stride < 0) return event_numel;  // one sample
+  return stride >= event_numel ? stride : -1;
+}
+
+/// `strided_samples`: the op's kernels read a per-sample operand at its batch_stride, so one
+/// whose samples lie a fixed stride apart is passed as it is (see the top of this file).
+inline BatchedOperand batch_operand(const at::Tensor& t, int64_t event_dims, const BatchLayout& layout,
+                                    bool strided_samples = false) {
   if (batch_is_broadcast(t, event_dims)) {
     at::Tensor event = t;
     while (event.dim() > event_dims) {
@@ -80,7 +111,12 @@ inline BatchedOperand batch_operand(const at::Tensor& t, int64_t event_dims, con
   for (int64_t d = t.dim() - event_dims; d < t.dim(); ++d) {
     full_shape.push_back(t.size(d));
   }
-  return {t.expand(full_shape).contiguous().view(flat_shape), event_numel, false};
+  const at::Tensor full = t.expand(full_shape);
+  if (strided_samples) {
+    const int64_t stride = uniform_sample_stride(full, event_dims);
+    if (stride > 0) return {full, stride, false};
+  }
+  return {full.contiguous().view(flat_shape), event_numel, false};
 }
 
 /// Gradient with the shape of `input`, from what a kernel wrote for its operand: the

@@ -59,8 +59,9 @@ inline MvnProblem prepare_mvn_problem(const char* op, const char* matrix_name, c
   TORCH_CHECK(value.size(-1) == k && loc.size(-1) == k, op, ": event sizes differ: ", value_name, " has ",
               value.size(-1), ", loc has ", loc.size(-1), ", ", matrix_name, " is ", k, " x ", k);
   BatchLayout layout = broadcast_batch({{&value, 1}, {&loc, 1}, {&matrix, 2}});
-  return {layout, k, batch_operand(value, 1, layout), batch_operand(loc, 1, layout),
-          batch_operand(matrix, 2, layout)};
+  constexpr bool kStrided = true;  // every full-covariance kernel reads samples at their stride
+  return {layout, k, batch_operand(value, 1, layout, kStrided), batch_operand(loc, 1, layout, kStrided),
+          batch_operand(matrix, 2, layout, kStrided)};
 }
 
 /// Three operands of shape (*, k) each, ready for a kernel: the diagonal and squashed-diagonal
@@ -156,11 +157,12 @@ inline MvnProblem prepare_packed_mvn_problem(const char* op, const at::Tensor& v
               ", loc has ", loc.size(-1), ", packed has ", packed.size(-1), " values (k(k+1)/2 = ",
               math::packed_size(k), " for k = ", k, ")");
   BatchLayout layout = broadcast_batch({{&value, 1}, {&loc, 1}, {&packed, 1}});
+  constexpr bool kStrided = true;  // as prepare_mvn_problem's
   return {layout,
           k,
-          batch_operand(value, 1, layout),
-          batch_operand(loc, 1, layout),
-          batch_operand(packed, 1, layout),
+          batch_operand(value, 1, layout, kStrided),
+          batch_operand(loc, 1, layout, kStrided),
+          batch_operand(packed, 1, layout, kStrided),
           parse_diag_transform(op, diag_transform),
           min_diag};
 }
