@@ -69,6 +69,20 @@ def plain_torch_scale_tril(packed, diag_transform="softplus", min_diag=0.0):
     return L.tril(-1) + torch.diag_embed(diagonal)
 
 
+def outputs_and_grads(fn, inputs, seed=1):
+    """fn's outputs (a tuple, or one tensor, as a list) and the gradients of a random weighting
+    of all of them with respect to every input. The inputs become leaves as they are, strides
+    included; the weights come from `seed` (the same for every fn) and go to the outputs'
+    device."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    generator = torch.Generator().manual_seed(seed)
+    loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, generator=generator).to(o.device)).sum()
+               for o in outs)
+    return [o.detach() for o in outs], list(torch.autograd.grad(loss, leaves))
+
+
 class OpRecorder(TorchDispatchMode):
     """The names of the ops that reach the dispatcher's Python modes."""
 

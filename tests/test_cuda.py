@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
+from helpers import outputs_and_grads, random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
 from test_cholesky import check_against_torch_linalg
 from test_mvn_ops import (
     EVENT_SIZES,
@@ -305,7 +305,6 @@ from test_squashed_ops import (  # noqa: E402
     SATURATED,
     check_case,
     opcheck_cases,
-    outputs_and_grads,
     reference_on_float64,
 )
 

@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from helpers import OpRecorder, plain_torch_scale_tril, random_scale_tril
+from helpers import OpRecorder, outputs_and_grads, plain_torch_scale_tril, random_scale_tril
 
 import fusedgauss
 from fusedgauss import backends, ops, reference
@@ -77,16 +77,6 @@ def make_inputs(layout, k, factor_kind, dtype=torch.float64):
     return tensors
 
 
-def outputs_and_grads(fn, tensors, seed=3):
-    """fn's outputs and the gradients of a random weighting of all of them to its inputs."""
-    leaves = [t.detach().requires_grad_() for t in tensors]
-    outputs = fn(*leaves)
-    generator = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, generator=generator).to(o.device)).sum()
-               for o in outputs)
-    return [o.detach() for o in outputs], list(torch.autograd.grad(loss, leaves))
-
-
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -100,9 +90,10 @@ def test_log_det_output(backend, device, op, layout, k):
         pytest.skip("the interpreter is slow: the Triton kernels run the smaller sizes")
     factor_kind, fused, oracle = OPS[op]
     inputs = make_inputs(layout, k, factor_kind, torch.float32)
-    expected, expected_grads = outputs_and_grads(oracle, [t.double() for t in inputs])
+    expected, expected_grads = outputs_and_grads(oracle, [t.double() for t in inputs], seed=3)
     with backends.use(backend):
-        got, got_grads = outputs_and_grads(lambda *a: fused(*a, return_log_det=True), [t.to(device) for t in inputs])
+        got, got_grads = outputs_and_grads(lambda *a: fused(*a, return_log_det=True), [t.to(device) for t in inputs],
+                                           seed=3)
     for g, e in zip([*got, *got_grads], [*expected, *expected_grads]):
         assert g.shape == e.shape and g.dtype == torch.float32
         scale = 1 + e.abs().max()

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
+from helpers import outputs_and_grads, random_scale_tril, random_spd, symmetrise, torch_mvn_log_prob
 
 import fusedgauss
 from fusedgauss import backends, ops, reference
@@ -204,44 +204,40 @@ def test_non_contiguous_inputs(backend, matrix):
 
 
 # Every op whose kernels read per-sample operands at their batch stride (the full-covariance
-# ops), as a function of (value, loc, scale_tril, covariance, packed); value is eps for a sample.
+# ops): the op on the operands it names (value is eps for a sample).
 STRIDED_SAMPLE_OPS = {
-    "mvn_tril": lambda v, loc, L, S, P: ops.mvn_tril_log_prob(v, loc, L, return_log_det=True),
-    "mvn_cov": lambda v, loc, L, S, P: ops.mvn_cov_log_prob(v, loc, S),
-    "squashed_tril": lambda v, loc, L, S, P: ops.squashed_tril_log_prob(v, loc, L, True, return_log_det=True),
-    "squashed_tril_rsample": lambda v, loc, L, S, P: ops.squashed_tril_rsample_log_prob(loc, L, v),
-    "mvn_packed": lambda v, loc, L, S, P: ops.mvn_packed_log_prob(v, loc, P, "softplus", 0.1, return_log_det=True),
-    "squashed_packed": lambda v, loc, L, S, P: ops.squashed_packed_log_prob(v, loc, P, "softplus", 0.1, True,
-                                                                            return_log_det=True),
+    "mvn_tril": (lambda v, loc, L: ops.mvn_tril_log_prob(v, loc, L, return_log_det=True),
+                 ("value", "loc", "scale_tril")),
+    "mvn_cov": (ops.mvn_cov_log_prob, ("value", "loc", "covariance")),
+    "squashed_tril": (lambda v, loc, L: ops.squashed_tril_log_prob(v, loc, L, True, return_log_det=True),
+                      ("value", "loc", "scale_tril")),
+    "squashed_tril_rsample": (lambda eps, loc, L: ops.squashed_tril_rsample_log_prob(loc, L, eps),
+                              ("value", "loc", "scale_tril")),
+    "mvn_packed": (lambda v, loc, P: ops.mvn_packed_log_prob(v, loc, P, "softplus", 0.1, return_log_det=True),
+                   ("value", "loc", "packed")),
+    "squashed_packed": (lambda v, loc, P: ops.squashed_packed_log_prob(v, loc, P, "softplus", 0.1, True,
+                                                                       return_log_det=True),
+                        ("value", "loc", "packed")),
 }
 
 
 def sliced_operands(batch_shape, k, flattens, device):
-    """(leaves, operands), float32: value, loc and packed as column slices of one wide tensor
-    (a policy network's output split in parts), scale_tril and covariance as slices of larger
-    batches of matrices. With `flattens`, each operand's samples lie one fixed stride apart
-    (every other matrix). Otherwise the samples are the first half of a last batch dimension
-    twice as long, so that a batch of two dimensions does not flatten to one stride."""
+    """float32 value, loc and packed as column slices of one wide tensor (a policy network's
+    output split in parts), scale_tril and covariance as slices of larger batches of
+    matrices. With `flattens`, each operand's samples lie one fixed stride apart (every other
+    matrix). Otherwise the samples are the first half of a last batch dimension twice as
+    long, so that a batch of two dimensions does not flatten to one stride."""
     n = k * (k + 1) // 2
     last = batch_shape[-1]
     big = batch_shape[:-1] + ((last if flattens else 2 * last),)
-    wide = 0.5 * torch.randn(big + (2 * k + n + 3,), dtype=torch.float64)
-    matrices = batch_shape[:-1] + (2 * last,)
-    leaves = [t.to(device, torch.float32).requires_grad_()
-              for t in (wide, random_scale_tril(matrices, k), random_spd(matrices, k))]
-    wide, L_all, S_all = leaves
+    wide, L_all, S_all = (t.to(device, torch.float32) for t in (
+        0.5 * torch.randn(big + (2 * k + n + 3,), dtype=torch.float64),
+        random_scale_tril(batch_shape[:-1] + (2 * last,), k),
+        random_spd(batch_shape[:-1] + (2 * last,), k)))
     rows = wide if flattens else wide[..., :last, :]
     L, S = (M[..., ::2, :, :] if flattens else M[..., :last, :, :] for M in (L_all, S_all))
-    return leaves, (rows[..., :k], rows[..., k:2 * k], L, S, rows[..., 2 * k:2 * k + n])
-
-
-def outputs_and_gradients(op, leaves, operands):
-    outputs = op(*operands)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    weights = [torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(i))
-               for i, o in enumerate(outputs)]
-    total = sum((w * o).sum() for w, o in zip(weights, outputs))
-    return [o.detach() for o in outputs], torch.autograd.grad(total, leaves, allow_unused=True)
+    return {"value": rows[..., :k], "loc": rows[..., k:2 * k], "scale_tril": L, "covariance": S,
+            "packed": rows[..., 2 * k:2 * k + n]}
 
 
 def aten_ops_run_by(fn):
@@ -260,18 +256,16 @@ def test_samples_a_stride_apart_are_read_in_place(backend, device, op_name, k, b
     """Operands whose samples lie a fixed stride apart reach the kernels as they are, with the
     same bits as contiguous copies give, forward and backward; a batch that does not flatten
     to one stride is copied, which the profiler sees (so it would see a copy of the others)."""
-    op = STRIDED_SAMPLE_OPS[op_name]
-    leaves, operands = sliced_operands(batch_shape, k, flattens, device)
-    assert not any(t.is_contiguous() for t in operands)
+    op, names = STRIDED_SAMPLE_OPS[op_name]
+    operands = sliced_operands(batch_shape, k, flattens, device)
+    strided = [operands[name] for name in names]
+    assert not any(t.is_contiguous() for t in strided)
     with backends.use(backend):
-        got, got_grads = outputs_and_gradients(op, leaves, operands)
-        expected, expected_grads = outputs_and_gradients(op, leaves, [t.contiguous() for t in operands])
-        copies = {"aten::clone", "aten::contiguous"} & aten_ops_run_by(lambda: op(*operands))
-    for g, e in zip(got + list(got_grads), expected + list(expected_grads)):
-        if e is None:
-            assert g is None
-        else:
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        got, got_grads = outputs_and_grads(op, strided)
+        expected, expected_grads = outputs_and_grads(op, [t.contiguous() for t in strided])
+        copies = {"aten::clone", "aten::contiguous"} & aten_ops_run_by(lambda: op(*strided))
+    for g, e in zip(got + got_grads, expected + expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
     assert bool(copies) == (not flattens), copies
 
 

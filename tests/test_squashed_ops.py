@@ -15,7 +15,7 @@ from typing import Callable
 import pytest
 import torch
 import torch.distributions as td
-from helpers import random_scale_tril
+from helpers import outputs_and_grads, random_scale_tril
 
 from fusedgauss import backends, ops, reference
 
@@ -138,18 +138,6 @@ CASES = [
     ),
 ]
 CASE_IDS = [case.name for case in CASES]
-
-
-def outputs_and_grads(fn, inputs, seed=1):
-    """fn's outputs (a tuple) and the gradients of a random weighting of all of them with
-    respect to every input (the weights are the same for every fn: they come from `seed`)."""
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    generator = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, generator=generator)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, inputs)
-    return [o.detach() for o in outs], list(grads)
 
 
 def on_backend(backend, fn):
