@@ -77,7 +77,8 @@ def _use_cuda(cuda_sources: list[str]) -> bool:
 
 def _extension():
     cpu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
-    cpu_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    for folder in ("autograd", "cpu"):
+        cpu_sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / folder).glob("*.cpp"))
     cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
     debug = _truthy("FUSEDGAUSS_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]

@@ -1,6 +1,7 @@
 // Every fusedgauss op's schema, in one place. Device kernels register their implementations
-// in csrc/cpu and csrc/cuda; autograd and fake (meta) implementations are attached in
-// Python (pyext/ops.py). Schemas are functional: fresh outputs, no in-place arguments.
+// in csrc/cpu and csrc/cuda, autograd in csrc/autograd; fake (meta) implementations are
+// attached in Python (pyext/ops.py). Schemas are functional: fresh outputs, no in-place
+// arguments.
 
 #include <torch/library.h>
 

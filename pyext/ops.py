@@ -5,8 +5,9 @@ Each public function checks its arguments (:mod:`fusedgauss.validation`), asks
 ``torch.ops.fusedgauss.<op>`` (cpu, cuda), the Triton op ``torch.ops.fusedgauss_triton.<op>``
 (:mod:`fusedgauss.triton_ops`, imported on first use) or the plain-PyTorch reference. This
 module also attaches to each compiled op its fake (meta) implementation, so ``torch.compile``
-traces through it, and to both kinds of op their autograd formula, which calls the op's
-explicit backward op.
+traces through it, and to each Triton op its autograd formula, which calls the op's explicit
+backward op. The compiled ops have the same formulas in C++ (csrc/autograd/autograd.cpp),
+where they cost no Python per call.
 
 Second derivatives through the fused backward ops are not implemented: differentiating one
 raises an error that says so (force the "torch" backend for higher-order gradients).
@@ -351,8 +352,8 @@ OPS = (
 
 
 def register_autograd(namespace: str) -> None:
-    """Attaches autograd to the ops of `namespace` (the compiled "fusedgauss" ops, or the
-    Triton ones): each forward op's gradient is its backward op, whose own gradient raises."""
+    """Attaches autograd to the ops of `namespace` (the Triton ones; the compiled ops have theirs
+    in C++): each forward op's gradient is its backward op, whose own gradient raises."""
     ops = getattr(torch.ops, namespace)
     names = [name for name in OPS if hasattr(ops, name)]
     formulas = {
@@ -414,7 +415,6 @@ def _register_compiled() -> None:
     torch.library.register_fake(
         lib + "packed_scale_tril_log_det_backward", lambda grad, packed, *flags: torch.empty_like(packed)
     )
-    register_autograd("fusedgauss")
 
 
 if backends.EXTENSION_LOADED:

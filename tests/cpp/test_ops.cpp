@@ -1,6 +1,7 @@
 // The registered ops, called through the dispatcher as a libtorch user would, against ATen.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <tuple>
@@ -58,6 +59,29 @@ void test_cholesky_op(int64_t k) {
   EXPECT_TRUE(max_abs_difference(L, at::linalg_cholesky(A)) < 1e-12);
 }
 
+/// The ops carry their autograd with them: a libtorch caller differentiates through the op
+/// itself (its Autograd kernel calls the backward op), and gets ATen's gradients.
+void test_gradients_through_the_op(int64_t k) {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor value = at::randn({4, k}, options);
+  const at::Tensor loc = at::randn({4, k}, options).requires_grad_();
+  const at::Tensor B = at::randn({4, k, k}, options);
+  const at::Tensor L =
+      at::linalg_cholesky(at::matmul(B, B.mT()) / k + 0.5 * at::eye(k, options)).detach().requires_grad_();
+  const at::Tensor weights = at::randn({4}, options);
+
+  const auto [log_prob, log_det] = call_tril_log_prob(value, loc, L);
+  const auto got = torch::autograd::grad({(log_prob * weights).sum() + log_det.sum()}, {loc, L});
+
+  const at::Tensor z = at::linalg_solve_triangular(L, (value - loc).unsqueeze(-1), /*upper=*/false).squeeze(-1);
+  const at::Tensor expected_log_det = L.diagonal(0, -2, -1).log().sum(-1);
+  const at::Tensor expected_log_prob = -0.5 * z.pow(2).sum(-1) - expected_log_det - 0.5 * k * std::log(2 * M_PI);
+  const auto expected =
+      torch::autograd::grad({(expected_log_prob * weights).sum() + expected_log_det.sum()}, {loc, L});
+  EXPECT_TRUE(max_abs_difference(got[0], expected[0]) < 1e-10);
+  EXPECT_TRUE(max_abs_difference(got[1], expected[1]) < 1e-10);
+}
+
 void test_bad_input_is_rejected() {
   bool threw = false;
   try {
@@ -75,6 +99,7 @@ int main() {
   for (int64_t k : {1, 2, 6, 17}) {
     test_log_prob_ops(k);
     test_cholesky_op(k);
+    test_gradients_through_the_op(k);
   }
   test_bad_input_is_rejected();
   std::printf("%s: %d failures\n", failures() ? "FAILED" : "ok", failures());

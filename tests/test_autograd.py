@@ -1,0 +1,118 @@
+"""The ops' autograd formulas, called on the ops themselves: C++ for the compiled ops
+(csrc/autograd/autograd.cpp), Python for the Triton ones (ops.register_autograd).
+
+For every op and every output: the gradients of that output alone, the others unused (their
+gradients then reach the backward op as absent, not as zeros), against autograd through the
+float64 reference; gradients only for the inputs that require them; and a second derivative
+raises, naming the backward op.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ON_GPU, TRITON_DEVICE, requires_compiled_cpu
+from helpers import random_scale_tril, random_spd
+
+from fusedgauss import backends, ops, reference
+
+K = 3
+BATCH = (2, 3)
+PACKED = ("softplus", 0.01)
+
+
+def sample_inputs(name: str) -> list:
+    """Fresh float64 arguments of op `name`: its tensors (per-sample), then its other arguments."""
+    value, loc, eps, u = (torch.randn(BATCH + (K,), dtype=torch.float64) for _ in range(4))
+    scale = torch.rand(BATCH + (K,), dtype=torch.float64) + 0.5
+    L = random_scale_tril(BATCH, K)
+    packed = torch.randn(BATCH + (K * (K + 1) // 2,), dtype=torch.float64)
+    return {
+        "mvn_tril_log_prob": [value, loc, L],
+        "mvn_cov_log_prob": [value, loc, random_spd(BATCH, K)],
+        "diag_normal_log_prob": [value, loc, scale],
+        "squashed_diag_log_prob": [u, loc, scale, True],
+        "squashed_tril_log_prob": [u, loc, L, True],
+        "squashed_diag_rsample_log_prob": [loc, scale, eps],
+        "squashed_tril_rsample_log_prob": [loc, L, eps],
+        "mvn_packed_log_prob": [value, loc, packed, *PACKED],
+        "squashed_packed_log_prob": [u, loc, packed, *PACKED, True],
+        "tanh_log_abs_det_jacobian": [u],
+        "cholesky": [random_spd(BATCH, K)],
+        "packed_to_scale_tril": [packed, *PACKED],
+        "packed_scale_tril_log_det": [packed, *PACKED],
+    }[name]
+
+
+LIBRARIES = [
+    pytest.param("fusedgauss", "cpu", marks=requires_compiled_cpu, id="cpu"),
+    pytest.param("fusedgauss", "cuda", id="cuda", marks=pytest.mark.skipif(
+        not (ON_GPU and backends.COMPILED_CUDA), reason="needs a GPU and the CUDA kernels")),
+    pytest.param("fusedgauss_triton", TRITON_DEVICE, id="triton", marks=pytest.mark.skipif(
+        backends.unavailable_reason("triton", TRITON_DEVICE) is not None, reason="the triton backend cannot run here")),
+]
+
+
+def op_of(namespace: str, name: str):
+    if namespace == "fusedgauss_triton":
+        from fusedgauss import triton_ops  # noqa: F401  (registers the Triton ops)
+    ops_of_namespace = getattr(torch.ops, namespace)
+    if not hasattr(ops_of_namespace, name):
+        pytest.skip(f"{namespace} has no {name}")
+    return getattr(ops_of_namespace, name)
+
+
+def on(device: str, args: list, dtype=torch.float32, requires_grad=True) -> list:
+    """args with every tensor moved to device and dtype, as a leaf that requires grad."""
+    return [a.to(device, dtype).requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def outputs(result) -> tuple:
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("namespace, device", LIBRARIES)
+@pytest.mark.parametrize("name", ops.OPS)
+class TestAutograd:
+    def test_each_output_alone(self, namespace, device, name):
+        op = op_of(namespace, name)
+        args = sample_inputs(name)
+        expected_outputs = outputs(getattr(reference, name)(*on("cpu", args, torch.float64)))
+        for index in range(len(expected_outputs)):
+            weights = torch.randn(expected_outputs[index].shape, dtype=torch.float64)
+            ours, theirs = on(device, args), on("cpu", args, torch.float64)
+            ours_tensors = [a for a in ours if isinstance(a, torch.Tensor)]
+            theirs_tensors = [a for a in theirs if isinstance(a, torch.Tensor)]
+            # An output may not depend on every input (log_det on value and loc): zeros there.
+            got = torch.autograd.grad((outputs(op(*ours))[index].double() * weights.to(device)).sum(), ours_tensors,
+                                      allow_unused=True, materialize_grads=True)
+            want = torch.autograd.grad((outputs(getattr(reference, name)(*theirs))[index] * weights).sum(),
+                                       theirs_tensors, allow_unused=True, materialize_grads=True)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4,
+                                           msg=lambda m: f"{name} output {index}: {m}")
+
+    def test_gradients_only_where_required(self, namespace, device, name):
+        op = op_of(namespace, name)
+        args = on(device, sample_inputs(name), requires_grad=False)
+        tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        for wanted in tensors:
+            args[wanted].requires_grad_()
+            result = outputs(op(*args))
+            differentiable = [o for o in result if o.requires_grad]
+            assert differentiable, f"{name}: no output requires grad when input {wanted} does"
+            total = sum(o.sum() for o in differentiable)
+            total.backward()
+            assert args[wanted].grad is not None and torch.isfinite(args[wanted].grad).all()
+            assert all(args[i].grad is None for i in tensors if i != wanted)
+            args[wanted].grad = None
+            args[wanted].requires_grad_(False)
+
+    def test_second_derivative_raises(self, namespace, device, name):
+        op = op_of(namespace, name)
+        args = on(device, sample_inputs(name))
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        loss = sum((o.double() * torch.rand_like(o, dtype=torch.float64)).sum() for o in outputs(op(*args)))
+        grads = torch.autograd.grad(loss, tensors, create_graph=True)
+        with pytest.raises(NotImplementedError, match=f"second derivative through {name}_backward is not implemented"):
+            sum(g.sum() for g in grads).backward()
