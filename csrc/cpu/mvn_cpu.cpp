@@ -88,21 +88,34 @@ class BlockFactors {
 
   const acc_t* L() const { return L_.data(); }
 
-  /// x = L^{-1} x for each lane (x lane-minor k x W).
+  /// x = L^{-1} x for each lane (x lane-minor k x W). A per-sample factor of a compile-time k
+  /// is solved by columns (math::solve_lower_by_columns, the same bits): x stays in registers
+  /// and a column's updates are independent, where a row sum is a chain. That took 5-20% off
+  /// every log-prob kernel, forward and backward, tril and packed, of k = 2, 3, 6 and 8 (one
+  /// thread, 4096 samples: k=6 tril backward 142 -> 119 us). With a runtime k, x goes through
+  /// memory at each update, and the two orders measured the same (k = 12, 17): rows stay.
   C10_ALWAYS_INLINE void solve(acc_t* x) const {
     if (shared()) {
       math::lower_times_in_place<W>(k(), inverse_.data(), x);
     } else {
-      math::solve_lower<W>(k(), L_.data(), x);
+      if constexpr (kK != 0) {
+        math::solve_lower_by_columns<W>(k(), L_.data(), x);
+      } else {
+        math::solve_lower<W>(k(), L_.data(), x);
+      }
     }
   }
 
-  /// x = L^{-T} x for each lane.
+  /// x = L^{-T} x for each lane (by columns as solve()).
   C10_ALWAYS_INLINE void solve_transposed(acc_t* x) const {
     if (shared()) {
       math::lower_transposed_times_in_place<W>(k(), inverse_.data(), x);
     } else {
-      math::solve_lower_transposed<W>(k(), L_.data(), x);
+      if constexpr (kK != 0) {
+        math::solve_lower_transposed_by_columns<W>(k(), L_.data(), x);
+      } else {
+        math::solve_lower_transposed<W>(k(), L_.data(), x);
+      }
     }
   }
 

@@ -120,6 +120,46 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times_in_place(int64_t k
   }
 }
 
+/// solve_lower by columns: x_j = x_j / L_jj, then x_i -= L_ij x_j for every i > j. The same
+/// operations in the same order as solve_lower (each x_i takes x_0, x_1, ... in turn), so the
+/// same bits; but the updates of one column are independent, where solve_lower's row sums
+/// are chains of dependent multiply-adds as long as the row. With few lanes per block a
+/// chain is one vector, and the solve waited on it.
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_by_columns(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
+                                                              acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
+  for (int64_t j = 0; j < k; ++j) {
+    acc_t xj[W];
+    for (int l = 0; l < W; ++l) xj[l] = x[j * W + l] * (acc_t(1) / static_cast<acc_t>(L[(j * k + j) * W + l]));
+    for (int l = 0; l < W; ++l) x[j * W + l] = xj[l];
+    FUSEDGAUSS_UNROLL_ROWS
+    for (int64_t i = j + 1; i < k; ++i) {
+      const mat_t* Lij = L + (i * k + j) * W;
+      for (int l = 0; l < W; ++l) x[i * W + l] -= static_cast<acc_t>(Lij[l]) * xj[l];
+    }
+  }
+}
+
+/// solve_lower_transposed by columns of L^T (rows of L): x_j = x_j / L_jj, then
+/// x_i -= L_ji x_j for every i < j, from the last j up; the same bits as
+/// solve_lower_transposed, without its chains (see solve_lower_by_columns).
+template <int W, typename acc_t, typename mat_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed_by_columns(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
+                                                                         acc_t* FUSEDGAUSS_RESTRICT x) {
+  FUSEDGAUSS_UNROLL_ROWS
+  for (int64_t j = k - 1; j >= 0; --j) {
+    acc_t xj[W];
+    for (int l = 0; l < W; ++l) xj[l] = x[j * W + l] * (acc_t(1) / static_cast<acc_t>(L[(j * k + j) * W + l]));
+    for (int l = 0; l < W; ++l) x[j * W + l] = xj[l];
+    FUSEDGAUSS_UNROLL_ROWS
+    for (int64_t i = 0; i < j; ++i) {
+      const mat_t* Lji = L + (j * k + i) * W;
+      for (int l = 0; l < W; ++l) x[i * W + l] -= static_cast<acc_t>(Lji[l]) * xj[l];
+    }
+  }
+}
+
 /// Solves L^T x = b in place for each lane (back substitution); `x` holds b on entry.
 ///   x_i = (b_i - sum_{j>i} L_ji x_j) / L_ii
 /// Walks a column of L, which in the lane-minor layout costs no more than a row, so that the
