@@ -41,6 +41,10 @@ int64_t work_per_sample(const MvnProblem& p) {
   return p.k * p.k * (factorises ? p.k : 1);
 }
 
+/// What a pass needs of the factors beside L: a forward pass the log-prob's sum_i log L_ii, a
+/// backward pass a packed factor's dL_ii/dx_ii (which the forward skips, a division each).
+enum class Pass { kForward, kBackward };
+
 /// The Cholesky factors of a block of samples, lane-minor. A shared matrix is factorised
 /// (covariance) and broadcast to every lane once; a per-sample one is gathered (and, for a
 /// covariance, factorised; packed, unpacked) block by block into this object's scratch.
@@ -58,17 +62,15 @@ class BlockFactors {
   using acc_t = at::opmath_type<scalar_t>;
   static constexpr bool kPacked = kParam == Param::kPacked;
 
-  /// need_log_det: the log-prob's sum_i log L_ii (forward passes); need_diag_derivative: a
-  /// packed factor's dL_ii/dx_ii (backward passes: the forward skips its division).
-  BlockFactors(const MvnProblem& p, bool need_log_det, bool need_diag_derivative)
+  BlockFactors(const MvnProblem& p, Pass pass)
       : k_(p.k),
         matrix_(p.matrix.data.const_data_ptr<scalar_t>()),
         stride_(p.matrix.batch_stride),
-        need_log_det_(need_log_det),
-        need_diag_derivative_(need_diag_derivative),
+        need_log_det_(pass == Pass::kForward),
+        need_diag_derivative_(kPacked && pass == Pass::kBackward),
         L_(static_cast<size_t>(p.k * p.k * W)),
         packed_(static_cast<size_t>(kPacked ? math::packed_size(p.k) * W : 0)),
-        diag_derivative_(static_cast<size_t>(kPacked && need_diag_derivative ? p.k * W : 0)),
+        diag_derivative_(static_cast<size_t>(need_diag_derivative_ ? p.k * W : 0)),
         diag_transform_(p.diag_transform),
         min_diag_(static_cast<acc_t>(p.min_diag)) {
     if (shared()) {
@@ -241,25 +243,32 @@ C10_ALWAYS_INLINE void store_lanes(const acc_t* lanes, int count, scalar_t* out)
   }
 }
 
-/// The scale_tril gradients tril(a b^T) - c diag(1/L_ii) of a block of samples, lane-minor
-/// k x k (zero above the diagonal): the form of every scale_tril gradient here, with a = g w,
-/// b = z, c = g for a log-prob (g - h with a log-det output) and a = g_u, b = eps,
-/// c = g_log_prob for a sample.
-template <int W, typename acc_t>
+/// The scale_tril gradients tril(a b^T) - c diag(1/L_ii) of a block of samples, lane-minor:
+/// the form of every scale_tril gradient here, with a = g w, b = z, c = g for a log-prob (g - h
+/// with a log-det output) and a = g_u, b = eps, c = g_log_prob for a sample. Dense k x k (zero
+/// above the diagonal), or kPacked: row by row in the packed layout, with the diagonal entries
+/// times dL_ii/dx_ii (`diag_derivative`), the gradient of a packed factor written straight
+/// (through the dense gradient and packing it, the upper triangle's zeros were written and the
+/// rest copied once more).
+template <bool kPacked, int W, typename acc_t>
 C10_ALWAYS_INLINE void scale_tril_gradient_block(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT a,
                                                  const acc_t* FUSEDGAUSS_RESTRICT b, const acc_t* FUSEDGAUSS_RESTRICT c,
-                                                 const acc_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
+                                                 const acc_t* FUSEDGAUSS_RESTRICT L,
+                                                 const acc_t* FUSEDGAUSS_RESTRICT diag_derivative,
+                                                 acc_t* FUSEDGAUSS_RESTRICT out) {
   for (int64_t i = 0; i < k; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      acc_t* o = out + (i * k + j) * W;
-      if (j < i) {
-        for (int l = 0; l < W; ++l) o[l] = a[i * W + l] * b[j * W + l];
-      } else if (j == i) {
-        const acc_t* Lii = L + (i * k + i) * W;
-        for (int l = 0; l < W; ++l) o[l] = a[i * W + l] * b[i * W + l] - c[l] / Lii[l];
-      } else {
-        for (int l = 0; l < W; ++l) o[l] = acc_t(0);
-      }
+    acc_t* row = out + (kPacked ? math::packed_index(i, 0) : i * k) * W;
+    const acc_t* ai = a + i * W;
+    for (int64_t j = 0; j < i; ++j) {
+      for (int l = 0; l < W; ++l) row[j * W + l] = ai[l] * b[j * W + l];
+    }
+    const acc_t* Lii = L + (i * k + i) * W;
+    for (int l = 0; l < W; ++l) {
+      const acc_t diagonal = ai[l] * b[i * W + l] - c[l] / Lii[l];
+      row[i * W + l] = kPacked ? diagonal * diag_derivative[i * W + l] : diagonal;
+    }
+    if constexpr (!kPacked) {
+      for (int64_t e = (i + 1) * W; e < k * W; ++e) row[e] = acc_t(0);
     }
   }
 }
@@ -272,30 +281,6 @@ void finish_shared_scale_tril_gradient(int64_t k, const acc_t* L, acc_t c_sum, a
   for (int64_t i = 0; i < k; ++i) {
     m[i * k + i] -= c_sum / L[i * k + i];
     for (int64_t j = i + 1; j < k; ++j) m[i * k + j] = 0;
-  }
-}
-
-/// A packed factor's gradient for a block of samples, written straight in the packed layout
-/// (lane-minor, row by row): scale_tril_gradient_block's tril(a b^T) - c diag(1/L_ii), with
-/// the diagonal entries times dL_ii/dx_ii. Going through the dense k x k gradient and packing
-/// it wrote the upper triangle's zeros and copied the rest once more.
-template <int W, typename acc_t>
-C10_ALWAYS_INLINE void packed_scale_tril_gradient_block(int64_t k, const acc_t* FUSEDGAUSS_RESTRICT a,
-                                                        const acc_t* FUSEDGAUSS_RESTRICT b,
-                                                        const acc_t* FUSEDGAUSS_RESTRICT c,
-                                                        const acc_t* FUSEDGAUSS_RESTRICT L,
-                                                        const acc_t* FUSEDGAUSS_RESTRICT diag_derivative,
-                                                        acc_t* FUSEDGAUSS_RESTRICT out) {
-  for (int64_t i = 0; i < k; ++i) {
-    acc_t* row = out + math::packed_index(i, 0) * W;
-    const acc_t* ai = a + i * W;
-    for (int64_t j = 0; j < i; ++j) {
-      for (int l = 0; l < W; ++l) row[j * W + l] = ai[l] * b[j * W + l];
-    }
-    const acc_t* Lii = L + (i * k + i) * W;
-    for (int l = 0; l < W; ++l) {
-      row[i * W + l] = (ai[l] * b[i * W + l] - c[l] / Lii[l]) * diag_derivative[i * W + l];
-    }
   }
 }
 
@@ -376,7 +361,7 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
   const int64_t k = kK > 0 ? kK : p.k;
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true, /*need_diag_derivative=*/false);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, Pass::kForward);
   const Chunks chunks(p.layout.batch_numel, grain_size(work_per_sample<kParam>(p)));
   chunks.run_vectorised<widest_simd(kParam, kK)>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
@@ -431,7 +416,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const auto slot = [k](int64_t i, int64_t j) { return kPacked ? math::packed_index(i, j) : i * k + j; };
   const scalar_t* value = p.value.data.const_data_ptr<scalar_t>();
   const scalar_t* loc = p.loc.data.const_data_ptr<scalar_t>();
-  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false, /*need_diag_derivative=*/true);
+  const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, Pass::kBackward);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
   GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
@@ -508,13 +493,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         }
         for (int l = 0; l < W; ++l) acc[matrix_entries * W + l] += g[l];
       } else if (matrix_rows.active()) {
-        if constexpr (kPacked) {
-          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det),
-          // through the diagonal transform
-          packed_scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, factors.diag_derivative(),
-                                              matrix_grad.data());
-        } else if constexpr (!kCovariance) {
-          scale_tril_gradient_block<W>(k, gw_block, z.data(), diag_coefficient, L, matrix_grad.data());
+        if constexpr (!kCovariance) {
+          // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det);
+          // packed, through the diagonal transform
+          scale_tril_gradient_block<kPacked, W>(k, gw_block, z.data(), diag_coefficient, L, factors.diag_derivative(),
+                                                matrix_grad.data());
         } else {
           // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric
           math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
@@ -620,8 +603,7 @@ template <int kK, int W, typename scalar_t>
 void rsample_forward_kernel(const MvnProblem& p, RsampleOutputs& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
-  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/true,
-                                                                       /*need_diag_derivative=*/false);
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, Pass::kForward);
   scalar_t* action_out = out.action.data_ptr<scalar_t>();
   scalar_t* pre_tanh_out = out.pre_tanh.data_ptr<scalar_t>();
   scalar_t* log_prob_out = out.log_prob.data_ptr<scalar_t>();
@@ -655,8 +637,7 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t k = kK > 0 ? kK : p.k;
   const int64_t n = p.layout.batch_numel;
-  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, /*need_log_det=*/false,
-                                                                       /*need_diag_derivative=*/false);
+  const BlockFactors<Param::kScaleTril, kK, W, scalar_t> shared_factors(p, Pass::kBackward);
   const Chunks chunks(n, grain_size(k * k));
   GradientSink<scalar_t> loc_sink(mask[0], p.loc, {k}, chunks, n);
   GradientSink<scalar_t> matrix_sink(mask[1], p.matrix, {k, k}, chunks, n, /*extra_slots=*/1);
@@ -726,7 +707,9 @@ std::array<at::Tensor, 3> rsample_backward_kernel(const MvnProblem& p, const Rsa
         }
         for (int l = 0; l < W; ++l) acc[k * k * W + l] += g_log_prob[l];
       } else if (matrix_sink.requested) {
-        scale_tril_gradient_block<W>(k, g_u.data(), eps, g_log_prob, L, matrix_grad.data());
+        scale_tril_gradient_block</*kPacked=*/false, W>(k, g_u.data(), eps, g_log_prob, L,
+                                                        /*diag_derivative=*/static_cast<const acc_t*>(nullptr),
+                                                        matrix_grad.data());
         matrix_rows.write(matrix_grad.data(), b0, count);
       }
     }
