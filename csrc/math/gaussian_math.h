@@ -122,9 +122,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void lower_transposed_times_in_place(int64_t k
 
 /// solve_lower by columns: x_j = x_j / L_jj, then x_i -= L_ij x_j for every i > j. The same
 /// operations in the same order as solve_lower (each x_i takes x_0, x_1, ... in turn), so the
-/// same bits; but the updates of one column are independent, where solve_lower's row sums
-/// are chains of dependent multiply-adds as long as the row. With few lanes per block a
-/// chain is one vector, and the solve waited on it.
+/// same bits where the compiler contracts both into FMAs alike (it did for the CPU log-probs
+/// of k = 2..8: identical outputs and gradients either way; with -march=native,
+/// tests/cpp/test_math.cpp's build does not); but the updates of one column are independent,
+/// where solve_lower's row sums are chains of dependent multiply-adds as long as the row.
+/// Which order is faster depends on the caller (BlockFactors::solve, csrc/cpu/mvn_cpu.cpp).
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_by_columns(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L,
                                                               acc_t* FUSEDGAUSS_RESTRICT x) {

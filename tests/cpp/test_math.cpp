@@ -147,6 +147,29 @@ void test_lanes_match_single_samples(int k) {
   }
 }
 
+/// The column solves (the CPU kernels' at a compile-time k) solve what the row solves do. Their
+/// operations are the same, in the same order, but a compiler may contract them into FMAs
+/// differently (with -march=native this one does), so the bits may differ.
+void test_column_solves_match_row_solves(int k) {
+  constexpr int W = 4;
+  Matrix L_lanes(k * k * W);
+  for (int l = 0; l < W; ++l) {
+    const Matrix L = lower_factor(k, random_spd(k));
+    for (int e = 0; e < k * k; ++e) L_lanes[e * W + l] = L[e];
+  }
+  std::vector<double> b(k * W);
+  for (double& x : b) x = normal();
+  std::vector<double> rows = b, columns = b;
+  solve_lower<W>(k, L_lanes.data(), rows.data());
+  solve_lower_by_columns<W>(k, L_lanes.data(), columns.data());
+  for (int e = 0; e < k * W; ++e) EXPECT_CLOSE(columns[e], rows[e], 1e-12);
+  rows = b;
+  columns = b;
+  solve_lower_transposed<W>(k, L_lanes.data(), rows.data());
+  solve_lower_transposed_by_columns<W>(k, L_lanes.data(), columns.data());
+  for (int e = 0; e < k * W; ++e) EXPECT_CLOSE(columns[e], rows[e], 1e-12);
+}
+
 /// sum_log_diagonal renormalises its product: float diagonals spanning the whole float range
 /// give the sum of their logs, where a plain product would overflow or underflow.
 void test_log_det_over_the_float_range() {
@@ -271,6 +294,7 @@ int main() {
     test_log_prob(k);
     test_cholesky_backward_finite_differences(k);
     test_lanes_match_single_samples(k);
+    test_column_solves_match_row_solves(k);
   }
   std::printf("%s: %d failures\n", failures() ? "FAILED" : "ok", failures());
   return failures();
