@@ -400,17 +400,6 @@ def test_not_positive_definite_poisons_its_samples_only(backend):
     assert torch.isfinite(loc.grad[~bad]).all() and torch.isfinite(cov.grad[~bad]).all()
 
 
-@requires_compiled_cpu
-def test_double_backward_raises_clearly():
-    value, loc, L = make_operands("per_sample", (3,), 2, matrix="scale_tril")
-    L.requires_grad_()
-    with backends.use("cpu"):
-        out = ops.mvn_tril_log_prob(value, loc, L).sum()
-        (g,) = torch.autograd.grad(out, L, create_graph=True)
-        with pytest.raises(NotImplementedError, match="second derivative"):
-            g.sum().backward()
-
-
 def opcheck_inputs(device="cpu", event_sizes=(3,)):
     """(matrix, (value, loc, matrix)) for opcheck: per-sample, shared and partly broadcast."""
     for k in event_sizes:
