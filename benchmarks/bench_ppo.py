@@ -53,7 +53,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 
 import fusedgauss  # noqa: E402
 from torch.utils import benchmark  # noqa: E402
-from ppo_continuous import HEADS, Agent, plain_scale_tril, ppo_loss  # noqa: E402
+from ppo_continuous import HEADS, Agent, gather_minibatch, plain_scale_tril, ppo_loss  # noqa: E402
 
 OBS_SIZE = 17
 CLIP, ENT_COEF, VF_COEF = 0.2, 0.0, 0.5
@@ -110,8 +110,7 @@ class FreeDistributionAgent:
 
     def __call__(self, obs, action, pre_tanh):
         agent = self.agent
-        out = agent.actor(obs)
-        loc, packed = out[..., : agent.k], out[..., agent.k:]
+        loc, packed = agent.actor_outputs(obs)
         if agent.head == "diag":
             parameter = agent.log_std.exp()
         elif self.plain_head:
@@ -144,7 +143,7 @@ def update_epoch(agent: Agent, buffer: dict, order: torch.Tensor, minibatch: int
     def run():
         for start in range(0, order.numel(), minibatch):
             index = order[start:start + minibatch]
-            mb = {name: tensor[index] for name, tensor in buffer.items()}
+            mb = gather_minibatch(buffer, index)
             loss, _ = loss_fn(agent, mb, CLIP, ENT_COEF, VF_COEF)
             agent.zero_grad(set_to_none=True)
             loss.backward()

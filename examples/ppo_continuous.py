@@ -138,9 +138,18 @@ class Agent(nn.Module):
         # Bounds of [-1, 1] need no rescale after the tanh: fusedgauss then skips it.
         self.unit_bounds = bool((low == -1).all() and (high == 1).all())
 
-    def distribution(self, obs: torch.Tensor) -> td.Distribution:
+    def actor_outputs(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loc, the packed scale_tril values) from the actor; (loc, None) for the diagonal head."""
         out = self.actor(obs)
-        loc, packed = out[..., : self.k], out[..., self.k:]
+        if self.head == "diag":
+            return out, None
+        # split rather than two slices: its backward writes the two gradients into one
+        # tensor (a cat), where each slice's zeroes a full-width tensor and the two are then
+        # added (k=17, B=4096, two threads, a loop of the log-prob alone: 1.8 -> 1.1 ms).
+        return out.split([self.k, out.shape[-1] - self.k], dim=-1)
+
+    def distribution(self, obs: torch.Tensor) -> td.Distribution:
+        loc, packed = self.actor_outputs(obs)
         if self.head == "diag":
             scale = self.log_std.exp()
             if self.fused:
@@ -218,6 +227,12 @@ def ppo_loss(agent: nn.Module, mb: dict, clip: float, ent_coef: float, vf_coef: 
         approx_kl = ((ratio - 1) - log_ratio).mean()
     return loss, {"pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "entropy": entropy.item(),
                   "approx_kl": approx_kl.item()}
+
+
+def gather_minibatch(batch: dict, index: torch.Tensor) -> dict:
+    """The rows `index` of each tensor of `batch`. index_select, not batch[name][index]:
+    advanced indexing's general path took 2.5x as long for these row gathers."""
+    return {name: tensor.index_select(0, index) for name, tensor in batch.items()}
 
 
 # --- environments and rollouts -----------------------------------------------------------------
@@ -322,7 +337,7 @@ def main(argv=None) -> dict:
         for _ in range(args.epochs):
             order = torch.randperm(T * N, generator=shuffle).to(device)
             for s in range(0, T * N - minibatch + 1, minibatch):
-                mb = {name: tensor[order[s:s + minibatch]] for name, tensor in batch.items()}
+                mb = gather_minibatch(batch, order[s:s + minibatch])
                 loss, logged = ppo_loss(model, mb, args.clip, args.ent_coef, args.vf_coef)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
