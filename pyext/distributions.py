@@ -64,11 +64,16 @@ def _parameters_batch_shape(loc: torch.Tensor, name: str, parameter_batch: torch
         ) from None
 
 
+def _expanded(t: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """t expanded to `shape`, or t itself when it has that shape already: an expand to the same
+    shape is still a view and an autograd node, whose backward is one more step per minibatch."""
+    return t if t.shape == shape else t.expand(shape)
+
+
 def _with_batch_shape(log_prob: torch.Tensor, value: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     """A log-prob computed from unbroadcast parameters, broadcast to the shape PyTorch gives:
     value's batch dimensions against the distribution's (which expand() may have grown)."""
-    shape = validation.broadcast_shapes(value.shape[:-1], batch_shape)
-    return log_prob if log_prob.shape == shape else log_prob.expand(shape)
+    return _expanded(log_prob, validation.broadcast_shapes(value.shape[:-1], batch_shape))
 
 
 class MultivariateNormal(td.MultivariateNormal):
@@ -130,8 +135,8 @@ class MultivariateNormal(td.MultivariateNormal):
         self._unbroadcasted_loc = loc
         self._unbroadcasted_matrix = matrix
         # Instance attributes shadow the lazy properties of the parent class.
-        setattr(self, name, matrix.expand(batch_shape + (k, k)))
-        self.loc = loc.expand(batch_shape + (k,))
+        setattr(self, name, _expanded(matrix, batch_shape + (k, k)))
+        self.loc = _expanded(loc, batch_shape + (k,))
         td.Distribution.__init__(self, batch_shape, self.loc.shape[-1:], validate_args=False)
         if validate_args is None:
             validate_args = td.Distribution._validate_args
@@ -178,7 +183,7 @@ class MultivariateNormal(td.MultivariateNormal):
         new._unbroadcasted_loc = loc
         new._unbroadcasted_matrix = packed
         new._packed_transform = (diag_transform, float(min_diag))
-        new.loc = loc.expand(batch_shape + (k,))
+        new.loc = _expanded(loc, batch_shape + (k,))
         td.Distribution.__init__(new, batch_shape, (k,), validate_args=False)
         new._validate_args = td.Distribution._validate_args if validate_args is None else validate_args
         if new._validate_args:
@@ -280,10 +285,8 @@ class MultivariateNormal(td.MultivariateNormal):
 
 def _gaussian_entropy(k: int, log_det: torch.Tensor, batch_shape: torch.Size) -> torch.Tensor:
     """½k(1 + log 2π) + Σᵢ log Lᵢᵢ of a k-dimensional Gaussian from its `log_det` = Σᵢ log Lᵢᵢ
-    (unbroadcast), expanded to the batch shape (a per-sample one already has it: no expand node,
-    whose backward would be one more autograd step per minibatch)."""
-    entropy = 0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det
-    return entropy if entropy.shape == batch_shape else entropy.expand(batch_shape)
+    (unbroadcast), expanded to the batch shape."""
+    return _expanded(0.5 * k * (1.0 + math.log(2 * math.pi)) + log_det, batch_shape)
 
 
 def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
@@ -360,7 +363,7 @@ class DiagNormal(td.Independent):
     def entropy(self) -> torch.Tensor:
         """On the unbroadcast scale: a scale shared by the batch (a state-independent log-std)
         takes k logs, not one per sample and entry."""
-        scale = self._unbroadcasted_scale.expand(self._unbroadcasted_scale.shape[:-1] + self.event_shape)
+        scale = _expanded(self._unbroadcasted_scale, self._unbroadcasted_scale.shape[:-1] + self.event_shape)
         return _gaussian_entropy(self.event_shape[0], scale.log().sum(-1), self.batch_shape)
 
 
@@ -389,11 +392,13 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
     def _rsample_op(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _log_half_range(self) -> torch.Tensor | float:
-        """Σᵢ log((highᵢ - lowᵢ)/2): the log-Jacobian of the affine step (0 without one)."""
+    def _less_log_half_range(self, log_prob: torch.Tensor) -> torch.Tensor:
+        """A log-prob of the squashed u, less Σᵢ log((highᵢ - lowᵢ)/2), the log-Jacobian of the
+        affine step; as it is without one (no subtraction of a zero: one op and one autograd
+        node less per call)."""
         if self._rescale is None:
-            return 0.0
-        return self._rescale.scale.log().expand(self.event_shape).sum(-1)
+            return log_prob
+        return log_prob - self._rescale.scale.log().expand(self.event_shape).sum(-1)
 
     def _validate_action(self, value: torch.Tensor) -> None:
         low = -1.0 if self._rescale is None else self._rescale.loc - self._rescale.scale
@@ -442,7 +447,7 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
                 log_prob = self._log_prob_op(pre_tanh, True)
         else:
             log_prob = self._log_prob_op(pre_tanh, True)
-        return _with_batch_shape(log_prob, value, self.batch_shape) - self._log_half_range()
+        return self._less_log_half_range(_with_batch_shape(log_prob, value, self.batch_shape))
 
     def rsample_log_prob(self, sample_shape=torch.Size(), return_pre_tanh: bool = False):
         r"""A reparameterised action and its log-prob, from one fused pass over standard-normal
@@ -451,7 +456,7 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
         cache holds the sample, as after :meth:`rsample`. With ``return_pre_tanh``, u comes
         third."""
         squashed, pre_tanh, log_prob = self._rsample_op(self._noise(sample_shape))
-        out = (self._set_cache(pre_tanh, squashed), log_prob - self._log_half_range())
+        out = (self._set_cache(pre_tanh, squashed), self._less_log_half_range(log_prob))
         return (*out, pre_tanh) if return_pre_tanh else out
 
     def sample_log_prob(self, sample_shape=torch.Size(), return_pre_tanh: bool = False):
@@ -463,7 +468,7 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
         with torch.no_grad():
             squashed, pre_tanh, _ = self._rsample_op(self._noise(sample_shape))
             action = self._set_cache(pre_tanh, squashed)
-        out = (action, self._log_prob_op(pre_tanh, True) - self._log_half_range())
+        out = (action, self._less_log_half_range(self._log_prob_op(pre_tanh, True)))
         return (*out, pre_tanh) if return_pre_tanh else out
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
