@@ -172,26 +172,37 @@ class BlockFactors {
 
   /// L (its upper triangle stays zero) and dL_ii/dx_ii from the packed rows: row i's entries
   /// below the diagonal are one contiguous run in both layouts.
+  ///
+  /// A row's copy is a loop per entry over the lanes, which GCC keeps inline: as one loop over
+  /// the row's i * W values it became a call to memmove with a runtime k, one per row (13% of a
+  /// k=17 backward's profile). The diagonal transforms follow in a loop of their own, so that
+  /// their chains (an exp, a division, a log series) overlap rather than wait on the copies
+  /// between them. k=17, 4096 samples, one thread, fastest of 15: backward 671 -> 608 us,
+  /// forward 390 -> 360 us.
   C10_ALWAYS_INLINE void unpack() {
     const acc_t* FUSEDGAUSS_RESTRICT x = packed_.data();
     acc_t* FUSEDGAUSS_RESTRICT L = L_.data();
     acc_t* FUSEDGAUSS_RESTRICT derivative = diag_derivative_.data();
     const acc_t min_diag = min_diag_;
     const bool need_derivative = need_diag_derivative_;
+    for (int64_t i = 1; i < k(); ++i) {
+      const acc_t* row = x + math::packed_index(i, 0) * W;
+      for (int64_t j = 0; j < i; ++j) {
+        for (int l = 0; l < W; ++l) L[(i * k() + j) * W + l] = row[j * W + l];
+      }
+    }
     math::with_diag_transform(diag_transform_, [&](auto transform) FUSEDGAUSS_INLINE_BODY {
       for (int64_t i = 0; i < k(); ++i) {
-        const acc_t* row = x + math::packed_index(i, 0) * W;
-        for (int64_t e = 0; e < i * W; ++e) L[i * k() * W + e] = row[e];
+        const acc_t* entry = x + math::packed_index(i, i) * W;
+        acc_t* Lii = L + (i * k() + i) * W;
         if (need_derivative) {
           for (int l = 0; l < W; ++l) {
-            const math::DiagEntry<acc_t> d = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag);
-            L[(i * k() + i) * W + l] = d.value;
+            const math::DiagEntry<acc_t> d = math::diag_entry(decltype(transform)::value, entry[l], min_diag);
+            Lii[l] = d.value;
             derivative[i * W + l] = d.derivative;
           }
         } else {
-          for (int l = 0; l < W; ++l) {
-            L[(i * k() + i) * W + l] = math::diag_entry(decltype(transform)::value, row[i * W + l], min_diag).value;
-          }
+          for (int l = 0; l < W; ++l) Lii[l] = math::diag_entry(decltype(transform)::value, entry[l], min_diag).value;
         }
       }
     });
