@@ -28,12 +28,13 @@ void cholesky_kernel(int64_t n, int64_t runtime_k, const scalar_t* A, scalar_t* 
   constexpr int W = kLanes;
   const int64_t k = kK > 0 ? kK : runtime_k;
   const Chunks chunks(n, grain_size(k * k * k));
+  const MatrixGather<W> gather_matrices(k);
   chunks.run_vectorised<kWidestCholeskySimd>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     std::vector<acc_t> L(static_cast<size_t>(k * k * W));
     bool ok[W];
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
-      gather_matrices<W>(k, A + b0 * k * k, k * k, count, L.data());
+      gather_matrices(A + b0 * k * k, k * k, count, L.data());
       math::cholesky_in_place<W>(k, L.data(), ok);
       // The factorisation leaves the upper triangle as gathered; the output holds zeros there.
       for (int64_t i = 0; i < k; ++i) {
@@ -57,13 +58,14 @@ void cholesky_backward_kernel(int64_t n, int64_t runtime_k, const scalar_t* grad
   constexpr int W = kLanes;
   const int64_t k = kK > 0 ? kK : runtime_k;
   const Chunks chunks(n, grain_size(k * k * k));
+  const MatrixGather<W> gather_matrices(k);
   chunks.run_vectorised<kWidestCholeskySimd>([&](int64_t, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     std::vector<acc_t> G(static_cast<size_t>(k * k * W)), factor(static_cast<size_t>(k * k * W));
     std::vector<acc_t> work(static_cast<size_t>(k * k * W));
     for (int64_t b0 = begin; b0 < end; b0 += W) {
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
-      gather_matrices<W>(k, grad + b0 * k * k, k * k, count, G.data());
-      gather_matrices<W>(k, L + b0 * k * k, k * k, count, factor.data());
+      gather_matrices(grad + b0 * k * k, k * k, count, G.data());
+      gather_matrices(L + b0 * k * k, k * k, count, factor.data());
       math::cholesky_backward<W>(k, G.data(), factor.data(), work.data());
       scatter_rows<W>(k * k, work.data(), count, out + b0 * k * k);
     }

@@ -68,6 +68,7 @@ class BlockFactors {
         stride_(p.matrix.batch_stride),
         need_log_det_(pass == Pass::kForward),
         need_diag_derivative_(kPacked && pass == Pass::kBackward),
+        gather_matrices_(p.k),
         L_(static_cast<size_t>(p.k * p.k * W)),
         packed_(static_cast<size_t>(kPacked ? math::packed_size(p.k) * W : 0)),
         diag_derivative_(static_cast<size_t>(need_diag_derivative_ ? p.k * W : 0)),
@@ -145,7 +146,7 @@ class BlockFactors {
                                          packed_.data());
       unpack();
     } else {
-      gather_matrices<W, kK>(k(), matrix_ + b0 * stride_, stride_, count, L_.data());
+      gather_matrices_(matrix_ + b0 * stride_, stride_, count, L_.data());
     }
     if constexpr (kParam == Param::kCovariance) {
       math::cholesky_in_place<W>(k(), L_.data(), ok_);
@@ -213,6 +214,7 @@ class BlockFactors {
   int64_t stride_;
   bool need_log_det_;
   bool need_diag_derivative_;
+  MatrixGather<W, kK> gather_matrices_;
   std::vector<acc_t> L_;
   std::vector<acc_t> inverse_;  // a shared factor's L^{-1}, lane-minor
   std::vector<acc_t> packed_;

@@ -68,13 +68,16 @@ void test_stream(int64_t n, int count, int64_t offset) {
   EXPECT_TRUE(streamed == expected);
 }
 
-/// gather_matrices: the lower triangle of each sample's k x k matrix (row-major, `stride`
-/// apart), lane-minor, through the transposes or one entry at a time.
+/// MatrixGather: the lower triangle of each sample's k x k matrix (row-major, `stride` apart),
+/// lane-minor, through the transposes (of the whole matrix, or with a runtime k of the spans
+/// that hold the lower triangle, the last of which may end in a partial step) or one entry at
+/// a time. Exactly as many floats as the matrices need, as in test_gathers.
 template <int W, int kK = 0>
 void test_matrix_gather(int64_t k, int count, int64_t stride) {
   const std::vector<float> a = random_floats(static_cast<size_t>((count - 1) * stride + k * k));
   std::vector<float> lanes(static_cast<size_t>(k * k * W));
-  gather_matrices<W, kK>(k, a.data(), stride, count, lanes.data());
+  const MatrixGather<W, kK> gather(k);
+  gather(a.data(), stride, count, lanes.data());
   for (int l = 0; l < W; ++l) {
     const int64_t sample = std::min(l, count - 1);
     for (int64_t i = 0; i < k; ++i) {
@@ -127,11 +130,12 @@ int main() {
         }
       }
     }
-    for (int64_t k : {1, 6, 8, 9, 17, 32}) {
+    for (int64_t k : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 17, 32}) {
       for (int count : {1, 5, 8}) {
         test_matrix_gather<8>(k, count, k * k);
         test_matrix_gather<16>(k, count, k * k);
         test_matrix_gather<16>(k, count, k * k + 5);
+        test_matrix_gather<16>(k, count, 0);  // a matrix shared by the batch
       }
     }
     test_static_gathers<1>(), test_static_gathers<2>(), test_static_gathers<3>(), test_static_gathers<4>();
