@@ -36,7 +36,8 @@ void cholesky_kernel(int64_t n, int64_t runtime_k, const scalar_t* A, scalar_t* 
       const int count = static_cast<int>(std::min<int64_t>(W, end - b0));
       gather_matrices(A + b0 * k * k, k * k, count, L.data());
       math::cholesky_in_place<W>(k, L.data(), ok);
-      // The factorisation leaves the upper triangle as gathered; the output holds zeros there.
+      // The factorisation leaves the upper triangle as the gather did (MatrixGather takes parts of
+      // it, or none); the output holds zeros there.
       for (int64_t i = 0; i < k; ++i) {
         for (int64_t j = i + 1; j < k; ++j) {
           for (int l = 0; l < W; ++l) L[(i * k + j) * W + l] = acc_t(0);
