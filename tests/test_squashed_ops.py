@@ -309,6 +309,42 @@ def test_zero_size_batch(backend, case, layout):
         assert torch.all(g == 0)
 
 
+# The diagonal cases whose value can be drawn from the scale (a pre-tanh value, not an action).
+DIAG_SCALE_CASES = [case for case in CASES if case.parameter == "scale" and not case.name.endswith("[action]")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", DIAG_SCALE_CASES, ids=[case.name for case in DIAG_SCALE_CASES])
+@pytest.mark.parametrize("k", [33, 150])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_log_scale_sum_at_any_magnitude(backend, case, k, dtype):
+    """sum_i log s_i of a per-sample scale over many entries (more than the 32 a log product
+    takes between renormalisations, and more than float32 holds a product of mantissas for)
+    and magnitudes (1e-30 to 1e30, and a subnormal one), with
+    the value drawn at that scale so that the log-prob is mostly that sum; a row with two
+    negative entries is NaN (a product of entries, not of their logs, would make it finite)."""
+    tiny = torch.finfo(dtype).tiny
+    scale = 10 ** (60 * torch.rand(9, k, dtype=torch.float64) - 30)
+    scale[3, 5] = tiny / 64  # subnormal
+    scale[4, :] = 1e30
+    scale[5, :] = 1e-30
+    scale[7, :] = 1.99  # mantissas near 2: their product overflows float32 past 128 entries
+    loc = torch.randn(9, k, dtype=torch.float64)
+    noise = torch.randn(9, k, dtype=torch.float64)
+    first = noise if case.rsample else loc + scale * noise
+    scale[6, 2] = scale[6, 7] = -1.0
+    args = [t.to(dtype) for t in ((loc, scale, first) if case.rsample else (first, loc, scale))]
+    with torch.no_grad():
+        got = on_backend(backend, case.op)(*args)
+        expected = case.ref(*[t.double() for t in args])
+    got, expected = (got[-1], expected[-1]) if case.rsample else (got, expected)
+    assert torch.isnan(got[6]) and torch.isnan(expected[6])
+    finite = torch.arange(9) != 6
+    assert torch.isfinite(expected[finite]).all()
+    tolerance = dict(rtol=1e-12, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-6, atol=1e-3)
+    torch.testing.assert_close(got[finite].double(), expected[finite], **tolerance)
+
+
 @requires_compiled_cpu
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_shared_gradient_is_deterministic(case):

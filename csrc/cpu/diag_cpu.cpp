@@ -25,6 +25,7 @@
 #include "../math/squash_math.h"
 #include "chunked.h"
 #include "gradient_sink.h"
+#include "lanes.h"
 #include "simd.h"
 
 namespace fusedgauss {
@@ -50,10 +51,26 @@ constexpr int64_t kWorkPerEntry = 64;
 // so that after inlining the compiler knows its arrays do not overlap and vectorises without
 // runtime alias checks (too many of which make it give up).
 
-template <Squash kSquash, typename acc_t>
-C10_ALWAYS_INLINE void log_prob_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT x, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s,
-                                        const acc_t* FUSEDGAUSS_RESTRICT log_s, acc_t eps, acc_t* FUSEDGAUSS_RESTRICT out) {
-  for (int64_t e = 0; e < n; ++e) out[e] = math::diag_log_prob_entry<kSquash>(x[e], m[e], s[e], log_s[e], eps);
+/// For a per-sample scale's sum of logs (BlockRowSums): the entry's mantissa to `mantissa`, and
+/// the log of its power of two, which the entry's term subtracts.
+template <typename acc_t>
+C10_ALWAYS_INLINE acc_t split_log_scale(acc_t s, acc_t& mantissa) {
+  int32_t exponent = 0;
+  mantissa = math::log_product_factor(s, exponent);
+  return static_cast<acc_t>(exponent) * static_cast<acc_t>(math::kLog2);
+}
+
+/// kSplitScale: the scale is per-sample, and the loop splits its entries (split_log_scale) for
+/// BlockRowSums.
+template <Squash kSquash, bool kSplitScale, typename acc_t>
+C10_ALWAYS_INLINE void log_prob_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT x, const acc_t* FUSEDGAUSS_RESTRICT m,
+                                        const acc_t* FUSEDGAUSS_RESTRICT s, acc_t eps, acc_t* FUSEDGAUSS_RESTRICT out,
+                                        acc_t* FUSEDGAUSS_RESTRICT scale_mantissas) {
+  for (int64_t e = 0; e < n; ++e) {
+    acc_t term = math::diag_log_prob_entry<kSquash>(x[e], m[e], s[e], eps);
+    if constexpr (kSplitScale) term -= split_log_scale(s[e], scale_mantissas[e]);
+    out[e] = term;
+  }
 }
 
 /// kValue: whether the value's gradient is wanted. A policy gradient never wants it, and for a
@@ -74,11 +91,11 @@ C10_ALWAYS_INLINE void log_prob_gradient_entries(int64_t n, const acc_t* FUSEDGA
 }
 
 template <typename acc_t>
-C10_ALWAYS_INLINE void rsample_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s, const acc_t* FUSEDGAUSS_RESTRICT log_s,
+C10_ALWAYS_INLINE void rsample_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s,
                                        const acc_t* FUSEDGAUSS_RESTRICT noise, acc_t* FUSEDGAUSS_RESTRICT action, acc_t* FUSEDGAUSS_RESTRICT pre_tanh,
                                        acc_t* FUSEDGAUSS_RESTRICT log_prob) {
   for (int64_t e = 0; e < n; ++e) {
-    const auto sample = math::diag_rsample_entry(m[e], s[e], log_s[e], noise[e]);
+    const auto sample = math::diag_rsample_entry(m[e], s[e], noise[e]);
     action[e] = sample.action;
     pre_tanh[e] = sample.pre_tanh;
     log_prob[e] = sample.log_prob;
@@ -98,9 +115,18 @@ C10_ALWAYS_INLINE void rsample_gradient_entries(int64_t n, const acc_t* FUSEDGAU
   }
 }
 
+/// The split of split_log_scale in a loop of its own: terms[e] -= the log of s[e]'s power of
+/// two, and mantissas[e] = its mantissa.
 template <typename acc_t>
-C10_ALWAYS_INLINE void log_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT x, acc_t* FUSEDGAUSS_RESTRICT out) {
-  for (int64_t e = 0; e < n; ++e) out[e] = math::log_(x[e]);
+C10_ALWAYS_INLINE void split_log_scale_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT s, acc_t* FUSEDGAUSS_RESTRICT terms,
+                                               acc_t* FUSEDGAUSS_RESTRICT mantissas) {
+  for (int64_t e = 0; e < n; ++e) terms[e] -= split_log_scale(s[e], mantissas[e]);
+}
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void subtract_logs(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT minuends, const acc_t* FUSEDGAUSS_RESTRICT x,
+                                     acc_t* FUSEDGAUSS_RESTRICT out) {
+  for (int64_t e = 0; e < n; ++e) out[e] = minuends[e] - math::log_(x[e]);
 }
 
 /// One (*, k) operand, block by block, as contiguous acc_t entries.
@@ -142,30 +168,113 @@ class BlockRows {
   std::vector<acc_t> tile_;
 };
 
-/// log(scale) for a block: a shared scale's logs are taken once per chunk.
+template <typename acc_t>
+acc_t log_normalizer(int64_t k) {
+  return acc_t(-0.5) * static_cast<acc_t>(k) * static_cast<acc_t>(math::kLog2Pi);
+}
+
+/// The log-probs of a block's rows from their entries' terms:
+///   -k/2 log(2 pi) + sum_i term_i - sum_i log s_i.
+/// A shared scale's sum of logs is taken once per chunk. A per-sample one's takes one log per
+/// row instead of k (as math::sum_log_diagonal; the logs were most of a small-k forward's
+/// arithmetic): each entry's term less the log of its power of two, and its mantissa, come
+/// from split_log_scale, and each row's product of mantissas, renormalised every
+/// kLogProductRun factors, has its log taken in a loop over the rows that vectorises.
 template <typename scalar_t>
-class BlockLogScale {
+class BlockRowSums {
  public:
   using acc_t = at::opmath_type<scalar_t>;
+  /// Log-probs in the accumulation type are written in place; narrower ones through scratch.
+  static constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
 
-  BlockLogScale(BlockRows<scalar_t>& scale, int64_t k, int64_t block_rows)
-      : shared_(scale.shared()), logs_(static_cast<size_t>(block_rows * k)) {
-    if (shared_) take_logs(scale.rows(0, block_rows), block_rows * k);
+  BlockRowSums(BlockRows<scalar_t>& scale, int64_t k, int64_t block_rows)
+      : k_(k), split_(!scale.shared()), constant_(log_normalizer<acc_t>(k)),
+        scale_mantissas_(static_cast<size_t>(split_ ? block_rows * k : 0)),
+        sums_(static_cast<size_t>(split_ ? block_rows : 0)), products_(sums_.size()),
+        narrow_log_probs_(kInPlace ? 0 : sums_.size()) {
+    if (!split_ && block_rows > 0) {  // (a tile of no rows, for no samples, has no entries)
+      const acc_t* s = scale.rows(0, 1);
+      for (int64_t i = 0; i < k; ++i) constant_ -= math::log_(s[i]);
+    }
   }
 
-  const acc_t* rows(const acc_t* scale, int64_t entries) {
-    if (!shared_) take_logs(scale, entries);
-    return logs_.data();
+  /// Whether the entries of the scale are split (it is per-sample).
+  bool splits_scale() const { return split_; }
+
+  /// Where the split entries' mantissas go.
+  acc_t* scale_mantissas() { return scale_mantissas_.data(); }
+
+  /// The split, for an entry loop that did not: `rows` rows of `terms` and their `scale`.
+  void split_scale(acc_t* terms, const acc_t* scale, int64_t rows) {
+    acc_t* FUSEDGAUSS_RESTRICT t = terms;
+    const acc_t* FUSEDGAUSS_RESTRICT s = scale;
+    acc_t* FUSEDGAUSS_RESTRICT mantissas = scale_mantissas_.data();
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { split_log_scale_entries(rows * k_, s, t, mantissas); });
+  }
+
+  /// The log-probs of `rows` rows, whose terms are `terms` (split, where the scale is), into out.
+  void store(const acc_t* terms, int64_t rows, scalar_t* out) {
+    with_static_event_size<scalar_t>(k_, [&](auto static_k) { sum_rows<decltype(static_k)::value>(terms, rows, out); });
+    if (!split_) return;
+    acc_t* FUSEDGAUSS_RESTRICT log_probs = kInPlace ? reinterpret_cast<acc_t*>(out) : narrow_log_probs_.data();
+    const acc_t* FUSEDGAUSS_RESTRICT sums = sums_.data();
+    const acc_t* FUSEDGAUSS_RESTRICT products = products_.data();
+    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { subtract_logs(rows, sums, products, log_probs); });
+    if constexpr (!kInPlace) std::copy(log_probs, log_probs + rows, out);
   }
 
  private:
-  void take_logs(const acc_t* scale, int64_t entries) {
-    acc_t* logs = logs_.data();
-    with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { log_entries(entries, scale, logs); });
+  /// Each row's log-prob into out (a shared scale), or its sum of terms and product of
+  /// mantissas into sums_ and products_ (a split one). kK > 0 says that k == kK, and the loop
+  /// over a row unrolls (k=6, one thread: the split forward 490 -> 440 us).
+  template <int kK>
+  void sum_rows(const acc_t* terms, int64_t rows, scalar_t* out) {
+    const int64_t k = kK > 0 ? kK : k_;
+    if (!split_) {
+      for (int64_t r = 0; r < rows; ++r) {
+        acc_t sum = constant_;
+        for (int64_t i = 0; i < k; ++i) sum += terms[r * k + i];
+        out[r] = static_cast<scalar_t>(sum);
+      }
+      return;
+    }
+    const acc_t* mantissas = scale_mantissas_.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const acc_t* row_terms = terms + r * k;
+      const acc_t* row_mantissas = mantissas + r * k;
+      // Two sums and products, of the even and the odd entries: half as long chains of
+      // dependent operations (k=17, one thread: the forward 1.40 -> 1.09 ms).
+      acc_t sum[2] = {constant_, 0};
+      acc_t product = 1;
+      for (int64_t i0 = 0; i0 < k; i0 += math::kLogProductRun) {
+        const int64_t i1 = std::min(k, i0 + math::kLogProductRun);
+        acc_t run_product[2] = {1, 1};
+        int64_t i = i0;
+        for (; i + 1 < i1; i += 2) {
+          for (int j = 0; j < 2; ++j) {
+            sum[j] += row_terms[i + j];
+            run_product[j] *= row_mantissas[i + j];
+          }
+        }
+        if (i < i1) {
+          sum[0] += row_terms[i];
+          run_product[0] *= row_mantissas[i];
+        }
+        product *= run_product[0] * run_product[1];
+        if (i1 < k) sum[0] -= split_log_scale(product, product);  // renormalised into the sum
+      }
+      sums_[r] = sum[0] + sum[1];
+      products_[r] = product;
+    }
   }
 
-  bool shared_;
-  std::vector<acc_t> logs_;
+  int64_t k_;
+  bool split_;
+  acc_t constant_;
+  std::vector<acc_t> scale_mantissas_;
+  std::vector<acc_t> sums_;
+  std::vector<acc_t> products_;
+  std::vector<acc_t> narrow_log_probs_;
 };
 
 /// The per-entry gradients of a block, to a GradientSink: written to its rows, or added to a
@@ -251,21 +360,6 @@ void load_entries(const scalar_t* values, int64_t count, acc_t* entries) {
   }
 }
 
-/// Sums of `rows` rows of k entries, plus `constant`, into out.
-template <typename scalar_t, typename acc_t>
-void store_row_sums(const acc_t* entries, int64_t rows, int64_t k, acc_t constant, scalar_t* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    acc_t sum = constant;
-    for (int64_t i = 0; i < k; ++i) sum += entries[r * k + i];
-    out[r] = static_cast<scalar_t>(sum);
-  }
-}
-
-template <typename acc_t>
-acc_t log_normalizer(int64_t k) {
-  return acc_t(-0.5) * static_cast<acc_t>(k) * static_cast<acc_t>(math::kLog2Pi);
-}
-
 // --- diag_normal_log_prob and squashed_diag_log_prob -------------------------------------
 
 template <Squash kSquash, typename scalar_t>
@@ -278,7 +372,7 @@ void diag_log_prob_kernel(const RowsProblem& p, scalar_t* out) {
     const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> value(p.operands[0], k, block_rows), loc(p.operands[1], k, block_rows),
         scale(p.operands[2], k, block_rows);
-    BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
+    BlockRowSums<scalar_t> row_sums(scale, k, block_rows);
     std::vector<acc_t> terms(static_cast<size_t>(block_rows * k));
     for (int64_t b0 = begin; b0 < end; b0 += block_rows) {
       const int64_t rows = std::min(block_rows, end - b0);
@@ -286,10 +380,16 @@ void diag_log_prob_kernel(const RowsProblem& p, scalar_t* out) {
       const acc_t* FUSEDGAUSS_RESTRICT x = value.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
-      const acc_t* FUSEDGAUSS_RESTRICT log_s = log_scale.rows(s, entries);
       acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
-      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { log_prob_entries<kSquash>(entries, x, m, s, log_s, eps, t); });
-      store_row_sums(t, rows, k, log_normalizer<acc_t>(k), out + b0);
+      acc_t* FUSEDGAUSS_RESTRICT mantissas = row_sums.scale_mantissas();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+        if (row_sums.splits_scale()) {
+          log_prob_entries<kSquash, true>(entries, x, m, s, eps, t, mantissas);
+        } else {
+          log_prob_entries<kSquash, false>(entries, x, m, s, eps, t, mantissas);
+        }
+      });
+      row_sums.store(t, rows, out + b0);
     }
   });
 }
@@ -404,7 +504,7 @@ void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
     const int64_t block_rows = block_rows_in(k, begin, end);
     BlockRows<scalar_t> loc(p.operands[0], k, block_rows), scale(p.operands[1], k, block_rows),
         noise(p.operands[2], k, block_rows);
-    BlockLogScale<scalar_t> log_scale(scale, k, block_rows);
+    BlockRowSums<scalar_t> row_sums(scale, k, block_rows);
     // Outputs in the accumulation type are written in place; narrower ones through scratch.
     constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;
     std::vector<acc_t> actions(static_cast<size_t>(kInPlace ? 0 : block_rows * k)), pre_tanh(actions.size()),
@@ -415,16 +515,18 @@ void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
       const acc_t* FUSEDGAUSS_RESTRICT m = loc.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT s = scale.rows(b0, rows);
       const acc_t* FUSEDGAUSS_RESTRICT e = noise.rows(b0, rows);
-      const acc_t* FUSEDGAUSS_RESTRICT log_s = log_scale.rows(s, entries);
       acc_t* FUSEDGAUSS_RESTRICT a = kInPlace ? reinterpret_cast<acc_t*>(action_out + b0 * k) : actions.data();
       acc_t* FUSEDGAUSS_RESTRICT u = kInPlace ? reinterpret_cast<acc_t*>(pre_tanh_out + b0 * k) : pre_tanh.data();
       acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
-      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { rsample_entries(entries, m, s, log_s, e, a, u, t); });
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { rsample_entries(entries, m, s, e, a, u, t); });
+      // Split apart: in the loop above, which holds many constants, the split cost more than
+      // its own loop (k=6, one thread, the forward 1.25 -> 1.40 ms).
+      if (row_sums.splits_scale()) row_sums.split_scale(t, s, rows);
       if constexpr (!kInPlace) {
         std::copy(a, a + entries, action_out + b0 * k);
         std::copy(u, u + entries, pre_tanh_out + b0 * k);
       }
-      store_row_sums(t, rows, k, log_normalizer<acc_t>(k), log_prob_out + b0);
+      row_sums.store(t, rows, log_prob_out + b0);
     }
   });
 }

@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = acc_t(-0.5) * static_cast<acc_t>(a.k) * static_cast<acc_t>(math::kLog2Pi);
     for (int64_t i = 0; i < a.k; ++i) {
       const acc_t s = a.at(2, b, i);
-      sum += math::diag_log_prob_entry<kSquash>(a.at(0, b, i), a.at(1, b, i), s, math::log_(s), eps);
+      sum += math::diag_log_prob_entry<kSquash>(a.at(0, b, i), a.at(1, b, i), s, eps) - math::log_(s);
     }
     out[b] = static_cast<scalar_t>(sum);
   }
@@ -92,10 +92,10 @@ __global__ void __launch_bounds__(kThreads)
     acc_t sum = acc_t(-0.5) * static_cast<acc_t>(a.k) * static_cast<acc_t>(math::kLog2Pi);
     for (int64_t i = 0; i < a.k; ++i) {
       const acc_t s = a.at(1, b, i);
-      const auto sample = math::diag_rsample_entry(a.at(0, b, i), s, math::log_(s), a.at(2, b, i));
+      const auto sample = math::diag_rsample_entry(a.at(0, b, i), s, a.at(2, b, i));
       action[b * a.k + i] = static_cast<scalar_t>(sample.action);
       pre_tanh[b * a.k + i] = static_cast<scalar_t>(sample.pre_tanh);
-      sum += sample.log_prob;
+      sum += sample.log_prob - math::log_(s);
     }
     log_prob[b] = static_cast<scalar_t>(sum);
   }

@@ -186,17 +186,38 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void solve_lower_transposed(int64_t k, const m
   }
 }
 
+/// The factor x of a sum of logs taken as the log of a product (sum_log_diagonal, and the CPU
+/// diagonal kernels' sums of log scale): x = m 2^e with m in [1, 2) (split_exponent, exact), e
+/// added to `exponent` and m returned, to be multiplied into the product's mantissa. A
+/// non-positive x gives NaN, as its log would, and NaN or +inf stay themselves.
+template <typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t log_product_factor(acc_t x, int32_t& exponent) {
+  int32_t e = 0;
+  const acc_t m = split_exponent(x > acc_t(0) ? x : std::numeric_limits<acc_t>::quiet_NaN(), e);
+  exponent += e;
+  return m;
+}
+
+/// The factors a product of mantissas in [1, 2) takes before it is renormalised
+/// (mantissa = log_product_factor(mantissa, exponent)), so that it stays below 2^32 and never
+/// overflows or underflows whatever k and the scale of the factors.
+constexpr int64_t kLogProductRun = 32;
+
+/// log(mantissa 2^exponent): the sum of the logs whose factors made them.
+template <typename acc_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE acc_t log_of_product(acc_t mantissa, int32_t exponent) {
+  return log_(mantissa) + static_cast<acc_t>(exponent) * static_cast<acc_t>(kLog2);
+}
+
 /// out[l] = sum_i log L_ii for each lane. A non-positive diagonal entry makes its lane NaN,
 /// as its log would.
 ///
 /// One log per lane instead of k (the logs were most of a small-k forward's arithmetic): the
-/// diagonal's mantissas are multiplied and its exponents added (split_exponent, exact),
+/// diagonal's mantissas are multiplied and its exponents added (log_product_factor),
 ///   sum_i log L_ii = log(prod_i m_i) + (sum_i e_i) log 2,   L_ii = m_i 2^{e_i}, m_i in [1, 2),
-/// with the product renormalised every 32 factors, so that it stays below 2^32 and never
-/// overflows or underflows whatever k and the scale of L.
+/// with the product renormalised every kLogProductRun factors.
 template <int W, typename acc_t, typename mat_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_log_diagonal(int64_t k, const mat_t* FUSEDGAUSS_RESTRICT L, acc_t* FUSEDGAUSS_RESTRICT out) {
-  constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
   acc_t mantissa[W];
   int32_t exponent[W];
   for (int l = 0; l < W; ++l) {
@@ -205,21 +226,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void sum_log_diagonal(int64_t k, const mat_t* 
   }
   for (int64_t i = 0; i < k; ++i) {
     const mat_t* Lii = L + (i * k + i) * W;
-    for (int l = 0; l < W; ++l) {
-      const acc_t d = static_cast<acc_t>(Lii[l]);
-      int32_t e = 0;
-      mantissa[l] *= split_exponent(d > acc_t(0) ? d : kNaN, e);
-      exponent[l] += e;
-    }
-    if (i % 32 == 31) {
-      for (int l = 0; l < W; ++l) {
-        int32_t e = 0;
-        mantissa[l] = split_exponent(mantissa[l], e);
-        exponent[l] += e;
-      }
+    for (int l = 0; l < W; ++l) mantissa[l] *= log_product_factor(static_cast<acc_t>(Lii[l]), exponent[l]);
+    if (i % kLogProductRun == kLogProductRun - 1) {
+      for (int l = 0; l < W; ++l) mantissa[l] = log_product_factor(mantissa[l], exponent[l]);
     }
   }
-  for (int l = 0; l < W; ++l) out[l] = log_(mantissa[l]) + static_cast<acc_t>(exponent[l]) * static_cast<acc_t>(kLog2);
+  for (int l = 0; l < W; ++l) out[l] = log_of_product(mantissa[l], exponent[l]);
 }
 
 /// log N(x; mu, L L^T) = -1/2 ||z||^2 - sum_i log L_ii - (k/2) log(2 pi),

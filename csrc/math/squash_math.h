@@ -118,15 +118,16 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T atanh_clamped_derivative(T y, T eps) {
 /// Gaussian), u is given, or u = atanh_clamped(action).
 enum class Squash { kNone, kFromPreTanh, kFromAction };
 
-/// One event entry of a diagonal Gaussian log-prob, without the -1/2 log(2 pi) constant: with
-/// u the pre-tanh value of x (x itself when unsquashed) and z = (u - m) / s,
-///   -1/2 z^2 - log s  [- log(1 - tanh(u)^2) when squashed].
-/// log_s = log(s) comes in precomputed, so a shared scale takes its logs once.
+/// One event entry of a diagonal Gaussian log-prob, without the -1/2 log(2 pi) constant and
+/// without -log s, which the caller sums per sample (a shared scale's once; a per-sample one's
+/// as the log of a product, log_product_factor): with u the pre-tanh value of x (x itself when
+/// unsquashed) and z = (u - m) / s,
+///   -1/2 z^2  [- log(1 - tanh(u)^2) when squashed].
 template <Squash kSquash, typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE T diag_log_prob_entry(T x, T m, T s, T log_s, T eps) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE T diag_log_prob_entry(T x, T m, T s, T eps) {
   const T u = kSquash == Squash::kFromAction ? atanh_clamped(x, eps) : x;
   const T z = (u - m) / s;
-  const T term = T(-0.5) * z * z - log_s;
+  const T term = T(-0.5) * z * z;
   return kSquash == Squash::kNone ? term : term - tanh_terms(u).log_det;
 }
 
@@ -162,8 +163,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T pre_tanh_gradient(const TanhTerms<T>& tt, T 
 }
 
 /// One entry of a reparameterised squashed diagonal sample from noise e:
-/// u = m + s e, action = tanh(u), and the log-prob term -1/2 e^2 - log s - log(1 - tanh(u)^2)
-/// (since (u - m) / s = e exactly, no division and no atanh).
+/// u = m + s e, action = tanh(u), and the log-prob term -1/2 e^2 - log(1 - tanh(u)^2) (since
+/// (u - m) / s = e exactly, no division and no atanh), without -log s, as diag_log_prob_entry.
 template <typename T>
 struct RsampleEntry {
   T action;
@@ -172,10 +173,10 @@ struct RsampleEntry {
 };
 
 template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE RsampleEntry<T> diag_rsample_entry(T m, T s, T log_s, T e) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE RsampleEntry<T> diag_rsample_entry(T m, T s, T e) {
   const T u = m + s * e;
   const TanhTerms<T> tt = tanh_terms(u);
-  return {tt.tanh, u, T(-0.5) * e * e - log_s - tt.log_det};
+  return {tt.tanh, u, T(-0.5) * e * e - tt.log_det};
 }
 
 template <typename T>
