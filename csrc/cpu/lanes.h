@@ -166,6 +166,23 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void rows_to_lanes_4_columns(const floa
   for (int c = 0; c < (kFullWidth ? 4 : width); ++c) _mm256_storeu_ps(dst + (c0 + c) * W, v[c]);
 }
 
+/// Columns [c0, end) of an 8-row group (minus those of b's rows when b is given) into lanes
+/// g .. g + 7 of dst (dst + g passed), four at a time and the last step partial, the rows
+/// prefetched ahead as the columns go (prefetch_columns_ahead).
+template <int W, int kContiguousN>
+FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void columns_to_lanes(const float* const* a_rows, int64_t a_stride,
+                                                               const float* const* b_rows, int64_t b_stride,
+                                                               int64_t c0, int64_t end, float* dst) {
+  for (; c0 + 4 <= end; c0 += 4) {
+    prefetch_columns_ahead<W, 8, kContiguousN>(a_rows, a_stride, b_rows, b_stride, c0);
+    rows_to_lanes_4_columns<W, true>(a_rows, b_rows, c0, 4, dst);
+  }
+  if (c0 < end) {
+    prefetch_columns_ahead<W, 8, kContiguousN>(a_rows, a_stride, b_rows, b_stride, c0);
+    rows_to_lanes_4_columns<W, false>(a_rows, b_rows, c0, static_cast<int>(end - c0), dst);
+  }
+}
+
 /// The body of rows_to_lanes_avx2. kContiguousN > 0: a full block of rows of n = kContiguousN
 /// that follow each other (a_stride == b_stride == n), so that every row's address is a fixed
 /// offset from a (or b) and needs no register of its own.
@@ -182,16 +199,7 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void rows_to_lanes_groups(int64_t n, co
       a_rows[r] = a + sample * a_stride;
       b_rows[r] = kDifference ? b + sample * b_stride : nullptr;
     }
-    const float* const* b_rows_or_null = kDifference ? b_rows : nullptr;
-    int64_t c0 = 0;
-    for (; c0 + 4 <= n; c0 += 4) {
-      prefetch_columns_ahead<W, 8, kContiguousN>(a_rows, a_stride, b_rows_or_null, b_stride, c0);
-      rows_to_lanes_4_columns<W, true>(a_rows, b_rows_or_null, c0, 4, dst + g);
-    }
-    if (c0 < n) {
-      prefetch_columns_ahead<W, 8, kContiguousN>(a_rows, a_stride, b_rows_or_null, b_stride, c0);
-      rows_to_lanes_4_columns<W, false>(a_rows, b_rows_or_null, c0, static_cast<int>(n - c0), dst + g);
-    }
+    columns_to_lanes<W, kContiguousN>(a_rows, a_stride, kDifference ? b_rows : nullptr, b_stride, 0, n, dst + g);
   }
 }
 
@@ -302,13 +310,8 @@ FUSEDGAUSS_AVX2_TARGET void spans_to_lanes_avx2(const int64_t* begin, const int6
     const float* rows[8];
     for (int r = 0; r < 8; ++r) rows[r] = a + std::min(g + r, count - 1) * stride;
     for (int64_t s = 0; s < span_count; ++s) {
-      int64_t c0 = begin[s];
-      if (c0 % 16 != 0) prefetch_rows_ahead<W, 8, 0>(rows, stride, c0);  // the span's first line
-      for (; c0 + 4 <= end[s]; c0 += 4) {
-        prefetch_columns_ahead<W, 8, 0>(rows, stride, nullptr, 0, c0);
-        rows_to_lanes_4_columns<W, true>(rows, nullptr, c0, 4, dst + g);
-      }
-      if (c0 < end[s]) rows_to_lanes_4_columns<W, false>(rows, nullptr, c0, static_cast<int>(end[s] - c0), dst + g);
+      if (begin[s] % 16 != 0) prefetch_rows_ahead<W, 8, 0>(rows, stride, begin[s]);  // the span's first line
+      columns_to_lanes<W, 0>(rows, stride, nullptr, 0, begin[s], end[s], dst + g);
     }
   }
 }
