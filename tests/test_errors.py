@@ -7,7 +7,7 @@ import torch
 from helpers import random_scale_tril, random_spd
 
 import fusedgauss
-from fusedgauss import backends, ops
+from fusedgauss import backends, ops, validation
 
 from conftest import requires_compiled_cpu
 
@@ -118,3 +118,98 @@ class TestBackendErrors:
         with pytest.raises(ValueError, match="unknown fusedgauss backend 'fast'"):
             with backends.use("fast"):
                 pass
+
+
+def _outcome(check, *args):
+    """What an operand check gives: its error (type and message), or the dtypes, shapes and
+    values of the tensors it hands back."""
+    try:
+        tensors = check(*args)
+    except (TypeError, ValueError) as error:
+        return type(error), str(error)
+    return [(t.dtype, t.shape, t.tolist()) for t in tensors]
+
+
+def _vectors(*shapes, dtype=torch.float32):
+    return [torch.randn(shape, dtype=dtype) if dtype.is_floating_point else torch.ones(shape, dtype=dtype)
+            for shape in shapes]
+
+
+F64 = torch.float64
+ROWS_CASES = [
+    _vectors((4, 3), (4, 3), (4, 3)),
+    _vectors((4, 3), (3,), (4, 3)),  # a parameter shared by the batch
+    _vectors((3,), (4, 3), (4, 3)),
+    _vectors((4, 3), (2, 4, 3), (4, 3)),  # broadcasts, through the general checks
+    _vectors((4, 3), (5, 3), (4, 3)),
+    _vectors((4, 3), (4, 2), (4, 3)),
+    _vectors((4, 0), (4, 0), (4, 0)),
+    [*_vectors((4, 3), (4, 3)), torch.randn(4, 3, dtype=F64)],  # promoted
+    [*_vectors((4, 3), dtype=torch.int64), *_vectors((4, 3), (4, 3))],
+    _vectors((4, 3), (4, 3), (4, 3), dtype=torch.int64),
+    [*_vectors((4, 3), (4, 3)), torch.ones(4, 3, dtype=torch.int64)],
+    [torch.randn(()), *_vectors((1,), (1,))],
+    [*_vectors((4, 3), (4, 3)), 1.0],
+    [*_vectors((4, 3), (4, 3)), torch.randn(4, 3, device="meta")],
+]
+MATRIX_CASES = [
+    _vectors((4, 3), (4, 3), (4, 3, 3)),
+    _vectors((4, 3), (3,), (3, 3)),
+    _vectors((4, 3), (4, 3), (2, 4, 3, 3)),
+    _vectors((4, 3), (4, 3), (5, 3, 3)),
+    _vectors((4, 3), (4, 3), (4, 3, 2)),
+    _vectors((4, 3), (4, 3), (4, 3)),
+    [*_vectors((4, 3), (4, 3)), torch.randn(4, 3, 3, dtype=F64)],
+]
+PACKED_CASES = [
+    (*_vectors((4, 3), (4, 3), (4, 6)), "softplus", 0.0),
+    (*_vectors((4, 3), (3,), (6,)), "exp", 1e-3),
+    (*_vectors((4, 3), (4, 3), (4, 5)), "softplus", 0.0),
+    (*_vectors((4, 2), (4, 2), (4, 6)), "softplus", 0.0),
+    (*_vectors((4, 0), (4, 0), (4, 0)), "softplus", 0.0),
+    (*_vectors((4, 3), (4, 3), (4, 6)), "relu", 0.0),
+    (*_vectors((4, 3), (4, 3), (4, 6)), "none", -1.0),
+    (*_vectors((4, 3), (4, 3), (4, 6)), "none", float("inf")),
+    (*_vectors((4, 3), (4, 3)), torch.randn(4, 6, dtype=F64), "none", 0.5),
+]
+
+
+class TestUsualCallShortcut:
+    """The operand checks answer the usual call (one dtype and device, shapes that need no
+    broadcast) first, in a few attribute reads (validation._usual_vectors). Whatever they let
+    through there, the general checks would too, with the same tensors back: each case gives
+    the same outcome with the shortcut turned off."""
+
+    @staticmethod
+    def _same_without_shortcut(monkeypatch, check, *args):
+        with_shortcut = _outcome(check, *args)
+        monkeypatch.setattr(validation, "_usual_vectors", lambda *tensors: False)
+        assert _outcome(check, *args) == with_shortcut
+
+    @pytest.mark.parametrize("operands", ROWS_CASES)
+    def test_rows_operands(self, monkeypatch, operands):
+        named = dict(zip(("value", "loc", "scale"), operands))
+        self._same_without_shortcut(monkeypatch, validation.rows_operands, "op", named)
+
+    @pytest.mark.parametrize("operands", MATRIX_CASES)
+    def test_mvn_operands(self, monkeypatch, operands):
+        self._same_without_shortcut(monkeypatch, validation.mvn_operands, "op", *operands, "scale_tril")
+
+    @pytest.mark.parametrize("operands", PACKED_CASES)
+    def test_packed_mvn_operands(self, monkeypatch, operands):
+        self._same_without_shortcut(monkeypatch, validation.packed_mvn_operands, "op", *operands)
+
+    def test_the_usual_call_takes_it(self, monkeypatch):
+        """The cases above with the shortcut on do take it (a shortcut that took nothing would
+        pass them all): here the general checks would raise."""
+
+        def unreachable(*args):
+            raise AssertionError("the general checks ran")
+
+        monkeypatch.setattr(validation, "_check_vectors", unreachable)
+        monkeypatch.setattr(validation, "_check_tensor", unreachable)
+        for operands, check in [(ROWS_CASES[1], lambda *t: validation.rows_operands("op", dict(zip("abc", t)))),
+                                (MATRIX_CASES[1], lambda *t: validation.mvn_operands("op", *t, "scale_tril")),
+                                (PACKED_CASES[1], lambda *t: validation.packed_mvn_operands("op", *t))]:
+            returned = check(*operands)
+            assert all(a is b for a, b in zip(returned, operands, strict=False)) and len(returned) == 3
