@@ -178,6 +178,7 @@ def packed_scale_tril(op: str, packed: torch.Tensor, diag_transform: str, min_di
 
 
 def _is_min_diag(min_diag: object) -> bool:
+    """Whether min_diag is a finite number >= 0."""
     return isinstance(min_diag, (int, float)) and min_diag >= 0 and min_diag != float("inf")
 
 
