@@ -10,10 +10,11 @@ torch.compile, fusedgauss):
                        TransformedDistribution(base, [TanhTransform(cache_size=1)]).rsample()
                        and .log_prob of that action (a cache hit); fusedgauss: rsample_log_prob.
                        A fourth column, free, times the step with the distribution made free:
-                       the noise drawn from torch's generator as every column draws it (so
-                       that a seed gives PyTorch's samples), a stand-in that computes nothing
-                       (_FreeSample), and the same loss. torch ms / free ms is the ceiling of
-                       any library that keeps torch's noise.
+                       the noise, PyTorch's numbers from torch's generator (so that a seed
+                       gives PyTorch's samples) drawn as fusedgauss draws them
+                       (ops.standard_normal), a stand-in that computes nothing (_FreeSample),
+                       and the same loss. torch ms / free ms is the ceiling of any library
+                       that keeps torch's noise and draws it no slower.
   ppo_diag, ppo_tril   PPO's path: the log-prob of stored actions and the policy gradient to
                        loc and scale. torch: log_prob(action) (an atanh); fusedgauss:
                        log_prob(action, pre_tanh=u) with the stored pre-tanh value.
@@ -90,11 +91,11 @@ class _FreeSample(torch.autograd.Function):
 
 def free_sample(loc: torch.Tensor, scale: torch.Tensor):
     """The SAC path's work outside the distribution: the noise of a sample, drawn as
-    torch.distributions (and fusedgauss) draw it, and a _FreeSample of it."""
+    fusedgauss draws it, and a _FreeSample of it."""
     gradients = torch.randn_like(loc), torch.randn_like(scale)
 
     def free_fn(loc, scale):
-        eps = td.utils._standard_normal(loc.shape, dtype=loc.dtype, device=loc.device)
+        eps = fusedgauss.ops.standard_normal(loc.shape, dtype=loc.dtype, device=loc.device)
         return _FreeSample.apply(loc, scale, eps, *gradients)
 
     return free_fn

@@ -1,11 +1,17 @@
 // Every fusedgauss op's schema, in one place. Device kernels register their implementations
 // in csrc/cpu and csrc/cuda, autograd in csrc/autograd; fake (meta) implementations are
 // attached in Python (pyext/ops.py). Schemas are functional: fresh outputs, no in-place
-// arguments.
+// arguments, but for the sampler's noise (first below).
 
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedgauss, m) {
+  // torch's Tensor.normal_() (mean 0, std 1) on the CPU: the same numbers from the same
+  // generator state, drawn faster (csrc/cpu/standard_normal_cpu.cpp), for the noise of a
+  // sample. The one in-place op, as torch's samplers are: it fills a fresh tensor.
+  m.def("standard_normal_(Tensor(a!) self, Generator? generator=None) -> ()",
+        {at::Tag::nondeterministic_seeded});
+
   // log N(value; loc, scale_tril scale_tril^T). Batch shapes broadcast; event size k.
   // The ops whose factor is given (scale_tril, or packed below) also return each sample's
   // sum_i log L_ii (log_det, batch-shaped like the log-prob), which the log-prob computes

@@ -1,8 +1,9 @@
 // The Python module fusedgauss._C. `import fusedgauss._C` loads this library, which runs
 // the static op registrations of csrc/ops.cpp and the device kernels. The module holds only
-// process state rather than ops: the CPU kernels' SIMD level (csrc/cpu/simd.h) and the CPU
-// output cache (csrc/common/outputs.h). It is built against the limited Python API. Not part
-// of the CMake build.
+// process state rather than ops: the CPU kernels' SIMD level (csrc/cpu/simd.h), the CPU
+// output cache (csrc/common/outputs.h) and how the CPU noise op draws
+// (csrc/cpu/standard_normal.h). It is built against the limited Python API. Not part of the
+// CMake build.
 
 #include <Python.h>
 
@@ -10,6 +11,7 @@
 
 #include "common/outputs.h"
 #include "cpu/simd.h"
+#include "cpu/standard_normal.h"
 
 namespace {
 
@@ -51,6 +53,12 @@ PyObject* set_cpu_simd_level(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* cpu_normal_transform(PyObject*, PyObject*) {
+  const char* name = fusedgauss::cpu::mirrored_normal_transform();
+  if (name == nullptr) Py_RETURN_NONE;
+  return PyUnicode_FromString(name);
+}
+
 PyObject* cpu_output_cache_stats(PyObject*, PyObject*) {
   fusedgauss::OutputCacheStats stats{};
   try {
@@ -81,6 +89,8 @@ PyMethodDef methods[] = {
     {"cpu_simd_level", cpu_simd_level, METH_NOARGS, "The SIMD level the CPU kernels run: baseline, avx2 or avx512."},
     {"cpu_simd_levels", cpu_simd_levels, METH_NOARGS, "The SIMD levels this CPU can run, narrowest first."},
     {"set_cpu_simd_level", set_cpu_simd_level, METH_VARARGS, "Makes the CPU kernels run the named SIMD level."},
+    {"cpu_normal_transform", cpu_normal_transform, METH_NOARGS,
+     "The Box-Muller transform of torch's normal_ that the CPU noise op mirrors (avx2, scalar), or None."},
     {"cpu_output_cache_stats", cpu_output_cache_stats, METH_NOARGS,
      "The CPU output cache: cached_bytes, cached_blocks, limit_bytes, hits, misses."},
     {"set_cpu_output_cache_limit", set_cpu_output_cache_limit, METH_VARARGS,

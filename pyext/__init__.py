@@ -13,6 +13,7 @@ from .ops import (
     squashed_diag_rsample_log_prob,
     squashed_tril_log_prob,
     squashed_tril_rsample_log_prob,
+    standard_normal,
     tanh_log_abs_det_jacobian,
 )
 from .transforms import StableTanhTransform
@@ -38,5 +39,6 @@ __all__ = [
     "squashed_diag_rsample_log_prob",
     "squashed_tril_log_prob",
     "squashed_tril_rsample_log_prob",
+    "standard_normal",
     "tanh_log_abs_det_jacobian",
 ]

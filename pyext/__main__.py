@@ -48,6 +48,12 @@ def info() -> None:
             cache_text = f"unusable: {error}"
         env = os.environ.get("FUSEDGAUSS_CPU_OUTPUT_CACHE_MB")
         print(f"      output cache: {cache_text}" + (f" (FUSEDGAUSS_CPU_OUTPUT_CACHE_MB={env})" if env else ""))
+        transform = backends.cpu_normal_transform()
+        capability = torch.backends.cpu.get_cpu_capability()
+        print("      sample noise: " + (
+            f"torch's normal_ numbers, drawn by fusedgauss (torch's {transform} Box-Muller at its CPU "
+            f"capability {capability})" if transform else
+            f"torch's normal_ (its Box-Muller at CPU capability {capability} is not mirrored here)"))
     cuda_missing = "no (the build lacked nvcc or a CUDA build of torch, or FUSEDGAUSS_SKIP_CUDA was set)"
     print(f"    CUDA kernels: {'yes' if backends.COMPILED_CUDA else cuda_missing}")
     if backends.TRITON_KERNELS:

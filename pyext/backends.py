@@ -207,6 +207,16 @@ def use_cpu_simd(level: str) -> Iterator[None]:
         _C.set_cpu_simd_level(previous)
 
 
+def cpu_normal_transform() -> str | None:
+    """Which of torch's Box-Muller transforms the CPU noise op (``standard_normal_``, behind
+    :func:`fusedgauss.standard_normal`) mirrors at torch's CPU capability here: "avx2" or
+    "scalar" (DEFAULT); None: none (or no compiled kernels), and torch's ``normal_`` draws
+    the noise itself."""
+    if not EXTENSION_LOADED:
+        return None
+    return _C.cpu_normal_transform()
+
+
 def cpu_output_cache_stats() -> dict[str, int]:
     """The CPU output cache: CPU outputs of a megabyte or more (per-sample gradients, sampled
     actions) reuse blocks that earlier outputs freed, instead of fresh memory that the system
