@@ -1,6 +1,6 @@
-"""A sample's noise: fusedgauss.ops.standard_normal and the compiled standard_normal_ give
+"""A sample's noise: fusedgauss.standard_normal and the compiled standard_normal_ give
 torch's normal_ bit for bit, from the same generator state, and leave the generator where
-torch leaves it; the squashed samplers draw it, so a seed still gives PyTorch's samples.
+torch leaves it; every sampler draws it, so a seed still gives PyTorch's samples.
 
 The compiled op mirrors two of torch's Box-Muller transforms: the AVX2 one and the scalar one
 (torch's DEFAULT CPU capability), run here in a subprocess with ATEN_CPU_CAPABILITY=default.
