@@ -333,9 +333,9 @@ class DiagNormal(td.Independent):
     :meth:`log_prob` runs the fused ``diag_normal_log_prob`` on the unbroadcast parameters,
     so a ``scale`` shared by the batch (a state-independent log-std) is read once and its
     gradient reduced in the kernel; :meth:`entropy` is taken on the unbroadcast scale too.
-    :meth:`rsample` is the Normal's formula with the noise of
-    :func:`fusedgauss.standard_normal` (PyTorch's numbers, drawn faster on the CPU);
-    ``sample``, mean, mode, variance and stddev are the Normal's.
+    :meth:`rsample` and :meth:`sample` are the Normal's formula with the noise of
+    :func:`fusedgauss.standard_normal` (PyTorch's numbers, drawn faster on the CPU); mean,
+    mode, variance and stddev are the Normal's.
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, validate_args: bool | None = None) -> None:
@@ -367,6 +367,12 @@ class DiagNormal(td.Independent):
         base = self.base_dist
         noise = ops.standard_normal(base._extended_shape(sample_shape), dtype=base.loc.dtype, device=base.loc.device)
         return base.loc + noise * base.scale
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """The Normal's sample (torch.normal: the same noise, times scale, plus loc) is
+        :meth:`rsample`'s numbers."""
+        with torch.no_grad():
+            return self.rsample(sample_shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
