@@ -36,8 +36,8 @@ def _implementation(name: str, like: torch.Tensor, event_size: int | None = None
 
 
 #: Below this many entries, torch's own normal_ draws a sample's noise: the compiled op's call
-#: costs about what it saves (two threads, AVX2: 1024 entries take 4.7 us by torch, 3.9 by the
-#: op; 256 take 1.9 and 2.8).
+#: costs about what it saves (two threads, AVX2: 1024 entries take 7.7 us by torch, 5.1 by the
+#: op; 256 take 2.4 and 3.3).
 NOISE_OP_MIN_NUMEL = 1024
 
 
@@ -48,9 +48,9 @@ def standard_normal(
     dtype=dtype, device=device).normal_(generator=generator)``, from the same generator state,
     which it leaves where torch does, so that a seed gives PyTorch's samples.
 
-    On the CPU the compiled ``standard_normal_`` draws them, about twice as fast on one core
-    (the generator's words a state at a time, each thread from its own copy of the state; see
-    csrc/cpu/standard_normal_cpu.cpp). On other devices, for small tensors, under
+    On the CPU the compiled ``standard_normal_`` draws them, about twice as fast on one thread
+    and faster still on more (the generator's words a state at a time, each thread from its
+    own copy of the state; see csrc/cpu/standard_normal_cpu.cpp). On other devices, for small tensors, under
     ``torch.compile`` (whose own generator replaces torch's) and without the compiled
     extension, torch draws them.
     """

@@ -1,7 +1,8 @@
 // standard_normal_(self, generator): torch's CPU Tensor.normal_() (mean 0, std 1), bit for bit
 // and leaving the generator where torch leaves it, drawn faster (about twice as fast on one
-// core; the threads share the rest). It is the noise of every reparameterised sample, and at a
-// SAC batch it cost torch as much as the squashed log-prob's kernels did.
+// thread, where torch runs on one anyway; 3-4x on two). It is the noise of every
+// reparameterised sample, and at a SAC batch it cost torch as much as the squashed log-prob's
+// kernels did.
 //
 // Torch fills a contiguous float32 tensor of 16 or more entries (normal_fill in
 // ATen/native/cpu/DistributionTemplates.h) in two passes: one uniform per entry from the
