@@ -10,8 +10,9 @@ with torch.utils.benchmark, from the same weights, buffer and minibatch order:
   torch        torch.distributions, with the plain-PyTorch head construction (zeros, index
                assignment, softplus, tril: examples/ppo_continuous.py plain_scale_tril)
   drop-in      the fusedgauss classes with that same plain-PyTorch head: the one-import change
-  fused head   fusedgauss ``from_packed``: the full-covariance heads read the packed outputs
-               (packed_to_scale_tril)
+  fused head   fusedgauss ``from_head``: the full-covariance heads read the actor's whole
+               output, loc and the packed scale_tril, and hand it back its gradient in one
+               tensor
 
 Ceilings, the same epoch with parts of the update made free:
 
@@ -20,8 +21,8 @@ Ceilings, the same epoch with parts of the update made free:
                (FreeDistributionAgent): torch ms / free-dist ms is the ceiling of the drop-in
                class, which keeps that head
   free dist and head
-               the same without the head construction (the gradients go to the packed
-               outputs): the ceiling of the fused head with the PPO loss's own arithmetic kept
+               the same without the head construction (one gradient goes to the actor's whole
+               output): the ceiling of the fused head with the PPO loss's own arithmetic kept
   MLP alone    a squared-output loss on the actor and critic, no PPO loss at all: the
                ceiling of any change to the distribution
 
@@ -83,13 +84,13 @@ class _FreeLogProb(torch.autograd.Function):
     a ceiling.) The engine never accumulates into them in place, as they stay referenced."""
 
     @staticmethod
-    def forward(ctx, loc, parameter, loc_gradient, parameter_gradient):
-        ctx.gradients = loc_gradient, parameter_gradient
-        return loc.new_zeros(loc.shape[:-1])
+    def forward(ctx, gradients, *inputs):
+        ctx.gradients = gradients  # one per input
+        return inputs[0].new_zeros(inputs[0].shape[:-1])
 
     @staticmethod
     def backward(ctx, grad):
-        return (*ctx.gradients, None, None)
+        return (None, *ctx.gradients)
 
 
 class FreeDistributionAgent:
@@ -110,14 +111,13 @@ class FreeDistributionAgent:
 
     def __call__(self, obs, action, pre_tanh):
         agent = self.agent
-        loc, packed = agent.actor_outputs(obs)
-        if agent.head == "diag":
-            parameter = agent.log_std.exp()
-        elif self.plain_head:
-            parameter = plain_scale_tril(packed, agent.k, agent.min_diag)
+        if agent.head != "diag" and not self.plain_head:
+            inputs = (agent.actor(obs),)  # the fused head's: the actor's whole output
         else:
-            parameter = packed
-        log_prob = _FreeLogProb.apply(loc, parameter, self._gradient(loc), self._gradient(parameter))
+            loc, packed = agent.actor_outputs(obs)
+            inputs = (loc, agent.log_std.exp() if agent.head == "diag" else plain_scale_tril(packed, agent.k,
+                                                                                            agent.min_diag))
+        log_prob = _FreeLogProb.apply(tuple(self._gradient(t) for t in inputs), *inputs)
         return log_prob, torch.zeros_like(log_prob), agent.critic(obs).squeeze(-1)
 
 

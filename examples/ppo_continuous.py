@@ -14,9 +14,9 @@ normalisation), on ``--num-envs`` vectorised environments per process. Policy he
 - ``tril``: a full covariance whose scale_tril is state-dependent: the actor outputs the mean
   and k(k+1)/2 packed entries of L, row by row as ``torch.tril_indices`` lists them, with the
   diagonal through softplus (plus ``--min-diag``). With ``--dist torch`` L is built the usual
-  plain-PyTorch way (zeros, index assignment, softplus, tril); with ``--dist fusedgauss`` by
-  ``MultivariateNormal.from_packed`` (``--plain-head`` keeps the plain-PyTorch construction and
-  swaps the class only).
+  plain-PyTorch way (zeros, index assignment, softplus, tril); with ``--dist fusedgauss`` the
+  actor's whole output goes to ``MultivariateNormal.from_head`` (``--plain-head`` keeps the
+  plain-PyTorch construction and swaps the class only).
 - ``tanh_tril``: that full covariance squashed by tanh into the action bounds. The rollout
   stores the pre-tanh value u with each action and the update scores the action from u: the
   log-prob of u under the Gaussian minus the tanh Jacobian, never atanh of a stored action.
@@ -149,16 +149,18 @@ class Agent(nn.Module):
         return out.split([self.k, out.shape[-1] - self.k], dim=-1)
 
     def distribution(self, obs: torch.Tensor) -> td.Distribution:
+        if self.fused_head and self.head != "diag":
+            # The actor's whole output, [loc | packed]: its gradient comes back in one tensor.
+            cls = fusedgauss.MultivariateNormal if self.head == "tril" else fusedgauss.TanhMultivariateNormal
+            bounds = ({} if self.head == "tril" or self.unit_bounds
+                      else {"low": self.action_low, "high": self.action_high})
+            return cls.from_head(self.actor(obs), "softplus", self.min_diag, validate_args=False, **bounds)
         loc, packed = self.actor_outputs(obs)
         if self.head == "diag":
             scale = self.log_std.exp()
             if self.fused:
                 return fusedgauss.DiagNormal(loc, scale, validate_args=False)
             return td.Independent(td.Normal(loc, scale.expand_as(loc), validate_args=False), 1)
-        if self.fused_head:
-            cls = fusedgauss.MultivariateNormal if self.head == "tril" else fusedgauss.TanhMultivariateNormal
-            bounds = {} if self.head == "tril" or self.unit_bounds else {"low": self.action_low, "high": self.action_high}
-            return cls.from_packed(loc, packed, "softplus", self.min_diag, validate_args=False, **bounds)
         L = plain_scale_tril(packed, self.k, self.min_diag)
         if self.head == "tril":
             cls = fusedgauss.MultivariateNormal if self.fused else td.MultivariateNormal

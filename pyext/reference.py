@@ -171,6 +171,12 @@ def event_size_of_packed(n: int) -> int | None:
     return k if n > 0 and k * (k + 1) // 2 == n else None
 
 
+def event_size_of_head(n: int) -> int | None:
+    """k with k + k(k+1)/2 = n (a policy head's loc and packed scale_tril), or None."""
+    k = (math.isqrt(8 * n + 9) - 3) // 2
+    return k if n > 0 and k + k * (k + 1) // 2 == n else None
+
+
 def _diag_transform(x: torch.Tensor, diag_transform: str) -> torch.Tensor:
     if diag_transform == "softplus":
         # log(1 + e^x). F.softplus is the identity above x = 20, where log(1 + e^x) - x < 2.1e-9

@@ -18,19 +18,24 @@ CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
 def policy_loss(loc, matrix, actions, advantages, parameterization):
     if parameterization == "packed":  # a policy head's flat output
         dist = fusedgauss.MultivariateNormal.from_packed(loc, matrix, "softplus", 1e-3, validate_args=False)
+    elif parameterization == "head":  # all of it, [loc | packed]: eager, the head's own backward op
+        dist = fusedgauss.MultivariateNormal.from_head(torch.cat([loc, matrix], -1), "softplus", 1e-3,
+                                                       validate_args=False)
     else:
         dist = fusedgauss.MultivariateNormal(loc, validate_args=False, **{parameterization: matrix})
     return -(dist.log_prob(actions) * advantages).mean() - 0.01 * dist.entropy().mean()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("parameterization", ["scale_tril", "covariance_matrix", "packed"])
+@pytest.mark.parametrize("parameterization", ["scale_tril", "covariance_matrix", "packed", "head"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_compiled_loss_matches_eager(backend, parameterization, shared):
+    if parameterization == "head" and shared:
+        pytest.skip("a head is one output per sample")
     torch._dynamo.reset()
     B, k = 32, 4
     batch = () if shared else (B,)
-    if parameterization == "packed":
+    if parameterization in ("packed", "head"):
         matrix = torch.randn(batch + (k * (k + 1) // 2,))
     else:
         make = random_scale_tril if parameterization == "scale_tril" else random_spd

@@ -449,6 +449,151 @@ def test_packed_log_prob_errors():
         ops.squashed_packed_log_prob(value, loc, packed, "relu", 0.0, True)
 
 
+# --- log-probs of a policy head's whole output [loc | packed] ---------------------------------
+
+HEAD_OPS = {  # (squashed, value_is_pre_tanh, value from the Gaussian draw u)
+    "mvn": (False, False, lambda u: u),
+    "squashed_pre_tanh": (True, True, lambda u: u),
+    "squashed_action": (True, False, torch.tanh),
+}
+
+
+def head_inputs(value_batch, head_batch, k, dtype=torch.float64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    value = torch.randn(tuple(value_batch) + (k,), dtype=torch.float64, generator=generator)
+    head = 0.5 * torch.randn(tuple(head_batch) + (k + packed_size(k),), dtype=torch.float64, generator=generator)
+    return value.to(dtype), head.to(dtype)
+
+
+def head_log_prob_and_grad(value, head, op, through_head):
+    """(log_prob, log_det, d/dhead of a random weighting of both), through packed_head_log_prob
+    or through the packed op on head.split (what from_packed does)."""
+    squashed, pre_tanh, to_value = HEAD_OPS[op]
+    head = head.detach().requires_grad_()
+    value = to_value(value)
+    k = value.shape[-1]
+    if through_head:
+        log_prob, log_det = ops.packed_head_log_prob(value, head, "softplus", 1e-3, squashed=squashed,
+                                                     value_is_pre_tanh=pre_tanh, return_log_det=True)
+    else:
+        loc, packed = head.split([k, packed_size(k)], dim=-1)
+        packed_op = ops.squashed_packed_log_prob if squashed else ops.mvn_packed_log_prob
+        flags = (pre_tanh,) if squashed else ()
+        log_prob, log_det = packed_op(value, loc, packed, "softplus", 1e-3, *flags, return_log_det=True)
+    generator = torch.Generator().manual_seed(3)
+    weights = [torch.randn(log_prob.shape, dtype=torch.float64, generator=generator).to(head.device) for _ in range(2)]
+    (grad,) = torch.autograd.grad((log_prob.double() * weights[0] + log_det.double() * weights[1]).sum(), head)
+    return log_prob.detach(), log_det.detach(), grad
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("op", HEAD_OPS)
+@pytest.mark.parametrize("k", [1, 3, 6, 17])
+@pytest.mark.parametrize("batch_shape", BATCH_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_packed_head_log_prob_is_the_split_ones(backend, device, op, k, batch_shape, dtype):
+    """Through the head, the log-prob, log_det and the head's gradient are those of the packed
+    op on the head's two parts (the same kernels: the same bits), which
+    test_packed_log_prob_against_reference checks against the float64 reference."""
+    if backend == "triton" and k > 6:
+        pytest.skip("the interpreter is slow")
+    value, head = (t.to(device) for t in head_inputs(batch_shape, batch_shape, k, dtype))
+    with backends.use(backend):
+        got = head_log_prob_and_grad(value, head, op, through_head=True)
+        expected = head_log_prob_and_grad(value, head, op, through_head=False)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    assert got[2].shape == head.shape and got[2].is_contiguous()
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("op", HEAD_OPS)
+def test_packed_head_log_prob_writes_the_head_gradient(op):
+    """Eager on the compiled CPU ops, the backward is packed_head_log_prob_backward, and the
+    split's cat (aten::cat) and the packed op's own backward never run."""
+    value, head = head_inputs((64,), (64,), 6, torch.float32)
+    with OpRecorder() as recorder:
+        head_log_prob_and_grad(value, head, op, through_head=True)
+    assert "fusedgauss::packed_head_log_prob_backward" in recorder.names, recorder.names
+    assert not [name for name in recorder.names if name == "aten::cat" or name.endswith("packed_log_prob_backward")]
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_packed_head_log_prob_where_the_head_is_split(backend, device):
+    """Where the head's own backward does not apply, the head is split, with the same numbers:
+    a value that requires grad (its gradient too), a head shared by the batch, a
+    non-contiguous head, a zero-size batch, and no grad mode."""
+    value, head = (t.to(device) for t in head_inputs((5,), (5,), 3))
+    leaf = value.clone().requires_grad_()
+    with backends.use(backend):
+        got = ops.packed_head_log_prob(leaf, head.requires_grad_(), "softplus", 1e-3)
+        expected = ops.mvn_packed_log_prob(value, *head.split([3, 6], -1), "softplus", 1e-3)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        (value_grad,) = torch.autograd.grad(got.sum(), leaf)
+        loc, packed = head.detach().split([3, 6], -1)
+        reference_leaf = value.clone().requires_grad_()
+        reference_log_prob = ops.mvn_packed_log_prob(reference_leaf, loc, packed, "softplus", 1e-3)
+        (reference_grad,) = torch.autograd.grad(reference_log_prob.sum(), reference_leaf)
+        torch.testing.assert_close(value_grad, reference_grad, rtol=0, atol=0)
+        shared = head[0].detach()
+        got, expected = (head_log_prob_and_grad(value, shared, "mvn", through) for through in (True, False))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        wide = torch.randn(5, 2 * head.shape[-1], dtype=head.dtype, device=device)[:, ::2]
+        got, expected = (head_log_prob_and_grad(value, wide, "mvn", through) for through in (True, False))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+        got = head_log_prob_and_grad(value[:0], head[:0], "mvn", True)
+        assert got[0].shape == (0,) and got[2].shape == (0, 9)
+        with torch.no_grad():
+            torch.testing.assert_close(ops.packed_head_log_prob(value, head, "softplus", 1e-3),
+                                       ops.mvn_packed_log_prob(value, loc, packed, "softplus", 1e-3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("op", HEAD_OPS)
+def test_packed_head_log_prob_gradcheck(backend, device, op):
+    squashed, pre_tanh, to_value = HEAD_OPS[op]
+    value, head = head_inputs((4,), (4,), 3)
+    value, head = to_value(value).to(device), head.to(device).requires_grad_()
+    with backends.use(backend):
+        assert torch.autograd.gradcheck(
+            lambda h: ops.packed_head_log_prob(value, h, "softplus", 0.1, squashed=squashed,
+                                               value_is_pre_tanh=pre_tanh, return_log_det=True), (head,))
+
+
+@pytest.mark.parametrize(("namespace", "device"), [p for p in OPCHECK_LIBRARIES if p.id != "triton"])
+def test_packed_head_log_prob_backward_opcheck(namespace, device):
+    for value_batch, head_batch in (((7,), (7,)), ((4, 3), (4, 3)), ((1, 3), (4, 3))):
+        value, head = (t.float().to(device) for t in head_inputs(value_batch, head_batch, 4))
+        grad = torch.randn(head_batch, device=device)
+        for grad_log_det in (None, torch.randn(head_batch, device=device)):
+            for squashed, pre_tanh in ((False, False), (True, True), (True, False)):
+                args = (grad, grad_log_det, value.tanh() if squashed and not pre_tanh else value, head, "softplus",
+                        0.01, squashed, pre_tanh)
+                torch.library.opcheck(torch.ops.fusedgauss.packed_head_log_prob_backward.default, args)
+
+
+def test_packed_head_log_prob_errors():
+    value, head = head_inputs((7,), (7,), 3)
+    with pytest.raises(ValueError, match=re.escape("head must hold k + k(k+1)/2 values per sample for value's event "
+                                                   "size k, got value (7, 3) and head (7, 8)")):
+        ops.packed_head_log_prob(value, head[..., :8])
+    if backends.COMPILED_CPU:
+        with pytest.raises(RuntimeError, match=re.escape("head has batch shape [7] but the log-prob has batch shape "
+                                                         "[2, 7]")):
+            torch.ops.fusedgauss.packed_head_log_prob_backward(
+                torch.ones(2, 7, dtype=torch.float64), None, value.expand(2, 7, 3), head, "softplus", 0.0, False, False)
+        with pytest.raises(RuntimeError, match=re.escape("head must hold k + k(k+1)/2 = 9 values per sample")):
+            torch.ops.fusedgauss.packed_head_log_prob_backward(
+                torch.ones(7, dtype=torch.float64), None, value, head[..., :8], "softplus", 0.0, False, False)
+        gradient = ops.packed_head_log_prob(value, head.requires_grad_(), "softplus", 0.0)
+        (first,) = torch.autograd.grad(gradient.sum(), head, create_graph=True)
+        with pytest.raises(NotImplementedError, match="second derivative through packed_head_log_prob_backward"):
+            first.sum().backward()
+
+
 # --- the distributions' from_packed ---------------------------------------------------------
 
 
@@ -522,3 +667,45 @@ def test_from_packed_errors():
     with pytest.raises(ValueError, match="scale_tril must have a positive diagonal"):
         fusedgauss.MultivariateNormal.from_packed(torch.zeros(2), torch.tensor([1.0, 0.5, -1.0]), "none", 0.0,
                                                   validate_args=True)
+    with pytest.raises(ValueError, match=re.escape("head must hold k + k(k+1)/2 values per sample (loc, then the "
+                                                   "packed scale_tril), got shape (4, 8)")):
+        fusedgauss.MultivariateNormal.from_head(torch.randn(4, 8))
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("squashed", [False, True], ids=["mvn", "tanh_mvn"])
+def test_from_head_is_from_packed_of_the_split(backend, device, squashed):
+    """from_head(head) is from_packed(*head.split(...)): log-prob (of the pre-tanh value and of
+    the action, squashed), entropy, mean, samples, and the head's gradient through a PPO-like
+    loss of log-prob and entropy."""
+    import fusedgauss
+
+    k = 4
+    value, head = (t.to(device) for t in head_inputs((9,), (9,), k))
+    heads = [head.clone().requires_grad_() for _ in range(2)]
+    with backends.use(backend):
+        if squashed:
+            bounds = {"low": -2.0, "high": 3.0}
+            ours = fusedgauss.TanhMultivariateNormal.from_head(heads[0], "softplus", 1e-3, **bounds)
+            theirs = fusedgauss.TanhMultivariateNormal.from_packed(*heads[1].split([k, packed_size(k)], -1),
+                                                                   "softplus", 1e-3, **bounds)
+            action = 0.5 + 2.5 * value.tanh()
+            log_probs = [d.log_prob(action, pre_tanh=value) for d in (ours, theirs)]
+            torch.testing.assert_close(ours.log_prob(action), theirs.log_prob(action), rtol=0, atol=0)
+            entropies = [d.base_dist.entropy() for d in (ours, theirs)]
+        else:
+            ours = fusedgauss.MultivariateNormal.from_head(heads[0], "softplus", 1e-3)
+            theirs = fusedgauss.MultivariateNormal.from_packed(*heads[1].split([k, packed_size(k)], -1), "softplus",
+                                                               1e-3)
+            log_probs = [d.log_prob(value) for d in (ours, theirs)]
+            entropies = [d.entropy() for d in (ours, theirs)]
+            torch.testing.assert_close(ours.mean, theirs.mean, rtol=0, atol=0)
+        torch.testing.assert_close(log_probs[0], log_probs[1], rtol=0, atol=0)
+        torch.testing.assert_close(entropies[0], entropies[1], rtol=0, atol=0)
+        grads = [torch.autograd.grad((lp.exp() * 0.3 - 0.01 * e).sum(), h)[0]
+                 for lp, e, h in zip(log_probs, entropies, heads)]
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        torch.manual_seed(5)
+        sample = ours.sample()
+        torch.manual_seed(5)
+        torch.testing.assert_close(sample, theirs.sample(), rtol=0, atol=0)

@@ -255,6 +255,7 @@ constexpr char kPackedToScaleTril[] = "packed_to_scale_tril";
 constexpr char kPackedToScaleTrilBackward[] = "packed_to_scale_tril_backward";
 constexpr char kPackedLogDet[] = "packed_scale_tril_log_det";
 constexpr char kPackedLogDetBackward[] = "packed_scale_tril_log_det_backward";
+constexpr char kPackedHeadBackward[] = "packed_head_log_prob_backward";
 
 using TensorPair = std::tuple<Tensor, Tensor>;
 
@@ -302,6 +303,8 @@ TORCH_LIBRARY_IMPL(fusedgauss, Autograd, m) {
                                                      c10::string_view>::autograd_kernel);
   m.impl(kPackedLogDetBackward, &FirstOrderOnly<kPackedLogDetBackward, Tensor, TensorRef, TensorRef,
                                                 c10::string_view, double>::autograd_kernel);
+  m.impl(kPackedHeadBackward, &FirstOrderOnly<kPackedHeadBackward, Tensor, TensorRef, OptionalTensor, TensorRef,
+                                              TensorRef, c10::string_view, double, bool, bool>::autograd_kernel);
 }
 
 }  // namespace fusedgauss

@@ -95,15 +95,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 
 /// The ten log-prob ops of one device around its kernels: mvn_tril_log_prob,
 /// mvn_cov_log_prob, squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob and
-/// their backward ops. `Kernels` runs a checked problem:
+/// their backward ops, and packed_head_log_prob_backward. `Kernels` runs a checked problem:
 ///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash,
 ///       const at::Tensor& log_det);
 ///   template <Param kParam> static std::array<at::Tensor, 3> backward(
 ///       const MvnProblem&, const at::Tensor& contiguous_grad, std::array<bool, 3> mask, ValueSquash,
-///       const at::Tensor& contiguous_grad_log_det);
+///       const at::Tensor& contiguous_grad_log_det, const at::Tensor& head_rows = {});
 /// backward returns the gradients of value, loc and the matrix operand as the kernel lays
-/// them out (see mvn_backward_op). A squashed op maps the value to its pre-tanh value first
-/// (ValueSquash); a packed one reads the factor as a policy head's packed output. The ops whose
+/// them out (see mvn_backward_op), or, given head_rows (a packed factor; B x (k + k(k+1)/2)),
+/// writes the per-sample gradients of loc and packed side by side into those rows. A squashed
+/// op maps the value to its pre-tanh value first (ValueSquash); a packed one reads the factor
+/// as a policy head's packed output. The ops whose
 /// factor is given (scale_tril, packed) also return each sample's sum_i log L_ii (log_det,
 /// batch-shaped; undefined for the covariance op), whose upstream gradient their backward
 /// takes (grad_log_det; undefined: none).
@@ -178,6 +180,50 @@ struct LogProbOps {
                            diag_transform, min_diag, {true, !value_is_pre_tanh}, mask);
   }
 
+  /// The gradient of a policy head's whole output, head (*, k + k(k+1)/2) = [loc | packed] in
+  /// each row, through mvn_packed_log_prob (squashed: squashed_packed_log_prob) of its two
+  /// parts: their gradients side by side in one tensor, which the head's layer takes as it is
+  /// (a split's backward would copy the two into one). value's gradient is not computed, and
+  /// head has the batch shape (its gradient is per sample, never reduced).
+  static at::Tensor packed_head_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                         const at::Tensor& value, const at::Tensor& head,
+                                         c10::string_view diag_transform, double min_diag, bool squashed,
+                                         bool value_is_pre_tanh) {
+    constexpr const char* op = "packed_head_log_prob_backward";
+    TORCH_CHECK(value.dim() >= 1 && head.dim() >= 1, op, ": value and head must have an event dimension, got shapes ",
+                value.sizes(), " and ", head.sizes());
+    const int64_t k = value.size(-1);
+    const int64_t width = k + k * (k + 1) / 2;
+    TORCH_CHECK(head.size(-1) == width, op, ": head must hold k + k(k+1)/2 = ", width,
+                " values per sample for value's event size k = ", k, ", got ", head.size(-1));
+    const at::Tensor loc = head.narrow(-1, 0, k), packed = head.narrow(-1, k, width - k);
+    const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+    const c10::IntArrayRef head_batch = head.sizes().slice(0, head.dim() - 1);
+    TORCH_CHECK(head_batch == c10::IntArrayRef(p.layout.batch_shape), op, ": head has batch shape ", head_batch,
+                " but the log-prob has batch shape ", c10::IntArrayRef(p.layout.batch_shape),
+                "; a head shared by the batch has a reduced gradient (packed log-prob backward ops)");
+    const ValueSquash squash{squashed, squashed && !value_is_pre_tanh};
+    std::vector<int64_t> shape(p.layout.batch_shape);
+    shape.push_back(width);
+    at::Tensor head_grad = empty_output(shape, value.options());
+    if (p.loc.reduces_gradient || p.matrix.reduces_gradient) {
+      // A batch of one sample reads its operands as shared, their gradients reduced (over that
+      // sample): the packed op's backward, copied in.
+      const auto [value_grad, loc_grad, packed_grad] = packed_backward(
+          op, grad, grad_log_det, value, loc, packed, diag_transform, min_diag, squash, {false, true, true});
+      head_grad.narrow(-1, 0, k).copy_(loc_grad);
+      head_grad.narrow(-1, k, width - k).copy_(packed_grad);
+      return head_grad;
+    }
+    at::Tensor upstream_log_det;
+    if (grad_log_det.has_value() && grad_log_det->defined()) {
+      upstream_log_det = batch_gradient(op, *grad_log_det, value, p.layout, "grad_log_det", "log_det");
+    }
+    Kernels::template backward<Param::kPacked>(p, batch_gradient(op, grad, value, p.layout), {false, true, true},
+                                               squash, upstream_log_det, head_grad.view({p.layout.batch_numel, width}));
+    return head_grad;
+  }
+
   static void register_kernels(torch::Library& m) {
     m.impl("mvn_tril_log_prob", &mvn_tril);
     m.impl("mvn_tril_log_prob_backward", &mvn_tril_backward);
@@ -189,6 +235,7 @@ struct LogProbOps {
     m.impl("mvn_packed_log_prob_backward", &mvn_packed_backward);
     m.impl("squashed_packed_log_prob", &squashed_packed);
     m.impl("squashed_packed_log_prob_backward", &squashed_packed_backward);
+    m.impl("packed_head_log_prob_backward", &packed_head_backward);
   }
 
  private:

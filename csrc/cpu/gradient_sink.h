@@ -18,18 +18,28 @@ namespace cpu {
 /// Nowhere (not requested), rows of a per-sample output (B, *event), or per-chunk partial sums
 /// (an operand that reduces its gradient over the batch) that are added in chunk order.
 /// `extra_slots` adds partial-sum slots after the event's, for totals a kernel needs beside
-/// the gradient (the sum of the upstream gradients, say).
+/// the gradient (the sum of the upstream gradients, say). `rows_in`, when defined, is where a
+/// per-sample gradient goes instead of an output of its own: a (B, width) stretch of wider rows
+/// (unit column stride), which other sinks fill beside it.
 template <typename scalar_t>
 struct GradientSink {
   using acc_t = at::opmath_type<scalar_t>;
 
   GradientSink(bool requested, const BatchedOperand& operand, std::vector<int64_t> event_shape,
-               const Chunks& chunks, int64_t batch_numel, int64_t extra_slots = 0)
+               const Chunks& chunks, int64_t batch_numel, int64_t extra_slots = 0,
+               const at::Tensor& rows_in = at::Tensor())
       : requested(requested), reduces(requested && operand.reduces_gradient) {
     width = 1;
     for (int64_t s : event_shape) width *= s;
+    row_stride = width;
     if (reduces) {
+      TORCH_INTERNAL_ASSERT(!rows_in.defined(), "a reduced gradient has no rows to write into");
       partials = ChunkPartials<acc_t>(chunks, width + extra_slots);
+    } else if (requested && rows_in.defined()) {
+      TORCH_INTERNAL_ASSERT(rows_in.dim() == 2 && rows_in.size(0) == batch_numel && rows_in.size(1) == width &&
+                            rows_in.stride(1) == 1);
+      per_sample = rows_in;
+      row_stride = rows_in.stride(0);
     } else if (requested) {
       event_shape.insert(event_shape.begin(), batch_numel);
       per_sample = empty_output(event_shape, operand.data.options());
@@ -39,9 +49,11 @@ struct GradientSink {
   /// The per-sample output, or nullptr when this sink reduces or takes nothing.
   scalar_t* rows() { return per_sample.defined() ? per_sample.data_ptr<scalar_t>() : nullptr; }
 
-  /// Whether the per-sample output is too big to stay in the caches (kStreamingOutputBytes).
+  /// Whether the per-sample rows (all of their width, where they are a stretch of wider rows)
+  /// are too big to stay in the caches (kStreamingOutputBytes).
   bool streams() const {
-    return per_sample.defined() && per_sample.nbytes() >= static_cast<size_t>(kStreamingOutputBytes);
+    return per_sample.defined() &&
+           per_sample.size(0) * row_stride * per_sample.element_size() >= kStreamingOutputBytes;
   }
 
   /// The reduced gradient in acc_t, of `width` entries, and the totals of the extra slots.
@@ -55,6 +67,7 @@ struct GradientSink {
   bool requested;
   bool reduces;
   int64_t width;
+  int64_t row_stride;  // of the per-sample rows: width, or that of the rows written into
   at::Tensor per_sample;
   ChunkPartials<acc_t> partials;
 };
@@ -69,6 +82,7 @@ class SinkRows {
   explicit SinkRows(GradientSink<scalar_t>& sink)
       : rows_(sink.rows()),
         width_(sink.width),
+        row_stride_(sink.row_stride),
         streaming_(sink.streams()),
         stage_(streaming_ ? static_cast<size_t>(width_ * W) : 0) {}
   SinkRows(const SinkRows&) = delete;
@@ -82,17 +96,18 @@ class SinkRows {
 
   /// Rows b0 .. b0 + count - 1 from the first `count` lanes of `lanes` (width x W).
   C10_ALWAYS_INLINE void write(const acc_t* lanes, int64_t b0, int count) {
-    scalar_t* out = rows_ + b0 * width_;
+    scalar_t* out = rows_ + b0 * row_stride_;
     if (streaming_) {
-      stream_rows<W>(width_, lanes, count, out, stage_.data());
+      stream_rows<W>(width_, lanes, count, out, row_stride_, stage_.data());
     } else {
-      scatter_rows<W>(width_, lanes, count, out);
+      scatter_rows<W>(width_, lanes, count, out, row_stride_);
     }
   }
 
  private:
   scalar_t* rows_;
   int64_t width_;
+  int64_t row_stride_;
   bool streaming_;
   std::vector<scalar_t> stage_;
 };

@@ -245,14 +245,14 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void transpose_8x8(__m256* v) {
 /// registers: with a runtime row count GCC spilled them to the stack.
 template <int W, bool kAllRows>
 FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void lanes_to_rows_group(int64_t n, const float* src, int g, int rows,
-                                                                  float* dst) {
+                                                                  float* dst, int64_t dst_stride) {
   const int row_count = kAllRows ? 8 : rows;
   __m256 v[8];
   int64_t c0 = 0;
   for (; c0 + 8 <= n; c0 += 8) {
     for (int c = 0; c < 8; ++c) v[c] = _mm256_loadu_ps(src + (c0 + c) * W + g);
     transpose_8x8(v);
-    for (int r = 0; r < row_count; ++r) _mm256_storeu_ps(dst + (g + r) * n + c0, v[r]);
+    for (int r = 0; r < row_count; ++r) _mm256_storeu_ps(dst + (g + r) * dst_stride + c0, v[r]);
   }
   for (; c0 < n; c0 += 4) {
     const int width = static_cast<int>(std::min<int64_t>(4, n - c0));
@@ -261,7 +261,7 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void lanes_to_rows_group(int64_t n, con
     // v[j] holds columns c0 .. c0 + 3 of rows j (low half) and 4 + j (high half).
     for (int r = 0; r < row_count; ++r) {
       const __m128 row = r < 4 ? _mm256_castps256_ps128(v[r]) : _mm256_extractf128_ps(v[r - 4], 1);
-      float* out = dst + (g + r) * n + c0;
+      float* out = dst + (g + r) * dst_stride + c0;
       if (width == 4) {
         _mm_storeu_ps(out, row);
       } else {
@@ -271,18 +271,19 @@ FUSEDGAUSS_AVX2_TARGET C10_ALWAYS_INLINE void lanes_to_rows_group(int64_t n, con
   }
 }
 
-/// The first `count` lanes of the lane-minor n-vectors in src, as rows of dst (row stride n).
-/// Whole 8-column blocks go through 8 x 8 transposes, whose 256-bit row stores scattered a
-/// k=17 gradient (289 columns) 1.3x faster than four columns at a time with 128-bit stores;
-/// the last columns go four (or fewer) at a time, as the gathers do.
+/// The first `count` lanes of the lane-minor n-vectors in src, as rows of dst (row stride
+/// dst_stride >= n). Whole 8-column blocks go through 8 x 8 transposes, whose 256-bit row
+/// stores scattered a k=17 gradient (289 columns) 1.3x faster than four columns at a time
+/// with 128-bit stores; the last columns go four (or fewer) at a time, as the gathers do.
 template <int W>
-FUSEDGAUSS_AVX2_TARGET void lanes_to_rows_avx2(int64_t n, const float* src, int count, float* dst) {
+FUSEDGAUSS_AVX2_TARGET void lanes_to_rows_avx2(int64_t n, const float* src, int count, float* dst,
+                                               int64_t dst_stride) {
   static_assert(W % 8 == 0, "the transposes take whole groups of 8 lanes");
   for (int g = 0; g < count; g += 8) {
     if (count - g >= 8) {
-      lanes_to_rows_group<W, true>(n, src, g, 8, dst);
+      lanes_to_rows_group<W, true>(n, src, g, 8, dst, dst_stride);
     } else {
-      lanes_to_rows_group<W, false>(n, src, g, count - g, dst);
+      lanes_to_rows_group<W, false>(n, src, g, count - g, dst, dst_stride);
     }
   }
 }
@@ -368,17 +369,24 @@ C10_ALWAYS_INLINE void gather_rows(int64_t n, const src_t* __restrict__ a, int64
   }
 }
 
-/// The first `count` lanes of the lane-minor n-vectors in src, as rows of dst (row stride n).
+/// The first `count` lanes of the lane-minor n-vectors in src, as rows of dst (row stride
+/// dst_stride >= n: n for rows of their own, more for a stretch of wider rows).
 template <int W, typename dst_t, typename acc_t>
-C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst) {
+C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst,
+                                    int64_t dst_stride) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, dst_t>) {
-    if (simd_at_least_avx2()) return detail::lanes_to_rows_avx2<W>(n, src, count, dst);
+    if (simd_at_least_avx2()) return detail::lanes_to_rows_avx2<W>(n, src, count, dst, dst_stride);
   }
 #endif
   for (int l = 0; l < count; ++l) {
-    for (int64_t i = 0; i < n; ++i) dst[l * n + i] = static_cast<dst_t>(src[i * W + l]);
+    for (int64_t i = 0; i < n; ++i) dst[l * dst_stride + i] = static_cast<dst_t>(src[i * W + l]);
   }
+}
+
+template <int W, typename dst_t, typename acc_t>
+C10_ALWAYS_INLINE void scatter_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst) {
+  scatter_rows<W>(n, src, count, dst, n);
 }
 
 /// Per-sample outputs at least this big are written by stream_rows. Plain stores first read
@@ -394,16 +402,18 @@ constexpr int64_t kStreamingOutputBytes = int64_t{8} << 20;
 /// apply. Call finish_streaming before another thread reads dst.
 template <int W, typename dst_t, typename acc_t>
 C10_ALWAYS_INLINE void stream_rows(int64_t n, const acc_t* __restrict__ src, int count, dst_t* __restrict__ dst,
-                                   dst_t* __restrict__ stage) {
+                                   int64_t dst_stride, dst_t* __restrict__ stage) {
 #if defined(FUSEDGAUSS_X86_TRANSPOSES)
   if constexpr (detail::kTransposable<W, acc_t, dst_t>) {
     if (simd_at_least_avx2()) {
-      detail::lanes_to_rows_avx2<W>(n, src, count, stage);
-      return detail::stream_copy(stage, n * count, dst);
+      detail::lanes_to_rows_avx2<W>(n, src, count, stage, n);
+      if (dst_stride == n) return detail::stream_copy(stage, n * count, dst);
+      for (int l = 0; l < count; ++l) detail::stream_copy(stage + l * n, n, dst + l * dst_stride);
+      return;
     }
   }
 #endif
-  scatter_rows<W>(n, src, count, dst);
+  scatter_rows<W>(n, src, count, dst, dst_stride);
 }
 
 /// Orders a thread's non-temporal stores (stream_rows) before its later stores, so that a

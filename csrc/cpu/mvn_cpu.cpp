@@ -413,11 +413,13 @@ void log_prob_forward_kernel(const MvnProblem& p, scalar_t* out, ValueSquash squ
 /// upstream gradient h of the sum_i log L_ii output: it enters where the log-prob's own
 /// -g sum_i log L_ii does, as the diagonal coefficient c = g - h of
 /// d/dL = tril(g w z^T) - c diag(1/L_ii). (A shared factor's part of it is added by the op
-/// wrapper, LogProbOps::backward_with_log_det.)
+/// wrapper, LogProbOps::backward_with_log_det.) `head_rows` (a packed factor; undefined: none)
+/// takes the per-sample gradients of loc and packed side by side (LogProbOps::packed_head_backward).
 template <Param kParam, int kK, int W, typename scalar_t>
 std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const scalar_t* grad,
                                                    std::array<bool, 3> mask, ValueSquash squash = {},
-                                                   const scalar_t* grad_log_det = nullptr) {
+                                                   const scalar_t* grad_log_det = nullptr,
+                                                   const at::Tensor& head_rows = at::Tensor()) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool kCovariance = kParam == Param::kCovariance;
   constexpr bool kPacked = kParam == Param::kPacked;
@@ -432,10 +434,13 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   const BlockFactors<kParam, kK, W, scalar_t> shared_factors(p, Pass::kBackward);
   const Chunks chunks(n, grain_size(work_per_sample<kParam>(p)));
   GradientSink<scalar_t> value_sink(mask[0], p.value, {k}, chunks, n);
-  GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n);
+  const auto head_part = [&](int64_t start, int64_t width) {
+    return head_rows.defined() ? head_rows.narrow(1, start, width) : at::Tensor();
+  };
+  GradientSink<scalar_t> loc_sink(mask[1], p.loc, {k}, chunks, n, 0, head_part(0, k));
   GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, kPacked ? std::vector<int64_t>{matrix_entries}
                                                                   : std::vector<int64_t>{k, k},
-                                     chunks, n, /*extra_slots=*/1);
+                                     chunks, n, /*extra_slots=*/1, head_part(k, matrix_entries));
   // The covariance gradient needs Sigma^{-1} per sample, unless the matrix is shared and its
   // gradient reduced (then Sigma^{-1} enters once, at the end).
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
@@ -768,7 +773,8 @@ struct LogProbKernels {
   static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det);
   template <Param kParam>
   static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                            ValueSquash squash, const at::Tensor& grad_log_det);
+                                            ValueSquash squash, const at::Tensor& grad_log_det,
+                                            const at::Tensor& head_rows = at::Tensor());
 };
 
 template <Param kParam>
@@ -789,13 +795,13 @@ void LogProbKernels::forward(const MvnProblem& p, at::Tensor& out, ValueSquash s
 template <Param kParam>
 std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
                                                    std::array<bool, 3> mask, ValueSquash squash,
-                                                   const at::Tensor& grad_log_det) {
+                                                   const at::Tensor& grad_log_det, const at::Tensor& head_rows) {
   std::array<at::Tensor, 3> grads;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), backward_op_name(kParam), [&] {
     with_block_shape<kParam, scalar_t>(p, [&](auto K, auto W) {
       grads = log_prob_backward_kernel<kParam, decltype(K)::value, decltype(W)::value, scalar_t>(
           p, grad.const_data_ptr<scalar_t>(), mask, squash,
-          grad_log_det.defined() ? grad_log_det.const_data_ptr<scalar_t>() : nullptr);
+          grad_log_det.defined() ? grad_log_det.const_data_ptr<scalar_t>() : nullptr, head_rows);
     });
   });
   return grads;

@@ -884,7 +884,8 @@ struct LogProbKernels {
   static void forward(const MvnProblem& p, at::Tensor& out, ValueSquash squash, const at::Tensor& log_det);
   template <Param kParam>
   static std::array<at::Tensor, 3> backward(const MvnProblem& p, const at::Tensor& grad, std::array<bool, 3> mask,
-                                            ValueSquash squash, const at::Tensor& grad_log_det);
+                                            ValueSquash squash, const at::Tensor& grad_log_det,
+                                            const at::Tensor& head_rows = at::Tensor());
 };
 
 template <Param kParam>
@@ -989,9 +990,17 @@ std::array<at::Tensor, 3> run_backward(const char* op, const MvnProblem& p, cons
 template <Param kParam>
 std::array<at::Tensor, 3> LogProbKernels::backward(const MvnProblem& p, const at::Tensor& grad,
                                                    std::array<bool, 3> mask, ValueSquash squash,
-                                                   const at::Tensor& grad_log_det) {
+                                                   const at::Tensor& grad_log_det, const at::Tensor& head_rows) {
   const char* op = backward_op_name(kParam);
   const bool warps = warp_per_sample(p);
+  // The kernels write rows of their own; head rows (packed_head_log_prob_backward) take
+  // copies of them, for now.
+  if (head_rows.defined()) {
+    std::array<at::Tensor, 3> grads = backward<kParam>(p, grad, mask, squash, grad_log_det);
+    head_rows.narrow(1, 0, p.k).copy_(grads[1]);
+    head_rows.narrow(1, p.k, head_rows.size(1) - p.k).copy_(grads[2]);
+    return grads;
+  }
   return run_backward<kParam>(
       op, p, grad, grad.const_data_ptr(), grad_log_det.defined() ? grad_log_det.const_data_ptr() : nullptr, mask,
       squash, warps, kParam == Param::kCovariance ? 2 : 1,
