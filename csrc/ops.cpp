@@ -98,11 +98,15 @@ TORCH_LIBRARY(fusedgauss, m) {
       "squashed_packed_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor loc, "
       "Tensor packed, str diag_transform, float min_diag, bool value_is_pre_tanh, bool[3] output_mask) "
       "-> (Tensor, Tensor, Tensor)");
-  // The gradient of a policy head's whole output head (*, k + k(k+1)/2), [loc | packed] in each
-  // row, through mvn_packed_log_prob (squashed: squashed_packed_log_prob) of its two parts, in
-  // one tensor: what the head's layer takes, where a split's backward would copy the two
-  // gradients into one (fusedgauss.packed_head_log_prob). No gradient of value.
+  // mvn_packed_log_prob (squashed: squashed_packed_log_prob) of a policy head's whole output,
+  // head (*, k + k(k+1)/2) = [loc | packed] in each row (k: value's event size; head has the
+  // batch shape). Its backward returns value's gradient and the head's, in one tensor: what the
+  // head's layer takes, where a split's backward would copy two gradients into one.
+  m.def(
+      "packed_head_log_prob(Tensor value, Tensor head, str diag_transform, float min_diag, bool squashed, "
+      "bool value_is_pre_tanh) -> (Tensor log_prob, Tensor log_det)");
   m.def(
       "packed_head_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor head, "
-      "str diag_transform, float min_diag, bool squashed, bool value_is_pre_tanh) -> Tensor");
+      "str diag_transform, float min_diag, bool squashed, bool value_is_pre_tanh, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 }

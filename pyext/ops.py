@@ -215,14 +215,13 @@ def packed_head_log_prob(
     r""":func:`mvn_packed_log_prob` (with ``squashed``, :func:`squashed_packed_log_prob`) of
     loc and packed read from a policy head's whole output: head (*, k + k(k+1)/2) holds
     ``[loc | packed]`` in each row, as one linear layer outputs them, k being value's event size.
-    The numbers of those ops on ``head.split([k, k(k+1)/2], -1)``; the gradient comes back as
-    the head's, in one tensor that the kernel writes (``packed_head_log_prob_backward``), where a
-    split's backward copies the two parts' gradients into a new one.
+    The numbers of those ops on ``head.split([k, k(k+1)/2], -1)``; the compiled op
+    (``packed_head_log_prob``) hands the head its gradient in one tensor that the kernel
+    writes, where a split's backward copies the two parts' gradients into a new one.
 
-    That holds in eager mode for the compiled ops, when value needs no gradient (PPO's stored
-    actions) and head has the batch shape (it does not broadcast against value); otherwise (a
-    Triton or torch backend, ``torch.compile``, a value that requires grad) the head is split and
-    the packed op runs on its parts, with the same numbers and gradients.
+    The compiled op runs where value and head have one batch shape and dtype; otherwise (a
+    head shared by the batch, say), and on the Triton and torch backends, the head is split
+    and the packed op runs on its parts, with the same numbers and gradients.
     """
     op = "squashed_packed_log_prob" if squashed else "mvn_packed_log_prob"
     k = value.shape[-1] if value.dim() >= 1 else 0
@@ -231,46 +230,18 @@ def packed_head_log_prob(
             f"packed_head_log_prob: head must hold k + k(k+1)/2 values per sample for value's event size k, "
             f"got value {tuple(value.shape)} and head {tuple(head.shape)}"
         )
+    if (
+        validation.usual_packed_head(value, head, diag_transform, min_diag)
+        and backends.EXTENSION_LOADED
+        and _implementation(op, value) is getattr(torch.ops.fusedgauss, op)
+    ):
+        outputs = torch.ops.fusedgauss.packed_head_log_prob.default(
+            value, head, diag_transform, float(min_diag), bool(squashed), bool(value_is_pre_tanh))
+        return _with_log_det(outputs, return_log_det)
+    flags = (diag_transform, float(min_diag)) + ((bool(value_is_pre_tanh),) if squashed else ())
     loc, packed = head.split([k, head.shape[-1] - k], dim=-1)
     checked = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
-    implementation = _implementation(op, checked[0])
-    flags = (diag_transform, float(min_diag)) + ((bool(value_is_pre_tanh),) if squashed else ())
-    if (
-        backends.EXTENSION_LOADED
-        and implementation is getattr(torch.ops.fusedgauss, op)
-        and checked[1] is loc and checked[2] is packed  # no dtype promotion
-        and head.requires_grad and torch.is_grad_enabled() and not value.requires_grad
-        and not torch.compiler.is_compiling()
-        and torch.broadcast_shapes(value.shape[:-1], head.shape[:-1]) == head.shape[:-1]
-    ):
-        outputs = _PackedHeadLogProb.apply(value, head, implementation.default, flags, squashed, value_is_pre_tanh)
-    else:
-        outputs = implementation(*checked, *flags)
-    return _with_log_det(outputs, return_log_det)
-
-
-class _PackedHeadLogProb(torch.autograd.Function):
-    """A packed log-prob op on a head's two parts, whose backward is the head's gradient in one
-    tensor (packed_head_log_prob_backward). Eager only (see packed_head_log_prob)."""
-
-    @staticmethod
-    def forward(ctx, value, head, forward_op, flags, squashed, value_is_pre_tanh):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(value, head)
-        ctx.backward_flags = (flags[0], flags[1], squashed, value_is_pre_tanh)
-        k = value.shape[-1]
-        return forward_op(value, head[..., :k], head[..., k:], *flags)
-
-    @staticmethod
-    def backward(ctx, grad_log_prob, grad_log_det):
-        if grad_log_prob is None and grad_log_det is None:
-            return (None,) * 6
-        if grad_log_prob is None:  # only log_det was used (an entropy): the op takes zeros, as in C++
-            grad_log_prob = torch.zeros_like(grad_log_det)
-        value, head = ctx.saved_tensors
-        grad_head = torch.ops.fusedgauss.packed_head_log_prob_backward.default(
-            grad_log_prob, grad_log_det, value, head, *ctx.backward_flags)
-        return None, grad_head, None, None, None, None
+    return _with_log_det(_implementation(op, checked[0])(*checked, *flags), return_log_det)
 
 
 def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags, return_log_det: bool):
@@ -329,7 +300,7 @@ def _fake_log_prob_and_log_det(parameter_dims: int):
 
 
 def _fake_gradients(*inputs_then_mask) -> tuple[torch.Tensor, ...]:
-    """The fake of a backward op: gradients shaped like its three inputs, empty where the mask
+    """The fake of a backward op: gradients shaped like its tensor inputs, empty where the mask
     (its last argument) is false."""
     *tensors, output_mask = inputs_then_mask
     return tuple(t.new_empty(t.shape) if wanted else t.new_empty((0,)) for t, wanted in zip(tensors, output_mask))
@@ -509,8 +480,11 @@ def _register_compiled() -> None:
         lib + "packed_scale_tril_log_det_backward", lambda grad, packed, *flags: torch.empty_like(packed)
     )
     torch.library.register_fake(
+        lib + "packed_head_log_prob", lambda value, head, *flags: _fake_log_prob_and_log_det(1)(value, head, head)
+    )
+    torch.library.register_fake(
         lib + "packed_head_log_prob_backward",
-        lambda grad, grad_log_det, value, head, *flags: head.new_empty(head.shape),
+        lambda grad, grad_log_det, value, head, *rest: _fake_gradients(value, head, rest[-1]),
     )
 
 

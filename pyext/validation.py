@@ -182,6 +182,18 @@ def _is_min_diag(min_diag: object) -> bool:
     return isinstance(min_diag, (int, float)) and min_diag >= 0 and min_diag != float("inf")
 
 
+def usual_packed_head(value: object, head: object, diag_transform: object, min_diag: object) -> bool:
+    """Whether value (*, k) and a policy head's output (*, k + k(k+1)/2) share one batch shape,
+    dtype and device, with a valid diagonal transform: the call the compiled
+    packed_head_log_prob takes (it checks the rest itself)."""
+    return (
+        isinstance(value, torch.Tensor) and isinstance(head, torch.Tensor) and value.is_floating_point()
+        and value.dim() >= 1 and value.shape[-1] > 0 and value.shape[:-1] == head.shape[:-1]
+        and value.dtype == head.dtype and value.device == head.device
+        and diag_transform in DIAG_TRANSFORMS and _is_min_diag(min_diag)
+    )
+
+
 def packed_mvn_operands(
     op: str, value: torch.Tensor, loc: torch.Tensor, packed: torch.Tensor, diag_transform: str, min_diag: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -510,20 +510,21 @@ def test_packed_head_log_prob_is_the_split_ones(backend, device, op, k, batch_sh
 @requires_compiled_cpu
 @pytest.mark.parametrize("op", HEAD_OPS)
 def test_packed_head_log_prob_writes_the_head_gradient(op):
-    """Eager on the compiled CPU ops, the backward is packed_head_log_prob_backward, and the
-    split's cat (aten::cat) and the packed op's own backward never run."""
+    """On the compiled CPU ops, forward and backward are packed_head_log_prob's, and the split's
+    cat (aten::cat) and the packed op's own backward never run."""
     value, head = head_inputs((64,), (64,), 6, torch.float32)
     with OpRecorder() as recorder:
         head_log_prob_and_grad(value, head, op, through_head=True)
+    assert "fusedgauss::packed_head_log_prob" in recorder.names, recorder.names
     assert "fusedgauss::packed_head_log_prob_backward" in recorder.names, recorder.names
     assert not [name for name in recorder.names if name == "aten::cat" or name.endswith("packed_log_prob_backward")]
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-def test_packed_head_log_prob_where_the_head_is_split(backend, device):
-    """Where the head's own backward does not apply, the head is split, with the same numbers:
-    a value that requires grad (its gradient too), a head shared by the batch, a
-    non-contiguous head, a zero-size batch, and no grad mode."""
+def test_packed_head_log_prob_other_calls(backend, device):
+    """The same numbers as the packed op on the head's parts for a value that requires grad
+    (its gradient too), a non-contiguous head, a zero-size batch and no grad mode, and for a
+    head shared by the batch (which is split)."""
     value, head = (t.to(device) for t in head_inputs((5,), (5,), 3))
     leaf = value.clone().requires_grad_()
     with backends.use(backend):
@@ -553,26 +554,32 @@ def test_packed_head_log_prob_where_the_head_is_split(backend, device):
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("op", HEAD_OPS)
-def test_packed_head_log_prob_gradcheck(backend, device, op):
+@pytest.mark.parametrize("value_batch", [(4,), (1,)], ids=["per_sample", "shared_value"])
+def test_packed_head_log_prob_gradcheck(backend, device, op, value_batch):
     squashed, pre_tanh, to_value = HEAD_OPS[op]
-    value, head = head_inputs((4,), (4,), 3)
-    value, head = to_value(value).to(device), head.to(device).requires_grad_()
+    value, head = head_inputs(value_batch, (4,), 3)
+    value, head = to_value(value).to(device).requires_grad_(), head.to(device).requires_grad_()
     with backends.use(backend):
         assert torch.autograd.gradcheck(
-            lambda h: ops.packed_head_log_prob(value, h, "softplus", 0.1, squashed=squashed,
-                                               value_is_pre_tanh=pre_tanh, return_log_det=True), (head,))
+            lambda v, h: ops.packed_head_log_prob(v, h, "softplus", 0.1, squashed=squashed,
+                                                  value_is_pre_tanh=pre_tanh, return_log_det=True), (value, head))
 
 
 @pytest.mark.parametrize(("namespace", "device"), [p for p in OPCHECK_LIBRARIES if p.id != "triton"])
-def test_packed_head_log_prob_backward_opcheck(namespace, device):
-    for value_batch, head_batch in (((7,), (7,)), ((4, 3), (4, 3)), ((1, 3), (4, 3))):
+def test_packed_head_log_prob_opcheck(namespace, device):
+    library = getattr(torch.ops, namespace)
+    for value_batch, head_batch in (((7,), (7,)), ((4, 3), (4, 3)), ((1, 3), (4, 3)), ((), ())):
         value, head = (t.float().to(device) for t in head_inputs(value_batch, head_batch, 4))
         grad = torch.randn(head_batch, device=device)
-        for grad_log_det in (None, torch.randn(head_batch, device=device)):
-            for squashed, pre_tanh in ((False, False), (True, True), (True, False)):
-                args = (grad, grad_log_det, value.tanh() if squashed and not pre_tanh else value, head, "softplus",
-                        0.01, squashed, pre_tanh)
-                torch.library.opcheck(torch.ops.fusedgauss.packed_head_log_prob_backward.default, args)
+        for squashed, pre_tanh in ((False, False), (True, True), (True, False)):
+            value_in = value.tanh() if squashed and not pre_tanh else value
+            flags = ("softplus", 0.01, squashed, pre_tanh)
+            torch.library.opcheck(library.packed_head_log_prob.default,
+                                  (value_in.clone().requires_grad_(), head.clone().requires_grad_(), *flags))
+            for grad_log_det in (None, torch.randn(head_batch, device=device)):
+                for mask in ([True, True], [False, True], [True, False]):
+                    args = (grad, grad_log_det, value_in, head, *flags, mask)
+                    torch.library.opcheck(library.packed_head_log_prob_backward.default, args)
 
 
 def test_packed_head_log_prob_errors():
@@ -583,11 +590,11 @@ def test_packed_head_log_prob_errors():
     if backends.COMPILED_CPU:
         with pytest.raises(RuntimeError, match=re.escape("head has batch shape [7] but the log-prob has batch shape "
                                                          "[2, 7]")):
-            torch.ops.fusedgauss.packed_head_log_prob_backward(
-                torch.ones(2, 7, dtype=torch.float64), None, value.expand(2, 7, 3), head, "softplus", 0.0, False, False)
+            torch.ops.fusedgauss.packed_head_log_prob(value.expand(2, 7, 3), head, "softplus", 0.0, False, False)
         with pytest.raises(RuntimeError, match=re.escape("head must hold k + k(k+1)/2 = 9 values per sample")):
             torch.ops.fusedgauss.packed_head_log_prob_backward(
-                torch.ones(7, dtype=torch.float64), None, value, head[..., :8], "softplus", 0.0, False, False)
+                torch.ones(7, dtype=torch.float64), None, value, head[..., :8], "softplus", 0.0, False, False,
+                [False, True])
         gradient = ops.packed_head_log_prob(value, head.requires_grad_(), "softplus", 0.0)
         (first,) = torch.autograd.grad(gradient.sum(), head, create_graph=True)
         with pytest.raises(NotImplementedError, match="second derivative through packed_head_log_prob_backward"):

@@ -164,6 +164,46 @@ struct RsampleFunction : torch::autograd::Function<RsampleFunction<kName>> {
   }
 };
 
+/// packed_head_log_prob(value, head, diag_transform, min_diag, squashed, value_is_pre_tanh) ->
+/// (log_prob, log_det): its backward op takes (grad, grad_log_det, value, head, the other
+/// arguments, output_mask) and returns the gradients of value and head.
+template <const char* kName>
+struct PackedHeadFunction : torch::autograd::Function<PackedHeadFunction<kName>> {
+  using Return = std::tuple<Tensor, Tensor>;
+  using Others = std::tuple<std::string, double, bool, bool>;
+  using Forward = Return(const Tensor&, const Tensor&, c10::string_view, double, bool, bool);
+  using Backward = Return(const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, c10::string_view,
+                          double, bool, bool, std::array<bool, 2>);
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& value, const Tensor& head,
+                               c10::string_view diag_transform, double min_diag, bool squashed,
+                               bool value_is_pre_tanh) {
+    static const auto op = find_op<Forward>(kName);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({value, head});
+    ctx->saved_data["other"] = Others(std::string(diag_transform), min_diag, squashed, value_is_pre_tanh);
+    return as_list(op.call(value, head, diag_transform, min_diag, squashed, value_is_pre_tanh));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = find_op<Backward>(std::string(kName) + "_backward");
+    if (!any_defined(grads)) return variable_list(6);
+    const variable_list saved = ctx->get_saved_variables();
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    const auto [diag_transform, min_diag, squashed, value_is_pre_tanh] = ctx->saved_data["other"].to<Others>();
+    return input_gradients(as_list(op.call(log_prob_gradient(grads), optional_gradient(grads[1]), saved[0], saved[1],
+                                           diag_transform, min_diag, squashed, value_is_pre_tanh, mask)),
+                           mask, 4);
+  }
+
+  static Return autograd_kernel(const Tensor& value, const Tensor& head, c10::string_view diag_transform,
+                                double min_diag, bool squashed, bool value_is_pre_tanh) {
+    return from_list<Return>(
+        PackedHeadFunction::apply(value, head, diag_transform, min_diag, squashed, value_is_pre_tanh));
+  }
+};
+
 /// An op of one tensor, op(x, other...) -> y, whose backward op takes (grad, saved, kept...):
 /// `saved` is x, or y where kSavesOutput (cholesky's backward reads L), and `kept` the first
 /// kKeptOthers of the other arguments (packed_to_scale_tril's backward needs no min_diag).
@@ -255,6 +295,7 @@ constexpr char kPackedToScaleTril[] = "packed_to_scale_tril";
 constexpr char kPackedToScaleTrilBackward[] = "packed_to_scale_tril_backward";
 constexpr char kPackedLogDet[] = "packed_scale_tril_log_det";
 constexpr char kPackedLogDetBackward[] = "packed_scale_tril_log_det_backward";
+constexpr char kPackedHead[] = "packed_head_log_prob";
 constexpr char kPackedHeadBackward[] = "packed_head_log_prob_backward";
 
 using TensorPair = std::tuple<Tensor, Tensor>;
@@ -275,6 +316,7 @@ TORCH_LIBRARY_IMPL(fusedgauss, Autograd, m) {
   m.impl(kCholesky, &UnaryFunction<kCholesky, true, 0>::autograd_kernel);
   m.impl(kPackedToScaleTril, &UnaryFunction<kPackedToScaleTril, false, 1, c10::string_view, double>::autograd_kernel);
   m.impl(kPackedLogDet, &UnaryFunction<kPackedLogDet, false, 2, c10::string_view, double>::autograd_kernel);
+  m.impl(kPackedHead, &PackedHeadFunction<kPackedHead>::autograd_kernel);
 
   m.impl(kMvnTrilBackward,
          &FirstOrderOnly<kMvnTrilBackward, Gradients3, TensorRef, OptionalTensor, TensorRef, TensorRef, TensorRef,
@@ -303,8 +345,9 @@ TORCH_LIBRARY_IMPL(fusedgauss, Autograd, m) {
                                                      c10::string_view>::autograd_kernel);
   m.impl(kPackedLogDetBackward, &FirstOrderOnly<kPackedLogDetBackward, Tensor, TensorRef, TensorRef,
                                                 c10::string_view, double>::autograd_kernel);
-  m.impl(kPackedHeadBackward, &FirstOrderOnly<kPackedHeadBackward, Tensor, TensorRef, OptionalTensor, TensorRef,
-                                              TensorRef, c10::string_view, double, bool, bool>::autograd_kernel);
+  m.impl(kPackedHeadBackward,
+         &FirstOrderOnly<kPackedHeadBackward, TensorPair, TensorRef, OptionalTensor, TensorRef, TensorRef,
+                         c10::string_view, double, bool, bool, std::array<bool, 2>>::autograd_kernel);
 }
 
 }  // namespace fusedgauss

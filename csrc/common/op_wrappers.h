@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 
 /// The ten log-prob ops of one device around its kernels: mvn_tril_log_prob,
 /// mvn_cov_log_prob, squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob and
-/// their backward ops, and packed_head_log_prob_backward. `Kernels` runs a checked problem:
+/// their backward ops, and packed_head_log_prob and its backward. `Kernels` runs a checked problem:
 ///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash,
 ///       const at::Tensor& log_det);
 ///   template <Param kParam> static std::array<at::Tensor, 3> backward(
@@ -112,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 template <class Kernels>
 struct LogProbOps {
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  using Grads2 = std::tuple<at::Tensor, at::Tensor>;
   using LogProbAndLogDet = std::tuple<at::Tensor, at::Tensor>;
 
   static at::Tensor mvn_cov(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& covariance) {
@@ -180,48 +181,48 @@ struct LogProbOps {
                            diag_transform, min_diag, {true, !value_is_pre_tanh}, mask);
   }
 
-  /// The gradient of a policy head's whole output, head (*, k + k(k+1)/2) = [loc | packed] in
-  /// each row, through mvn_packed_log_prob (squashed: squashed_packed_log_prob) of its two
-  /// parts: their gradients side by side in one tensor, which the head's layer takes as it is
-  /// (a split's backward would copy the two into one). value's gradient is not computed, and
-  /// head has the batch shape (its gradient is per sample, never reduced).
-  static at::Tensor packed_head_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
-                                         const at::Tensor& value, const at::Tensor& head,
-                                         c10::string_view diag_transform, double min_diag, bool squashed,
-                                         bool value_is_pre_tanh) {
+  /// packed_head_log_prob: mvn_packed_log_prob (squashed: squashed_packed_log_prob) of a
+  /// policy head's whole output, head (*, k + k(k+1)/2) = [loc | packed] in each row.
+  static LogProbAndLogDet packed_head(const at::Tensor& value, const at::Tensor& head, c10::string_view diag_transform,
+                                      double min_diag, bool squashed, bool value_is_pre_tanh) {
+    const HeadProblem h = head_problem("packed_head_log_prob", value, head, diag_transform, min_diag);
+    return forward_with_log_det<Param::kPacked>(h.p, value, {squashed, squashed && !value_is_pre_tanh});
+  }
+
+  /// The gradients of value and of the whole head: loc's and packed's side by side in one
+  /// tensor, which the head's layer takes as it is (a split's backward would copy the two
+  /// gradients into one).
+  static Grads2 packed_head_backward(const at::Tensor& grad, const c10::optional<at::Tensor>& grad_log_det,
+                                     const at::Tensor& value, const at::Tensor& head, c10::string_view diag_transform,
+                                     double min_diag, bool squashed, bool value_is_pre_tanh,
+                                     std::array<bool, 2> mask) {
     constexpr const char* op = "packed_head_log_prob_backward";
-    TORCH_CHECK(value.dim() >= 1 && head.dim() >= 1, op, ": value and head must have an event dimension, got shapes ",
-                value.sizes(), " and ", head.sizes());
-    const int64_t k = value.size(-1);
-    const int64_t width = k + k * (k + 1) / 2;
-    TORCH_CHECK(head.size(-1) == width, op, ": head must hold k + k(k+1)/2 = ", width,
-                " values per sample for value's event size k = ", k, ", got ", head.size(-1));
-    const at::Tensor loc = head.narrow(-1, 0, k), packed = head.narrow(-1, k, width - k);
-    const MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
-    const c10::IntArrayRef head_batch = head.sizes().slice(0, head.dim() - 1);
-    TORCH_CHECK(head_batch == c10::IntArrayRef(p.layout.batch_shape), op, ": head has batch shape ", head_batch,
-                " but the log-prob has batch shape ", c10::IntArrayRef(p.layout.batch_shape),
-                "; a head shared by the batch has a reduced gradient (packed log-prob backward ops)");
+    const HeadProblem h = head_problem(op, value, head, diag_transform, min_diag);
     const ValueSquash squash{squashed, squashed && !value_is_pre_tanh};
-    std::vector<int64_t> shape(p.layout.batch_shape);
-    shape.push_back(width);
-    at::Tensor head_grad = empty_output(shape, value.options());
-    if (p.loc.reduces_gradient || p.matrix.reduces_gradient) {
-      // A batch of one sample reads its operands as shared, their gradients reduced (over that
-      // sample): the packed op's backward, copied in.
+    const std::array<bool, 3> kernel_mask{mask[0], mask[1], mask[1]};
+    std::vector<int64_t> shape(h.p.layout.batch_shape);
+    shape.push_back(h.width);
+    at::Tensor head_grad = mask[1] ? empty_output(shape, value.options()) : at::empty({0}, value.options());
+    if (!mask[1] || h.p.loc.reduces_gradient || h.p.matrix.reduces_gradient) {
+      // Nothing to write in rows, or a batch of one sample, whose operands are read as shared,
+      // their gradients reduced (over that sample): the packed op's backward, copied in.
       const auto [value_grad, loc_grad, packed_grad] = packed_backward(
-          op, grad, grad_log_det, value, loc, packed, diag_transform, min_diag, squash, {false, true, true});
-      head_grad.narrow(-1, 0, k).copy_(loc_grad);
-      head_grad.narrow(-1, k, width - k).copy_(packed_grad);
-      return head_grad;
+          op, grad, grad_log_det, value, h.loc, h.packed, diag_transform, min_diag, squash, kernel_mask);
+      if (mask[1]) {
+        head_grad.narrow(-1, 0, h.p.k).copy_(loc_grad);
+        head_grad.narrow(-1, h.p.k, h.width - h.p.k).copy_(packed_grad);
+      }
+      return {value_grad, head_grad};
     }
     at::Tensor upstream_log_det;
     if (grad_log_det.has_value() && grad_log_det->defined()) {
-      upstream_log_det = batch_gradient(op, *grad_log_det, value, p.layout, "grad_log_det", "log_det");
+      upstream_log_det = batch_gradient(op, *grad_log_det, value, h.p.layout, "grad_log_det", "log_det");
     }
-    Kernels::template backward<Param::kPacked>(p, batch_gradient(op, grad, value, p.layout), {false, true, true},
-                                               squash, upstream_log_det, head_grad.view({p.layout.batch_numel, width}));
-    return head_grad;
+    const std::array<at::Tensor, 3> grads = Kernels::template backward<Param::kPacked>(
+        h.p, batch_gradient(op, grad, value, h.p.layout), kernel_mask, squash, upstream_log_det,
+        head_grad.view({h.p.layout.batch_numel, h.width}));
+    return {mask[0] ? gradient_for(grads[0], value, h.p.value, h.p.layout) : at::empty({0}, value.options()),
+            head_grad};
   }
 
   static void register_kernels(torch::Library& m) {
@@ -235,6 +236,7 @@ struct LogProbOps {
     m.impl("mvn_packed_log_prob_backward", &mvn_packed_backward);
     m.impl("squashed_packed_log_prob", &squashed_packed);
     m.impl("squashed_packed_log_prob_backward", &squashed_packed_backward);
+    m.impl("packed_head_log_prob", &packed_head);
     m.impl("packed_head_log_prob_backward", &packed_head_backward);
   }
 
@@ -281,6 +283,32 @@ struct LogProbOps {
     };
     return backward_with_log_det<Param::kPacked>(op, p, grad, grad_log_det, value, loc, packed, squash, mask,
                                                  shared_log_det_gradient);
+  }
+
+  /// A head's problem: loc and packed, its two parts (views), as the packed ops take them.
+  /// The head has the batch shape (value may broadcast against it, not it against value), so
+  /// that its gradient is one per sample.
+  struct HeadProblem {
+    at::Tensor loc, packed;
+    int64_t width;
+    MvnProblem p;
+  };
+
+  static HeadProblem head_problem(const char* op, const at::Tensor& value, const at::Tensor& head,
+                                  c10::string_view diag_transform, double min_diag) {
+    TORCH_CHECK(value.dim() >= 1 && head.dim() >= 1, op, ": value and head must have an event dimension, got shapes ",
+                value.sizes(), " and ", head.sizes());
+    const int64_t k = value.size(-1);
+    const int64_t width = k + k * (k + 1) / 2;
+    TORCH_CHECK(head.size(-1) == width, op, ": head must hold k + k(k+1)/2 = ", width,
+                " values per sample for value's event size k = ", k, ", got ", head.size(-1));
+    at::Tensor loc = head.narrow(-1, 0, k), packed = head.narrow(-1, k, width - k);
+    MvnProblem p = prepare_packed_mvn_problem(op, value, loc, packed, diag_transform, min_diag);
+    const c10::IntArrayRef head_batch = head.sizes().slice(0, head.dim() - 1);
+    TORCH_CHECK(head_batch == c10::IntArrayRef(p.layout.batch_shape), op, ": head has batch shape ", head_batch,
+                " but the log-prob has batch shape ", c10::IntArrayRef(p.layout.batch_shape),
+                "; for a head shared by the batch, split it (mvn_packed_log_prob)");
+    return {std::move(loc), std::move(packed), width, std::move(p)};
   }
 
   template <Param kParam>
