@@ -508,6 +508,18 @@ def test_packed_head_log_prob_is_the_split_ones(backend, device, op, k, batch_sh
 
 
 @requires_compiled_cpu
+def test_packed_head_log_prob_streams_large_gradients():
+    """A head gradient too big for the caches (kStreamingOutputBytes, 8 MB: 12337 rows of
+    k=17) leaves through non-temporal stores row by row, each part into its stretch of the
+    head's rows: the same bits as the split's two gradients."""
+    value, head = head_inputs((12500,), (12500,), 17, torch.float32)
+    got = head_log_prob_and_grad(value, head, "mvn", through_head=True)
+    expected = head_log_prob_and_grad(value, head, "mvn", through_head=False)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@requires_compiled_cpu
 @pytest.mark.parametrize("op", HEAD_OPS)
 def test_packed_head_log_prob_writes_the_head_gradient(op):
     """On the compiled CPU ops, forward and backward are packed_head_log_prob's, and the split's

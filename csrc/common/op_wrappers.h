@@ -93,9 +93,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
   return gradients_for_inputs(grads, {&value, &loc, &matrix}, {&p.value, &p.loc, &p.matrix}, p.layout, mask);
 }
 
-/// The ten log-prob ops of one device around its kernels: mvn_tril_log_prob,
-/// mvn_cov_log_prob, squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob and
-/// their backward ops, and packed_head_log_prob and its backward. `Kernels` runs a checked problem:
+/// The log-prob ops of one device around its kernels: mvn_tril_log_prob, mvn_cov_log_prob,
+/// squashed_tril_log_prob, mvn_packed_log_prob, squashed_packed_log_prob, packed_head_log_prob
+/// and their backward ops. `Kernels` runs a checked problem:
 ///   template <Param kParam> static void forward(const MvnProblem&, at::Tensor& out, ValueSquash,
 ///       const at::Tensor& log_det);
 ///   template <Param kParam> static std::array<at::Tensor, 3> backward(
@@ -105,10 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mvn_backward_op(const char* op, c
 /// them out (see mvn_backward_op), or, given head_rows (a packed factor; B x (k + k(k+1)/2)),
 /// writes the per-sample gradients of loc and packed side by side into those rows. A squashed
 /// op maps the value to its pre-tanh value first (ValueSquash); a packed one reads the factor
-/// as a policy head's packed output. The ops whose
-/// factor is given (scale_tril, packed) also return each sample's sum_i log L_ii (log_det,
-/// batch-shaped; undefined for the covariance op), whose upstream gradient their backward
-/// takes (grad_log_det; undefined: none).
+/// as a policy head's packed output. The ops whose factor is given (scale_tril, packed) also
+/// return each sample's sum_i log L_ii (log_det, batch-shaped; undefined for the covariance
+/// op), whose upstream gradient their backward takes (grad_log_det; undefined: none).
 template <class Kernels>
 struct LogProbOps {
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
