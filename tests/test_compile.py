@@ -18,7 +18,7 @@ CPU_BACKENDS = [pytest.param("cpu", marks=requires_compiled_cpu), "torch"]
 def policy_loss(loc, matrix, actions, advantages, parameterization):
     if parameterization == "packed":  # a policy head's flat output
         dist = fusedgauss.MultivariateNormal.from_packed(loc, matrix, "softplus", 1e-3, validate_args=False)
-    elif parameterization == "head":  # all of it, [loc | packed]: eager, the head's own backward op
+    elif parameterization == "head":  # all of it, [loc | packed]: the head op, traced by fake
         dist = fusedgauss.MultivariateNormal.from_head(torch.cat([loc, matrix], -1), "softplus", 1e-3,
                                                        validate_args=False)
     else:

@@ -40,30 +40,36 @@ void test_gathers(int64_t n, int count, int64_t stride) {
   }
 }
 
+/// scatter_rows into rows `dst_stride` apart: n for rows of their own (the overload without a
+/// stride), more for a stretch of wider rows, whose other columns keep what they held.
 template <int W>
-void test_scatter(int64_t n, int count) {
+void test_scatter(int64_t n, int count, int64_t dst_stride) {
   const std::vector<float> lanes = random_floats(static_cast<size_t>(n * W));
   const float sentinel = 12345.f;
-  std::vector<float> rows(static_cast<size_t>(n * W), sentinel);
-  scatter_rows<W>(n, lanes.data(), count, rows.data());
+  std::vector<float> rows(static_cast<size_t>(dst_stride * W), sentinel);
+  if (dst_stride == n) {
+    scatter_rows<W>(n, lanes.data(), count, rows.data());
+  } else {
+    scatter_rows<W>(n, lanes.data(), count, rows.data(), dst_stride);
+  }
   for (int l = 0; l < W; ++l) {
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < dst_stride; ++i) {
       // Rows past count are not the kernel's to write: they belong to the next block.
-      EXPECT_TRUE(rows[l * n + i] == (l < count ? lanes[i * W + l] : sentinel));
+      EXPECT_TRUE(rows[l * dst_stride + i] == (l < count && i < n ? lanes[i * W + l] : sentinel));
     }
   }
 }
 
 /// stream_rows writes what scatter_rows writes, wherever the rows start relative to the
-/// 32-byte alignment of its non-temporal stores.
+/// 32-byte alignment of its non-temporal stores, into rows of their own or wider ones.
 template <int W>
-void test_stream(int64_t n, int count, int64_t offset) {
+void test_stream(int64_t n, int count, int64_t offset, int64_t dst_stride) {
   const std::vector<float> lanes = random_floats(static_cast<size_t>(n * W));
   const float sentinel = 12345.f;
-  std::vector<float> expected(static_cast<size_t>(n * W + offset + 8), sentinel), streamed(expected);
+  std::vector<float> expected(static_cast<size_t>(dst_stride * W + offset + 8), sentinel), streamed(expected);
   std::vector<float> stage(static_cast<size_t>(n * W));
-  scatter_rows<W>(n, lanes.data(), count, expected.data() + offset);
-  stream_rows<W>(n, lanes.data(), count, streamed.data() + offset, stage.data());
+  scatter_rows<W>(n, lanes.data(), count, expected.data() + offset, dst_stride);
+  stream_rows<W>(n, lanes.data(), count, streamed.data() + offset, dst_stride, stage.data());
   finish_streaming();
   EXPECT_TRUE(streamed == expected);
 }
@@ -119,14 +125,19 @@ int main() {
         test_gathers<16>(n, count, n);
         test_gathers<16>(n, count, n + 3);
         test_gathers<16>(n, count, 0);  // an operand shared by the batch
-        test_scatter<16>(n, count);
-        for (int64_t offset : {0, 1, 3, 7}) test_stream<16>(n, count, offset);
+        test_scatter<16>(n, count, n);
+        test_scatter<16>(n, count, n + 5);  // a stretch of wider rows (a policy head's gradient)
+        for (int64_t offset : {0, 1, 3, 7}) {
+          test_stream<16>(n, count, offset, n);
+          test_stream<16>(n, count, offset, n + 3);
+        }
         test_gathers<32>(n, count, n + 1);
-        test_scatter<32>(n, count + 16);
-        test_stream<32>(n, count + 16, 5);
+        test_scatter<32>(n, count + 16, n);
+        test_stream<32>(n, count + 16, 5, n);
         if (count <= 8) {
           test_gathers<8>(n, count, n);
-          test_scatter<8>(n, count);
+          test_scatter<8>(n, count, n);
+          test_scatter<8>(n, count, 2 * n + 1);
         }
       }
     }
