@@ -238,10 +238,9 @@ def packed_head_log_prob(
         outputs = torch.ops.fusedgauss.packed_head_log_prob.default(
             value, head, diag_transform, float(min_diag), bool(squashed), bool(value_is_pre_tanh))
         return _with_log_det(outputs, return_log_det)
-    flags = (diag_transform, float(min_diag)) + ((bool(value_is_pre_tanh),) if squashed else ())
     loc, packed = head.split([k, head.shape[-1] - k], dim=-1)
-    checked = validation.packed_mvn_operands(op, value, loc, packed, diag_transform, min_diag)
-    return _with_log_det(_implementation(op, checked[0])(*checked, *flags), return_log_det)
+    flags = (bool(value_is_pre_tanh),) if squashed else ()
+    return _packed_log_prob(op, value, loc, packed, diag_transform, min_diag, *flags, return_log_det=return_log_det)
 
 
 def _packed_log_prob(op: str, value, loc, packed, diag_transform, min_diag, *flags, return_log_det: bool):
