@@ -54,6 +54,13 @@
 #pragma GCC pop_options
 #endif
 
+// An AVX2 clone beside the baseline code, chosen when the library loads (an ifunc: GCC, ELF).
+#if defined(FUSEDGAUSS_MIRRORS_TORCH_NORMAL) && defined(__ELF__)
+#define FUSEDGAUSS_WITH_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define FUSEDGAUSS_WITH_AVX2_CLONE
+#endif
+
 namespace fusedgauss {
 namespace cpu {
 namespace {
@@ -67,8 +74,12 @@ constexpr int64_t kBufferedRuns = 64;
 constexpr uint32_t kUniformMask = (uint32_t{1} << 24) - 1;
 constexpr float kUniformScale = 1.0f / (1 << 24);
 
-/// mt19937's next_state, as at::mt19937 runs it on its 624 words.
-void next_state(uint32_t* s) {
+/// mt19937's next_state, as at::mt19937 runs it on its 624 words. Both loops vectorise (the
+/// second reads words written 227 steps before); the AVX2 clone, which the loader picks where
+/// the CPU has it, twists a state in 0.08 us against the SSE2 build's 0.26 us. It matters
+/// because the thread that starts furthest into the output twists past every state before
+/// its own.
+FUSEDGAUSS_WITH_AVX2_CLONE void next_state(uint32_t* s) {
   constexpr int n = at::MERSENNE_STATE_N, m = at::MERSENNE_STATE_M;
   const auto twist = [](uint32_t u, uint32_t v) {
     return (((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ ((v & 1) ? at::MATRIX_A : 0);
@@ -112,11 +123,14 @@ class WordStream {
   at::mt19937_data_pod state_;
 };
 
-/// Turns a run's 16 raw words into its 16 normals.
-using RunTransform = void (*)(const uint32_t* words, float* out);
+/// Turns `runs` runs of 16 raw words each into their 16 normals each. One call per buffer of
+/// runs rather than per run: a run's transform is a long chain (a log, then a square root; a
+/// sine and cosine), and in one loop the CPU overlaps the chains of consecutive runs (AVX2:
+/// 1.85 -> 1.38 ns a normal, one thread).
+using RunsTransform = void (*)(const uint32_t* words, float* out, int64_t runs);
 
-/// NormalFill16<float> of torch's scalar build (mean 0, std 1) of the run's uniforms.
-void normals_scalar(const uint32_t* words, float* out) {
+/// NormalFill16<float> of torch's scalar build (mean 0, std 1) of a run's uniforms.
+inline void normal_fill_16_scalar(const uint32_t* words, float* out) {
   const float mean = 0, std_dev = 1;
   float data[kRun];
   for (int64_t i = 0; i < kRun; ++i) {
@@ -137,6 +151,10 @@ void normals_scalar(const uint32_t* words, float* out) {
   }
 }
 
+void normals_scalar(const uint32_t* words, float* out, int64_t runs) {
+  for (int64_t r = 0; r < runs; ++r) normal_fill_16_scalar(words + r * kRun, out + r * kRun);
+}
+
 #ifdef FUSEDGAUSS_MIRRORS_TORCH_NORMAL
 /// Eight of torch's uniforms from eight raw words.
 __attribute__((target("avx2,fma"))) inline __m256 uniforms_avx2(const uint32_t* words) {
@@ -149,8 +167,8 @@ __attribute__((target("avx2,fma"))) inline __m256 uniforms_avx2(const uint32_t* 
   return _mm256_mul_ps(_mm256_cvtepi32_ps(low_bits), _mm256_set1_ps(kUniformScale));
 }
 
-/// NormalFill16<float> of torch's AVX2 build (mean 0, std 1) of the run's uniforms.
-__attribute__((target("avx2,fma"))) void normals_avx2(const uint32_t* words, float* out) {
+/// NormalFill16<float> of torch's AVX2 build (mean 0, std 1) of a run's uniforms.
+__attribute__((target("avx2,fma"), always_inline)) inline void normal_fill_16_avx2(const uint32_t* words, float* out) {
   const __m256 two_pi = _mm256_set1_ps(2.0f * c10::pi<double>);
   const __m256 one = _mm256_set1_ps(1.0f), minus_two = _mm256_set1_ps(-2.0f);
   const __m256 mean = _mm256_set1_ps(0.0f), std_dev = _mm256_set1_ps(1.0f);
@@ -163,10 +181,14 @@ __attribute__((target("avx2,fma"))) void normals_avx2(const uint32_t* words, flo
   _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_mul_ps(radius, cos_theta), std_dev, mean));
   _mm256_storeu_ps(out + 8, _mm256_fmadd_ps(_mm256_mul_ps(radius, sin_theta), std_dev, mean));
 }
+
+__attribute__((target("avx2,fma"))) void normals_avx2(const uint32_t* words, float* out, int64_t runs) {
+  for (int64_t r = 0; r < runs; ++r) normal_fill_16_avx2(words + r * kRun, out + r * kRun);
+}
 #endif
 
 struct MirroredTransform {
-  RunTransform transform;
+  RunsTransform transform;
   const char* name;
 };
 
@@ -186,7 +208,7 @@ const MirroredTransform& torch_transform() {
 }
 
 void standard_normal_(at::Tensor& self, const std::optional<at::Generator>& generator) {
-  const RunTransform transform = torch_transform().transform;
+  const RunsTransform transform = torch_transform().transform;
   if (transform == nullptr || self.scalar_type() != at::kFloat || !self.is_contiguous() || self.numel() < kRun) {
     self.normal_(0, 1, generator);
     return;
@@ -205,7 +227,7 @@ void standard_normal_(at::Tensor& self, const std::optional<at::Generator>& gene
     for (int64_t run = begin; run < stop; run += kBufferedRuns) {
       const int64_t count = std::min(kBufferedRuns, stop - run);
       words.take(count * kRun, buffer);
-      for (int64_t r = 0; r < count; ++r) transform(buffer + r * kRun, data + (run + r) * kRun);
+      transform(buffer, data + run * kRun, count);
     }
     if (stop == runs) end = words.state();
   });
@@ -216,7 +238,7 @@ void standard_normal_(at::Tensor& self, const std::optional<at::Generator>& gene
     uint32_t buffer[kRun];
     words.skip(size % kRun);
     words.take(kRun, buffer);
-    transform(buffer, data + size - kRun);
+    transform(buffer, data + size - kRun, 1);
     end = words.state();
   }
   engine.set_data(end);
