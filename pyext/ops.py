@@ -48,8 +48,8 @@ def standard_normal(
     dtype=dtype, device=device).normal_(generator=generator)``, from the same generator state,
     which it leaves where torch does, so that a seed gives PyTorch's samples.
 
-    On the CPU the compiled ``standard_normal_`` draws them, about twice as fast on one thread
-    and faster still on more (the generator's words a state at a time, each thread from its
+    On the CPU the compiled ``standard_normal_`` draws them, 2.5-3x as fast on one thread
+    and 4.5-5x on two (the generator's words a state at a time, each thread from its
     own copy of the state; see csrc/cpu/standard_normal_cpu.cpp). On other devices, for small tensors, under
     ``torch.compile`` (whose own generator replaces torch's) and without the compiled
     extension, torch draws them.

@@ -1,6 +1,6 @@
 // standard_normal_(self, generator): torch's CPU Tensor.normal_() (mean 0, std 1), bit for bit
-// and leaving the generator where torch leaves it, drawn faster (about twice as fast on one
-// thread, where torch runs on one anyway; 3-4x on two). It is the noise of every
+// and leaving the generator where torch leaves it, drawn faster (2.5-3x as fast on one
+// thread, where torch runs on one anyway; 4.5-5x on two). It is the noise of every
 // reparameterised sample, and at a SAC batch it cost torch as much as the squashed log-prob's
 // kernels did.
 //
