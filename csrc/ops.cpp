@@ -109,4 +109,15 @@ TORCH_LIBRARY(fusedgauss, m) {
       "packed_head_log_prob_backward(Tensor grad, Tensor? grad_log_det, Tensor value, Tensor head, "
       "str diag_transform, float min_diag, bool squashed, bool value_is_pre_tanh, bool[2] output_mask) "
       "-> (Tensor, Tensor)");
+
+  // The gradients of forward op `op`'s saved tensors (its tensor inputs; cholesky: its output)
+  // as tensors autograd can differentiate again, for a backward pass that builds a graph
+  // (create_graph=True), from the upstream gradients of its outputs (None: unused) and its
+  // other arguments by type, each list in the op's order. Implemented in Python
+  // (fusedgauss.ops.differentiable_backward: autograd through the op's plain-PyTorch
+  // formulas); csrc/autograd calls it. An entry of needs_input_grad that is false gives an
+  // empty tensor.
+  m.def(
+      "differentiable_backward(str op, Tensor[] saved, Tensor?[] grads, bool[] needs_input_grad, str[] strings, "
+      "float[] floats, bool[] bools) -> Tensor[]");
 }

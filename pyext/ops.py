@@ -9,8 +9,11 @@ traces through it, and to each Triton op its autograd formula, which calls the o
 backward op. The compiled ops have the same formulas in C++ (csrc/autograd/autograd.cpp),
 where they cost no Python per call.
 
-Second derivatives through the fused backward ops are not implemented: differentiating one
-raises an error that says so (force the "torch" backend for higher-order gradients).
+Higher-order gradients: the backward kernels are first-order, so a backward pass that builds
+a graph (``create_graph=True``) gets each fused op's input gradients from
+:func:`differentiable_backward`, which differentiates the op's plain-PyTorch formulas
+(:mod:`fusedgauss.reference`); every other backward pass runs the fused backward op.
+Differentiating a backward op called directly raises an error that says so.
 """
 
 from __future__ import annotations
@@ -335,6 +338,57 @@ def _cholesky_autograd(backward_op):
     return backward
 
 
+def differentiable_backward(op: str, saved, grads, needs_input_grad, others) -> list[torch.Tensor | None]:
+    r"""The gradients of op's tensor inputs for a backward pass that builds a graph
+    (``create_graph=True``: a Hessian-vector product, TRPO's Fisher-vector product, a gradient
+    penalty), as tensors autograd can differentiate again. The fused backward kernels are
+    first-order, so the op is recomputed from its saved inputs with its plain-PyTorch formulas
+    (:mod:`fusedgauss.reference`, the "torch" backend) and autograd differentiates those: that
+    backward pass gets the torch backend's numbers at its speed, and every other one the fused
+    backward op.
+
+    ``saved`` are the op's tensor inputs (``cholesky``: its output L, which the input A = L Lᵀ
+    is rebuilt from, so that the second derivative reaches A through the fused Cholesky's own
+    gradient), ``grads`` the upstream gradients of its outputs (None: unused), ``others`` its
+    other arguments in order. Returns one gradient per saved tensor, None where
+    ``needs_input_grad`` is false."""
+    inputs = [saved[0] @ saved[0].mT] if op == "cholesky" else list(saved)
+    with torch.enable_grad():
+        outputs = getattr(reference, op)(*inputs, *others)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        used = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None]
+        wanted = [t for t, needed in zip(inputs, needs_input_grad) if needed]
+        gradients = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used],
+                                             create_graph=True, materialize_grads=True))
+    return [next(gradients) if needed else None for needed in needs_input_grad]
+
+
+def _differentiable_backward_kernel(op, saved, grads, needs_input_grad, strings, floats, bools):
+    """``fusedgauss::differentiable_backward`` (schema in csrc/ops.cpp), which the compiled ops'
+    C++ autograd calls in a backward pass that builds a graph: :func:`differentiable_backward`,
+    the op's other arguments passed by type (every op takes its strings, then its floats, then
+    its bools), an empty tensor where no gradient was asked for."""
+    gradients = differentiable_backward(op, saved, grads, needs_input_grad, (*strings, *floats, *bools))
+    return [g if g is not None else t.new_empty((0,)) for g, t in zip(gradients, saved)]
+
+
+def _with_higher_order(name: str, first_order):
+    """A Triton op's autograd formula: `first_order` (its backward op), except in a backward
+    pass that builds a graph, where :func:`differentiable_backward` gives the gradients of the
+    saved tensors (the op's tensor inputs, or cholesky's output) and ctx.flags are the op's
+    other arguments."""
+
+    def backward(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return first_order(ctx, *grads)
+        saved = ctx.saved_tensors
+        gradients = differentiable_backward(name, saved, grads, ctx.needs_input_grad[:len(saved)],
+                                            getattr(ctx, "flags", ()))
+        return (*gradients, *(None for _ in ctx.needs_input_grad[len(saved):]))
+
+    return backward
+
+
 def _no_double_backward(op_name: str):
     def backward(ctx, *grads):
         raise NotImplementedError(
@@ -415,7 +469,8 @@ OPS = (
 
 def register_autograd(namespace: str) -> None:
     """Attaches autograd to the ops of `namespace` (the Triton ones; the compiled ops have theirs
-    in C++): each forward op's gradient is its backward op, whose own gradient raises."""
+    in C++): each forward op's gradient is its backward op (differentiable_backward where the
+    backward pass builds a graph), whose own gradient raises."""
     ops = getattr(torch.ops, namespace)
     names = [name for name in OPS if hasattr(ops, name)]
     formulas = {
@@ -429,7 +484,8 @@ def register_autograd(namespace: str) -> None:
     for name in names:
         formula, setup_context = formulas[name]
         backward_op = getattr(ops, name + "_backward").default
-        torch.library.register_autograd(f"{namespace}::{name}", formula(backward_op), setup_context=setup_context)
+        torch.library.register_autograd(f"{namespace}::{name}", _with_higher_order(name, formula(backward_op)),
+                                        setup_context=setup_context)
         torch.library.register_autograd(
             f"{namespace}::{name}_backward",
             _no_double_backward(name + "_backward"),
@@ -489,3 +545,5 @@ def _register_compiled() -> None:
 
 if backends.EXTENSION_LOADED:
     _register_compiled()
+    _HIGHER_ORDER_LIBRARY = torch.library.Library("fusedgauss", "IMPL")
+    _HIGHER_ORDER_LIBRARY.impl("differentiable_backward", _differentiable_backward_kernel, "CompositeImplicitAutograd")

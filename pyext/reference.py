@@ -237,3 +237,16 @@ def squashed_packed_log_prob(
     Σᵢ log Lᵢᵢ per sample)."""
     scale_tril = packed_to_scale_tril(packed, diag_transform, min_diag)
     return squashed_tril_log_prob(value, loc, scale_tril, value_is_pre_tanh)
+
+
+def packed_head_log_prob(
+    value: torch.Tensor, head: torch.Tensor, diag_transform: str, min_diag: float, squashed: bool,
+    value_is_pre_tanh: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mvn_packed_log_prob (with squashed, squashed_packed_log_prob) of loc and packed read from
+    a policy head's rows, [loc | packed]."""
+    k = value.shape[-1]
+    loc, packed = head.split([k, head.shape[-1] - k], dim=-1)
+    if squashed:
+        return squashed_packed_log_prob(value, loc, packed, diag_transform, min_diag, value_is_pre_tanh)
+    return mvn_packed_log_prob(value, loc, packed, diag_transform, min_diag)

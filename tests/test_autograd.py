@@ -3,8 +3,10 @@
 
 For every op and every output: the gradients of that output alone, the others unused (their
 gradients then reach the backward op as absent, not as zeros), against autograd through the
-float64 reference; gradients only for the inputs that require them; and a second derivative
-raises, naming the backward op.
+float64 reference; gradients only for the inputs that require them; second derivatives (a
+backward pass with create_graph=True, which runs fusedgauss.ops.differentiable_backward)
+against autograd's through the reference, and with gradgradcheck; and differentiating a
+backward op itself raises, naming it.
 """
 
 from __future__ import annotations
@@ -108,11 +110,56 @@ class TestAutograd:
             args[wanted].grad = None
             args[wanted].requires_grad_(False)
 
-    def test_second_derivative_raises(self, namespace, device, name):
+    def test_second_derivative(self, namespace, device, name):
+        """A Hessian-vector product: the gradient of <∇ loss, v>, loss a random weighting of
+        every output."""
         op = op_of(namespace, name)
-        args = on(device, sample_inputs(name))
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        loss = sum((o.double() * torch.rand_like(o, dtype=torch.float64)).sum() for o in outputs(op(*args)))
-        grads = torch.autograd.grad(loss, tensors, create_graph=True)
-        with pytest.raises(NotImplementedError, match=f"second derivative through {name}_backward is not implemented"):
-            sum(g.sum() for g in grads).backward()
+        args = sample_inputs(name)
+        expected_outputs = outputs(getattr(reference, name)(*on("cpu", args, torch.float64)))
+        weights = [torch.randn(o.shape, dtype=torch.float64) for o in expected_outputs]
+        vectors = [torch.randn(a.shape, dtype=torch.float64) for a in args if isinstance(a, torch.Tensor)]
+
+        def hessian_times_vectors(fn, args, device):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            loss = sum((o.double() * w.to(device)).sum() for o, w in zip(outputs(fn(*args)), weights))
+            grads = torch.autograd.grad(loss, tensors, create_graph=True)
+            assert all(g.requires_grad for g in grads), f"{name}: a gradient is not differentiable"
+            inner = sum((g.double() * v.to(device)).sum() for g, v in zip(grads, vectors))
+            return torch.autograd.grad(inner, tensors, allow_unused=True, materialize_grads=True)
+
+        got = hessian_times_vectors(op, on(device, args), device)
+        want = hessian_times_vectors(getattr(reference, name), on("cpu", args, torch.float64), "cpu")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.cpu().double(), w, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("name", ops.OPS)
+def test_gradgradcheck(name):
+    """Second derivatives of the compiled ops in float64 against finite differences of their
+    fused first-order gradients (Triton's float64 is too slow in the interpreter)."""
+    op = op_of("fusedgauss", name)
+    args = on("cpu", sample_inputs(name), torch.float64)
+    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    symmetric = {"cholesky": 0, "mvn_cov_log_prob": 2}.get(name)
+
+    def fn(*tensors):
+        full = list(args)
+        for i, t in zip(positions, tensors):
+            # A symmetric matrix operand is read through its lower triangle and given a
+            # symmetric gradient: differentiate it at symmetric inputs only.
+            full[i] = (t + t.mT) / 2 if i == symmetric else t
+        return op(*full)
+
+    assert torch.autograd.gradgradcheck(fn, [args[i] for i in positions])
+
+
+@pytest.mark.parametrize("namespace, device", LIBRARIES)
+def test_differentiating_a_backward_op_raises(namespace, device):
+    """A backward op called directly is first-order (every one has the same formula)."""
+    name = "diag_normal_log_prob"
+    backward_op = op_of(namespace, name + "_backward")
+    value, loc, scale = on(device, sample_inputs(name))
+    gradients = backward_op(torch.rand(BATCH, device=device), value, loc, scale, [True, True, True])
+    with pytest.raises(NotImplementedError, match=f"second derivative through {name}_backward is not implemented"):
+        sum(g.sum() for g in gradients).backward()

@@ -114,6 +114,27 @@ class TestSameAsTorch:
         # A mixed pair falls back to torch's own formula, which reads our factor.
         torch.testing.assert_close(td.kl_divergence(ours_p, theirs_q), expected)
 
+    def test_second_derivatives(self, backend, parameterization, shared):
+        """TRPO's Fisher-vector product (the Hessian of KL(old ‖ new) times a vector) and a
+        Hessian-vector product of the log-prob, as with torch.distributions."""
+        loc, params = make_params(parameterization, shared=shared)
+        old_loc, old_params = make_params(parameterization, shared=shared)
+        leaves = [loc, *params.values()]
+        value = torch.randn(5, 4, 3, dtype=torch.float64)
+        vectors = [torch.randn_like(leaf) for leaf in leaves]
+
+        def hessian_times_vectors(cls, of):
+            # Fresh distributions: a lazily computed factor holds a graph that one pass frees.
+            scalar = of(cls(loc, **params), cls(old_loc.detach(), **{n: m.detach() for n, m in old_params.items()}))
+            grads = torch.autograd.grad(scalar, leaves, create_graph=True)
+            return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vectors)), leaves)
+
+        for of in (lambda new, old: td.kl_divergence(old, new).mean(), lambda new, old: new.log_prob(value).sum()):
+            with backends.use(backend):
+                got = hessian_times_vectors(fusedgauss.MultivariateNormal, of)
+            for g, w in zip(got, hessian_times_vectors(td.MultivariateNormal, of)):
+                torch.testing.assert_close(g, w)
+
 
 @requires_compiled_cpu
 def test_covariance_log_prob_does_not_form_the_factor():

@@ -9,9 +9,13 @@
 //
 // Every op saves its tensor inputs (cholesky: its output) and its other arguments, and asks
 // its backward op only for the gradients autograd needs (output_mask). Gradients of unused
-// outputs reach the backward op as absent (None), not as zeros.
+// outputs reach the backward op as absent (None), not as zeros. The backward kernels are
+// first-order: a backward pass that builds a graph (create_graph=True, grad mode on inside
+// it) takes its gradients from fusedgauss::differentiable_backward instead, which the Python
+// package implements by differentiating the op's plain-PyTorch formulas.
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -79,6 +83,44 @@ Tensor log_prob_gradient(const variable_list& grads) {
 
 std::optional<Tensor> optional_gradient(const Tensor& g) { return g.defined() ? std::optional<Tensor>(g) : std::nullopt; }
 
+/// An op's arguments other than tensors, by type, each list in the op's order (every op takes
+/// its strings, then its floats, then its bools).
+struct OtherArguments {
+  std::vector<std::string> strings;
+  std::vector<double> floats;
+  std::vector<bool> bools;
+
+  void add(const std::string& s) { strings.push_back(s); }
+  void add(double x) { floats.push_back(x); }
+  void add(bool b) { bools.push_back(b); }
+
+  template <typename... Kept>
+  static OtherArguments of(const std::tuple<Kept...>& kept) {
+    OtherArguments others;
+    std::apply([&](const auto&... x) { (others.add(x), ...); }, kept);
+    return others;
+  }
+};
+
+/// The gradients of op `name`'s saved tensors (empty where `mask` is false) as tensors autograd
+/// can differentiate again: fusedgauss::differentiable_backward, for a backward pass that
+/// builds a graph. Its kernel comes with the Python package; without it, this raises.
+template <size_t N>
+variable_list differentiable_backward(const char* name, const variable_list& saved, const variable_list& grads,
+                                      const std::array<bool, N>& mask, const OtherArguments& others) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fusedgauss::differentiable_backward", "");
+  TORCH_CHECK_NOT_IMPLEMENTED(op.hasKernelForDispatchKey(c10::DispatchKey::CompositeImplicitAutograd),
+                              "fusedgauss: the second derivative through ", name,
+                              " differentiates its plain-PyTorch formulas, which come with the Python package "
+                              "(import fusedgauss)");
+  c10::List<std::optional<Tensor>> upstream;
+  for (const Tensor& g : grads) upstream.push_back(g.defined() ? std::optional<Tensor>(g) : std::nullopt);
+  torch::jit::Stack stack{std::string(name), saved, upstream, std::vector<bool>(mask.begin(), mask.end()),
+                          others.strings, others.floats, others.bools};
+  op.callBoxed(&stack);
+  return stack[0].toTensorVector();
+}
+
 /// A log-prob op, log_prob(value, loc, parameter, other...) -> log_prob or (log_prob, log_det):
 /// its backward op takes (grad[, grad_log_det], value, loc, parameter, other..., output_mask).
 template <const char* kName, typename Return, typename... Other>
@@ -114,6 +156,10 @@ struct LogProbFunction : torch::autograd::Function<LogProbFunction<kName, Return
         return std::tuple<>();
       }
     }();
+    if (at::GradMode::is_enabled()) {
+      return input_gradients(differentiable_backward(kName, saved, grads, mask, OtherArguments::of(other)), mask,
+                             sizeof...(Other));
+    }
     const auto gradients = std::apply(
         [&](const auto&... kept) {
           if constexpr (kWithLogDet) {
@@ -154,6 +200,9 @@ struct RsampleFunction : torch::autograd::Function<RsampleFunction<kName>> {
     if (!any_defined(grads)) return variable_list(3);
     const variable_list saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
+    if (at::GradMode::is_enabled()) {
+      return input_gradients(differentiable_backward(kName, saved, grads, mask, {}), mask, 0);
+    }
     return input_gradients(as_list(op.call(optional_gradient(grads[0]), optional_gradient(grads[1]),
                                            optional_gradient(grads[2]), saved[0], saved[1], saved[2], mask)),
                            mask, 0);
@@ -191,7 +240,11 @@ struct PackedHeadFunction : torch::autograd::Function<PackedHeadFunction<kName>>
     if (!any_defined(grads)) return variable_list(6);
     const variable_list saved = ctx->get_saved_variables();
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
-    const auto [diag_transform, min_diag, squashed, value_is_pre_tanh] = ctx->saved_data["other"].to<Others>();
+    const auto others = ctx->saved_data["other"].to<Others>();
+    if (at::GradMode::is_enabled()) {
+      return input_gradients(differentiable_backward(kName, saved, grads, mask, OtherArguments::of(others)), mask, 4);
+    }
+    const auto [diag_transform, min_diag, squashed, value_is_pre_tanh] = others;
     return input_gradients(as_list(op.call(log_prob_gradient(grads), optional_gradient(grads[1]), saved[0], saved[1],
                                            diag_transform, min_diag, squashed, value_is_pre_tanh, mask)),
                            mask, 4);
@@ -223,7 +276,7 @@ struct UnaryFunction : torch::autograd::Function<UnaryFunction<kName, kSavesOutp
     ctx->set_materialize_grads(false);
     Tensor y = op.call(x, other...);
     ctx->save_for_backward({kSavesOutput ? y : x});
-    if constexpr (kKeptOthers > 0) ctx->saved_data["other"] = KeptTuple(other...);
+    if constexpr (sizeof...(Other) > 0) ctx->saved_data["other"] = KeptTuple(other...);
     return {y};
   }
 
@@ -232,6 +285,12 @@ struct UnaryFunction : torch::autograd::Function<UnaryFunction<kName, kSavesOutp
     variable_list gradients(1 + sizeof...(Other));
     if (!grads[0].defined()) return gradients;
     const Tensor saved = ctx->get_saved_variables()[0];
+    if (at::GradMode::is_enabled()) {
+      OtherArguments others;
+      if constexpr (sizeof...(Other) > 0) others = OtherArguments::of(ctx->saved_data["other"].to<KeptTuple>());
+      gradients[0] = differentiable_backward(kName, {saved}, grads, std::array<bool, 1>{true}, others)[0];
+      return gradients;
+    }
     gradients[0] = [&]<size_t... I>(std::index_sequence<I...>) {
       if constexpr (kKeptOthers == 0) {
         return op.call(grads[0], saved);

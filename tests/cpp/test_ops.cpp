@@ -82,6 +82,22 @@ void test_gradients_through_the_op(int64_t k) {
   EXPECT_TRUE(max_abs_difference(got[1], expected[1]) < 1e-10);
 }
 
+/// A backward pass that builds a graph (create_graph: the first half of a second derivative)
+/// takes its gradients from the Python package's plain-PyTorch formulas; without the package
+/// it raises, saying so.
+void test_second_derivative_needs_the_python_package() {
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor loc = at::randn({4, 3}, options).requires_grad_();
+  const auto [log_prob, log_det] = call_tril_log_prob(at::randn({4, 3}, options), loc, at::eye(3, options));
+  bool threw = false;
+  try {
+    torch::autograd::grad({log_prob.sum()}, {loc}, {}, std::nullopt, /*create_graph=*/true);
+  } catch (const c10::Error& e) {
+    threw = std::string(e.what()).find("come with the Python package") != std::string::npos;
+  }
+  EXPECT_TRUE(threw);
+}
+
 void test_bad_input_is_rejected() {
   bool threw = false;
   try {
@@ -101,6 +117,7 @@ int main() {
     test_cholesky_op(k);
     test_gradients_through_the_op(k);
   }
+  test_second_derivative_needs_the_python_package();
   test_bad_input_is_rejected();
   std::printf("%s: %d failures\n", failures() ? "FAILED" : "ok", failures());
   return failures();
