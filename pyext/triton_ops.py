@@ -75,7 +75,9 @@ class _Operand:
 def _operand(t: torch.Tensor, event_dims: int, batch_shape: torch.Size, n: int) -> _Operand:
     batch_dims = t.dim() - event_dims
     event = t.shape[batch_dims:]
-    if all(size == 1 or stride == 0 for size, stride in zip(t.shape[:batch_dims], t.stride()[:batch_dims])):
+    # Shared: the batch holds one event. An empty one holds none, even expanded (stride 0).
+    if all(size == 1 or (stride == 0 and size > 0) for size, stride in zip(t.shape[:batch_dims],
+                                                                          t.stride()[:batch_dims])):
         return _Operand(t[(0,) * batch_dims].contiguous(), 0, math.prod(t.shape[:batch_dims]) == 1)
     full = t.expand(*batch_shape, *event).contiguous().view(n, *event)
     return _Operand(full, math.prod(event), False)

@@ -271,7 +271,7 @@ def test_samples_a_stride_apart_are_read_in_place(backend, device, op_name, k, b
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
-@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix", "expanded_matrix"])
 def test_zero_size_batch(backend, matrix, layout):
     op, _ = OPS[matrix]
     value, loc, M = make_operands(layout, (0,), 4, matrix=matrix)

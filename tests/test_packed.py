@@ -407,6 +407,11 @@ def test_packed_log_prob_zero_size_and_half(backend, device):
     with backends.use(backend):
         empty = ops.mvn_packed_log_prob(value[:0].to(device), loc[:0].to(device), packed[:0].to(device).requires_grad_())
         assert empty.shape == (0,)
+        # A factor expanded to the empty batch (stride 0) holds no event to share.
+        expanded = packed[0].to(device).requires_grad_()
+        empty = ops.mvn_packed_log_prob(value[:0].to(device), loc[:0].to(device), expanded.expand(0, -1))
+        (gradient,) = torch.autograd.grad(empty.sum(), expanded)
+        assert empty.shape == (0,) and torch.all(gradient == 0)
         for dtype in (torch.float16, torch.bfloat16):
             got = ops.mvn_packed_log_prob(*(t.to(dtype).to(device) for t in (value, loc, packed)))
             expected, _ = reference.mvn_packed_log_prob(*(t.to(dtype).float() for t in (value, loc, packed)), "softplus", 0.0)

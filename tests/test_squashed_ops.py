@@ -299,7 +299,7 @@ def test_non_contiguous_inputs(backend, case):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("layout", ["per_sample", "shared_parameter"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_parameter", "expanded_parameter"])
 def test_zero_size_batch(backend, case, layout):
     inputs = case.inputs(layout, (0,), 4)
     got, grads = outputs_and_grads(on_backend(backend, case.op), inputs)

@@ -109,7 +109,7 @@ def test_half_precision_in_float32(dtype):
 
 
 @pytest.mark.parametrize("matrix", ["scale_tril", "covariance"])
-@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix"])
+@pytest.mark.parametrize("layout", ["per_sample", "shared_matrix", "expanded_matrix"])
 def test_zero_size_batch(matrix, layout):
     op, _ = OPS[matrix]
     inputs = make_operands(layout, (0,), 4, matrix=matrix)
@@ -220,8 +220,9 @@ def test_squashed_half_precision_and_zero_size(case):
     for g, e in zip(got, expected):
         assert g.dtype == torch.float16
         torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=8e-3 * (1 + e.abs().max().item()))
-    got, grads = triton_outputs_and_grads(case, case.inputs("shared_parameter", (0,), 4))
-    assert got[-1].shape == (0,) and all(torch.all(g == 0) for g in grads)
+    for layout in ("shared_parameter", "expanded_parameter"):
+        got, grads = triton_outputs_and_grads(case, case.inputs(layout, (0,), 4))
+        assert got[-1].shape == (0,) and all(torch.all(g == 0) for g in grads)
 
 
 @pytest.mark.parametrize("parameter", ["scale", "scale_tril"])

@@ -39,9 +39,12 @@ inline c10::IntArrayRef batch_sizes(const at::Tensor& t, int64_t event_dims) {
   return t.sizes().slice(0, t.dim() - event_dims);
 }
 
+/// Whether t's batch holds one event (every batch dimension of size 1 or stride 0). An
+/// empty batch holds none, even when expanded (stride 0 over a size-0 dimension): it is read
+/// per sample, as zero samples.
 inline bool batch_is_broadcast(const at::Tensor& t, int64_t event_dims) {
   for (int64_t d = 0; d < t.dim() - event_dims; ++d) {
-    if (t.size(d) != 1 && t.stride(d) != 0) {
+    if (t.size(d) == 0 || (t.size(d) != 1 && t.stride(d) != 0)) {
       return false;
     }
   }
