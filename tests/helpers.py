@@ -55,6 +55,16 @@ def symmetrise(X):
     return 0.5 * (X + X.mT)
 
 
+def hessian_vector_products(scalar, inputs, vectors):
+    """The gradients of <∇ scalar, v> with respect to `inputs` (each v on its input's device):
+    a backward pass that builds a graph (create_graph=True), then one through it; zeros where
+    a gradient does not depend on an input."""
+    grads = torch.autograd.grad(scalar, inputs, create_graph=True)
+    assert all(g.requires_grad for g in grads), "a gradient is not differentiable"
+    inner = sum((g.double() * v.to(g.device)).sum() for g, v in zip(grads, vectors))
+    return torch.autograd.grad(inner, inputs, allow_unused=True, materialize_grads=True)
+
+
 def plain_torch_scale_tril(packed, diag_transform="softplus", min_diag=0.0):
     """The usual plain-PyTorch policy head: packed (*, k(k+1)/2) into a zero (*, k, k) by index
     assignment, the diagonal through softplus (or exp) plus min_diag, tril. What

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.distributions as td
-from helpers import random_scale_tril
+from helpers import hessian_vector_products, random_scale_tril
 
 import fusedgauss
 from fusedgauss import backends
@@ -171,11 +171,6 @@ def test_log_prob_of_stored_actions(backend, kind):
             torch.testing.assert_close(g, e)
 
 
-def hessian_times_vectors(scalar, leaves, vectors):
-    grads = torch.autograd.grad(scalar, leaves, create_graph=True)
-    return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vectors)), leaves)
-
-
 @pytest.mark.parametrize("kind", ["diag", "tril"])
 def test_second_derivatives_match_pytorch(backend, kind):
     """Hessian-vector products (create_graph=True, then a gradient of the gradients) of the
@@ -184,23 +179,20 @@ def test_second_derivatives_match_pytorch(backend, kind):
     vectors = [torch.randn_like(leaf) for leaf in leaves]
     with torch.no_grad():
         u = theirs.base_dist.sample()
-    got = hessian_times_vectors(ours.log_prob(torch.tanh(u), pre_tanh=u).sum(), leaves, vectors)
-    want = hessian_times_vectors(theirs.log_prob(torch.tanh(u)).sum(), leaves, vectors)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w)
+    pairs = [(ours.log_prob(torch.tanh(u), pre_tanh=u).sum(), theirs.log_prob(torch.tanh(u)).sum())]
     if kind == "diag":  # (PyTorch's rsample also differentiates the zeros above a scale_tril)
         torch.manual_seed(5)
         action, log_prob = ours.rsample_log_prob()
-        got = hessian_times_vectors((log_prob - action.sum(-1)).sum(), leaves, vectors)
         torch.manual_seed(5)
-        action = theirs.rsample()
-        want = hessian_times_vectors((theirs.log_prob(action) - action.sum(-1)).sum(), leaves, vectors)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w)
+        expected_action = theirs.rsample()
         value = torch.randn_like(u)
-        got = hessian_times_vectors(fusedgauss.DiagNormal(*leaves).log_prob(value).sum(), leaves, vectors)
-        want = hessian_times_vectors(td.Independent(td.Normal(*leaves), 1).log_prob(value).sum(), leaves, vectors)
-        for g, w in zip(got, want):
+        pairs += [((log_prob - action.sum(-1)).sum(),
+                   (theirs.log_prob(expected_action) - expected_action.sum(-1)).sum()),
+                  (fusedgauss.DiagNormal(*leaves).log_prob(value).sum(),
+                   td.Independent(td.Normal(*leaves), 1).log_prob(value).sum())]
+    for ours_scalar, theirs_scalar in pairs:
+        got = hessian_vector_products(ours_scalar, leaves, vectors)
+        for g, w in zip(got, hessian_vector_products(theirs_scalar, leaves, vectors)):
             torch.testing.assert_close(g, w)
 
 
