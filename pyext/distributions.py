@@ -213,7 +213,7 @@ class MultivariateNormal(td.MultivariateNormal):
                 f"from_head: head must hold k + k(k+1)/2 values per sample (loc, then the packed scale_tril), "
                 f"got shape {tuple(head.shape)}"
             )
-        new = cls.from_packed(*head.split([k, head.shape[-1] - k], dim=-1), diag_transform, min_diag, validate_args)
+        new = cls.from_packed(*reference.split_head(head, k), diag_transform, min_diag, validate_args)
         new._head = head
         return new
 

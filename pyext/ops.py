@@ -241,7 +241,7 @@ def packed_head_log_prob(
         outputs = torch.ops.fusedgauss.packed_head_log_prob.default(
             value, head, diag_transform, float(min_diag), bool(squashed), bool(value_is_pre_tanh))
         return _with_log_det(outputs, return_log_det)
-    loc, packed = head.split([k, head.shape[-1] - k], dim=-1)
+    loc, packed = reference.split_head(head, k)
     flags = (bool(value_is_pre_tanh),) if squashed else ()
     return _packed_log_prob(op, value, loc, packed, diag_transform, min_diag, *flags, return_log_det=return_log_det)
 

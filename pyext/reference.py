@@ -177,6 +177,11 @@ def event_size_of_head(n: int) -> int | None:
     return k if n > 0 and k + k * (k + 1) // 2 == n else None
 
 
+def split_head(head: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A policy head's rows [loc | packed] as views (loc, packed), k being the event size."""
+    return head.split([k, head.shape[-1] - k], dim=-1)
+
+
 def _diag_transform(x: torch.Tensor, diag_transform: str) -> torch.Tensor:
     if diag_transform == "softplus":
         # log(1 + e^x). F.softplus is the identity above x = 20, where log(1 + e^x) - x < 2.1e-9
@@ -245,8 +250,7 @@ def packed_head_log_prob(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """mvn_packed_log_prob (with squashed, squashed_packed_log_prob) of loc and packed read from
     a policy head's rows, [loc | packed]."""
-    k = value.shape[-1]
-    loc, packed = head.split([k, head.shape[-1] - k], dim=-1)
+    loc, packed = split_head(head, value.shape[-1])
     if squashed:
         return squashed_packed_log_prob(value, loc, packed, diag_transform, min_diag, value_is_pre_tanh)
     return mvn_packed_log_prob(value, loc, packed, diag_transform, min_diag)
