@@ -513,11 +513,10 @@ def test_packed_head_log_prob_is_the_split_ones(backend, device, op, k, batch_sh
 
 
 @requires_compiled_cpu
-def test_packed_head_log_prob_large_gradients():
+def test_packed_head_log_prob_streams_large_gradients():
     """A head gradient too big for the caches (kStreamingOutputBytes, 8 MB: 12337 rows of
-    k=17), which the split's packed gradient alone is not: written with ordinary stores
-    (GradientSink::streams), each part into its stretch of the head's rows, it has the same
-    bits as the split's two gradients."""
+    k=17), which the split's packed gradient alone is not, leaves through non-temporal stores
+    of whole rows, loc and packed together: the same bits as the split's two gradients."""
     value, head = head_inputs((12500,), (12500,), 17, torch.float32)
     got = head_log_prob_and_grad(value, head, "mvn", through_head=True)
     expected = head_log_prob_and_grad(value, head, "mvn", through_head=False)

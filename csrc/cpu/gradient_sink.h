@@ -52,8 +52,8 @@ struct GradientSink {
   /// Whether the per-sample rows are too big to stay in the caches (kStreamingOutputBytes) and
   /// are whole rows. A stretch of wider rows (rows_in) shares cache lines with the sinks that
   /// fill the rest: non-temporal stores of part of a line, beside ordinary stores into it,
-  /// flush partial lines, and a k=17 policy head's backward (loc and packed sinks) went from
-  /// 150 to 590 ns a sample, one thread, once its 680-byte rows passed 8 MB (B >= 12336).
+  /// flush partial lines (a k=17 policy head's backward, its loc and packed parts streamed
+  /// apart: 150 -> 590 ns a sample once its 680-byte rows passed 8 MB; it writes whole rows now).
   bool streams() const {
     return per_sample.defined() && row_stride == width &&
            per_sample.size(0) * row_stride * per_sample.element_size() >= kStreamingOutputBytes;

@@ -441,6 +441,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   GradientSink<scalar_t> matrix_sink(mask[2], p.matrix, kPacked ? std::vector<int64_t>{matrix_entries}
                                                                   : std::vector<int64_t>{k, k},
                                      chunks, n, /*extra_slots=*/1, head_part(k, matrix_entries));
+  // A head's rows are [loc | packed], so their lane-minor block is loc's block followed by
+  // packed's: the two gradients are computed side by side in one buffer and leave in one write
+  // of whole rows (which streams when large; a stretch of rows does not, GradientSink::streams).
+  const bool head = head_rows.defined();
+  GradientSink<scalar_t> head_sink(head, p.matrix, {k + matrix_entries}, chunks, n, 0, head_rows);
   // The covariance gradient needs Sigma^{-1} per sample, unless the matrix is shared and its
   // gradient reduced (then Sigma^{-1} enters once, at the end).
   const bool per_sample_inverse = kCovariance && matrix_sink.requested && !matrix_sink.reduces;
@@ -448,16 +453,18 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
   chunks.run_vectorised<widest_simd(kParam, kK)>([&](int64_t chunk, int64_t begin, int64_t end) FUSEDGAUSS_INLINE_BODY {
     BlockFactors<kParam, kK, W, scalar_t> factors = shared_factors;
     const auto block = [&](int64_t entries) { return std::vector<acc_t>(static_cast<size_t>(entries * W)); };
-    std::vector<acc_t> z = block(k), w = block(k), gw = block(k), g_value = block(k);
+    std::vector<acc_t> z = block(k), w = block(k), g_value = block(k);
+    std::vector<acc_t> gw = block(head ? k + matrix_entries : k);  // a head's: [gw | matrix_grad]
     SquashBlock<kK, W, scalar_t> squash_block(squash.squashed ? k : 0, squash.from_action);
     std::vector<acc_t> L_inv = block(per_sample_inverse ? k * k : 0);
     std::vector<acc_t> sigma_inv = block(per_sample_inverse ? k * k : 0);
-    std::vector<acc_t> matrix_grad = block(matrix_sink.requested && !matrix_sink.reduces ? matrix_entries : 0);
+    std::vector<acc_t> matrix_block = block(matrix_sink.requested && !matrix_sink.reduces && !head ? matrix_entries : 0);
+    acc_t* matrix_grad = head ? gw.data() + k * W : matrix_block.data();
     // Block accumulators of reduced gradients, lane-minor; the last entry sums g.
     std::vector<acc_t> value_acc = block(value_sink.reduces ? k : 0);
     std::vector<acc_t> loc_acc = block(loc_sink.reduces ? k : 0);
     std::vector<acc_t> matrix_acc = block(matrix_sink.reduces ? matrix_entries + 1 : 0);
-    SinkRows<W, scalar_t> value_rows(value_sink), loc_rows(loc_sink), matrix_rows(matrix_sink);
+    SinkRows<W, scalar_t> value_rows(value_sink), loc_rows(loc_sink), matrix_rows(matrix_sink), head_rows_out(head_sink);
     acc_t g[W], diag_coefficient[W];
 
     for (int64_t b0 = begin; b0 < end; b0 += W) {
@@ -497,7 +504,7 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
         for (int64_t e = 0; e < k * W; ++e) acc[e] += gw_block[e];
       }
       if (value_rows.active()) value_rows.write(g_value.data(), b0, count);
-      if (loc_rows.active()) loc_rows.write(gw_block, b0, count);
+      if (loc_rows.active() && !head) loc_rows.write(gw_block, b0, count);
 
       if (matrix_sink.reduces) {
         // Shared matrix: accumulate g w v^T (v = z for scale_tril, w for covariance) over the
@@ -515,11 +522,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
           // d/dL = tril(g w z^T) - c diag(1/L_ii), c = g - h (h = 0 without grad_log_det);
           // packed, through the diagonal transform
           scale_tril_gradient_block<kPacked, W>(k, gw_block, z.data(), diag_coefficient, L, factors.diag_derivative(),
-                                                matrix_grad.data());
+                                                matrix_grad);
         } else {
           // d/dSigma = 1/2 (g w w^T - g Sigma^{-1}), symmetric
           math::inverse_from_cholesky<W>(k, L, L_inv.data(), sigma_inv.data());
-          acc_t* FUSEDGAUSS_RESTRICT out = matrix_grad.data();
+          acc_t* FUSEDGAUSS_RESTRICT out = matrix_grad;
           const acc_t* FUSEDGAUSS_RESTRICT s_inv = sigma_inv.data();
           for (int64_t i = 0; i < k; ++i) {
             for (int64_t j = 0; j <= i; ++j) {
@@ -531,7 +538,11 @@ std::array<at::Tensor, 3> log_prob_backward_kernel(const MvnProblem& p, const sc
             }
           }
         }
-        matrix_rows.write(matrix_grad.data(), b0, count);
+        if (head) {
+          head_rows_out.write(gw_block, b0, count);
+        } else {
+          matrix_rows.write(matrix_grad, b0, count);
+        }
       }
     }
     if (value_sink.reduces) add_lane_sums<W>(k, value_acc.data(), value_sink.partials.chunk(chunk));
