@@ -6,7 +6,9 @@ Per call, from the device of the inputs:
   they exist, else "torch";
 - CPU tensors: the compiled CPU kernels if they were built, else "torch".
 
-"torch" is the plain-PyTorch implementation in :mod:`fusedgauss.reference`. A backend can be
+"torch" is the plain-PyTorch implementation in :mod:`fusedgauss.reference`. It is also the only
+one that runs under a torch.func transform or forward-mode AD (:func:`under_function_transform`,
+:func:`under_forward_ad`), where every call gets it. A backend can be
 forced with the environment variable ``FUSEDGAUSS_BACKEND`` (read at import) or with
 :func:`use`; forcing one that cannot run the call is an error naming what is missing, never a
 silent swap. ``python -m fusedgauss info`` prints what is available.
@@ -94,12 +96,38 @@ MAX_EVENT_SIZE: dict[str, int | None] = {"cuda": 64, "triton": 32, "cpu": None, 
 CUDA_WARP_MIN_EVENT_SIZE = 9
 
 
+def under_function_transform() -> bool:
+    """Whether a torch.func transform (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap, ...) runs
+    this call, outside torch.compile. The fused ops cannot take part in one: PyTorch runs no
+    custom op's autograd formula under those transforms (a C++ torch::autograd::Function raises
+    there, and so does the autograd.Function of torch.library.register_autograd, which has no
+    setup_context), and they have no batching rules. The plain-PyTorch formulas can, with the
+    same numbers.
+
+    Under torch.compile the question cannot be asked: while torch.compile traces, the
+    interpreter stack is never empty, transform or not. There a torch.func transform of fused
+    ops fails while tracing, as it does for PyTorch's own custom ops, and the torch backend has
+    to be forced (``backends.use("torch")`` around the compiled call)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def under_forward_ad() -> bool:
+    """Whether a ``torch.autograd.forward_ad.dual_level`` is open: the fused ops have no forward
+    derivative (PyTorch has no jvp for a C++ autograd Function), so dual tensors would fail in
+    them. torch.func.jvp and jacfwd are transforms (:func:`under_function_transform`)."""
+    return not torch.compiler.is_compiling() and torch.autograd.forward_ad._current_level >= 0
+
+
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend `name` cannot run ops on `device_type` tensors, or None if it can."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; the backends are {', '.join(BACKENDS)}"
     if name == "torch":
         return None
+    if under_function_transform() or under_forward_ad():
+        return ("the fused ops cannot run under a torch.func transform (grad, vjp, jacrev, vmap, ...) or "
+                "forward-mode AD: PyTorch runs no custom op's autograd formula or batching there; the torch "
+                "backend can")
     if name == "triton" and not TRITON_KERNELS:
         return "triton is not installed"
     if name == "triton" and device_type not in ("cpu", "cuda"):

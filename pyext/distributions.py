@@ -9,7 +9,7 @@ import torch.distributions as td
 from torch.distributions.kl import register_kl
 from torch.distributions.multivariate_normal import _batch_mv
 
-from . import ops, reference, validation
+from . import backends, ops, reference, validation
 from .transforms import StableTanhTransform
 
 __all__ = ["DiagNormal", "MultivariateNormal", "TanhMultivariateNormal", "TanhNormal"]
@@ -17,20 +17,38 @@ __all__ = ["DiagNormal", "MultivariateNormal", "TanhMultivariateNormal", "TanhNo
 _MATRIX_PARAMETERS = ("covariance_matrix", "precision_matrix", "scale_tril")
 
 
-def _first_index(mask: torch.Tensor) -> tuple[int, ...]:
-    """The batch index of the first True entry of `mask` (row-major order)."""
+# The checks ask torch._is_any_true whether a mask has a True entry, as torch.distributions
+# does: under torch.func.vmap that is one answer for the whole batch, where bool(mask.any())
+# would be data-dependent control flow, which vmap refuses. Inside a torch.func transform the
+# entries cannot be read, so the error names no batch index there.
+
+
+def _first_index(mask: torch.Tensor) -> tuple[int, ...] | None:
+    """The batch index of the first True entry of `mask` (row-major order); None inside a
+    torch.func transform."""
+    if backends.under_function_transform():
+        return None
     flat = int(mask.reshape(-1).nonzero()[0, 0])
     return tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), mask.shape))
 
 
+def _at_first(mask: torch.Tensor) -> str:
+    """" at batch index (i, ...)" of the first True entry of `mask`, for an error message ("" inside
+    a torch.func transform)."""
+    index = _first_index(mask)
+    return "" if index is None else f" at batch index {index}"
+
+
 def _check_positive_definite(name: str, matrix: torch.Tensor) -> None:
-    symmetric = torch.isclose(matrix, matrix.mT, atol=1e-6).all(-1).all(-1)
-    if not bool(symmetric.all()):
-        raise ValueError(f"{name} is not symmetric at batch index {_first_index(~symmetric)}")
+    asymmetric = ~torch.isclose(matrix, matrix.mT, atol=1e-6).all(-1).all(-1)
+    if torch._is_any_true(asymmetric):
+        raise ValueError(f"{name} is not symmetric{_at_first(asymmetric)}")
     info = torch.linalg.cholesky_ex(matrix).info
     failed = info != 0
-    if bool(failed.any()):
+    if torch._is_any_true(failed):
         index = _first_index(failed)
+        if index is None:
+            raise ValueError(f"{name} is not positive-definite")
         order = int(info[index]) if index else int(info)
         raise ValueError(
             f"{name} is not positive-definite at batch index {index}: the leading minor of "
@@ -40,19 +58,16 @@ def _check_positive_definite(name: str, matrix: torch.Tensor) -> None:
 
 def _check_lower_cholesky(scale_tril: torch.Tensor) -> None:
     above = (scale_tril.triu(1) != 0).any(-1).any(-1)
-    if bool(above.any()):
+    if torch._is_any_true(above):
         raise ValueError(
-            f"scale_tril must be lower-triangular, but at batch index {_first_index(above)} it has "
-            "nonzero entries above the diagonal"
+            f"scale_tril must be lower-triangular, but{_at_first(above)} it has nonzero entries above the diagonal"
         )
     diagonal = scale_tril.diagonal(dim1=-2, dim2=-1)
     bad = ~(diagonal > 0).all(-1)
-    if bool(bad.any()):
+    if torch._is_any_true(bad):
         index = _first_index(bad)
-        raise ValueError(
-            f"scale_tril must have a positive diagonal, but at batch index {index} its diagonal "
-            f"is {diagonal[index].tolist()}"
-        )
+        found = "" if index is None else f", but at batch index {index} its diagonal is {diagonal[index].tolist()}"
+        raise ValueError(f"scale_tril must have a positive diagonal{found}")
 
 
 def _parameters_batch_shape(loc: torch.Tensor, name: str, parameter_batch: torch.Size) -> torch.Size:
@@ -219,8 +234,8 @@ class MultivariateNormal(td.MultivariateNormal):
 
     def _check_parameters(self) -> None:
         loc_nan = torch.isnan(self._unbroadcasted_loc).any(-1)
-        if bool(loc_nan.any()):
-            raise ValueError(f"loc contains NaN at batch index {_first_index(loc_nan)}")
+        if torch._is_any_true(loc_nan):
+            raise ValueError(f"loc contains NaN{_at_first(loc_nan)}")
         if self._parameterization == "scale_tril":
             _check_lower_cholesky(self._unbroadcasted_matrix)
         elif self._parameterization == "packed":
@@ -452,11 +467,12 @@ class _TanhSquashedGaussian(td.TransformedDistribution):
         low = -1.0 if self._rescale is None else self._rescale.loc - self._rescale.scale
         high = 1.0 if self._rescale is None else self._rescale.loc + self._rescale.scale
         outside = ((value < low) | (value > high) | value.isnan()).any(-1)
-        if bool(outside.any()):
+        if torch._is_any_true(outside):
             index = _first_index(outside)
+            where, found = ("", "") if index is None else (f" at batch index {index}", f": {value[index].tolist()}")
             raise ValueError(
-                f"{type(self).__name__}.log_prob: the action at batch index {index} lies outside "
-                f"[low, high] = [{self._low}, {self._high}]: {value[index].tolist()}"
+                f"{type(self).__name__}.log_prob: the action{where} lies outside "
+                f"[low, high] = [{self._low}, {self._high}]{found}"
             )
 
     def _noise(self, sample_shape) -> torch.Tensor:

@@ -54,12 +54,12 @@ def standard_normal(
     On the CPU the compiled ``standard_normal_`` draws them, 2.5-3x as fast on one thread
     and 4.5-5x on two (the generator's words a state at a time, each thread from its
     own copy of the state; see csrc/cpu/standard_normal_cpu.cpp). On other devices, for small tensors, under
-    ``torch.compile`` (whose own generator replaces torch's) and without the compiled
-    extension, torch draws them.
+    ``torch.compile`` (whose own generator replaces torch's), under a torch.func transform (whose
+    ``vmap`` decides what randomness means) and without the compiled extension, torch draws them.
     """
     noise = torch.empty(shape, dtype=dtype, device=device)
     if (noise.device.type == "cpu" and noise.numel() >= NOISE_OP_MIN_NUMEL and backends.EXTENSION_LOADED
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not backends.under_function_transform()):
         torch.ops.fusedgauss.standard_normal_(noise, generator)
         return noise
     return noise.normal_(generator=generator)
