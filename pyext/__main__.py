@@ -74,6 +74,7 @@ def info() -> None:
     print("  backend per device (when none is forced):")
     for device_type in ("cpu", "cuda"):
         print(f"    {device_type}: {backends.default_backend(device_type)}")
+    print("    under a torch.func transform or forward-mode AD: torch (the fused ops cannot take part)")
     print("  backends:")
     for name in backends.BACKENDS:
         reasons = {d: backends.unavailable_reason(name, d) for d in ("cpu", "cuda")}

@@ -60,6 +60,7 @@ def test_info_reports_build_and_choice():
     assert "CPU kernels:  " + ("yes" if backends.COMPILED_CPU else "no") in text
     assert ("Triton kernels: yes" if backends.TRITON_KERNELS else "Triton kernels: no") in text
     assert f"cpu: {backends.default_backend('cpu')}" in text
+    assert "under a torch.func transform or forward-mode AD: torch" in text
     assert "event size" in text
 
 
