@@ -46,11 +46,9 @@ def test_forcing_a_fused_backend_under_a_transform_raises():
             torch.func.grad(lambda m: ops.mvn_tril_log_prob(value, m, L).sum())(loc)
 
 
-@requires_compiled_cpu
-@pytest.mark.parametrize("name", ops.OPS)
-def test_op_gradients_under_grad_are_the_fused_ones(name):
-    """torch.func.grad of a weighted sum of the op's outputs (the plain-PyTorch formula runs)
-    against torch.autograd.grad through the compiled op and its backward kernel."""
+def _weighted_op(name: str):
+    """The op's tensor sample inputs, and a weighted sum of its outputs as a function of them
+    (its other arguments fixed)."""
     args = sample_inputs(name)
     positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
     op = getattr(ops, name)
@@ -62,11 +60,24 @@ def test_op_gradients_under_grad_are_the_fused_ones(name):
             call[i] = t
         return sum((out * w).sum() for out, w in zip(outputs(op(*call)), weights))
 
-    tensors = [args[i] for i in positions]
-    under_grad = torch.func.grad(loss, argnums=tuple(range(len(tensors))))(*tensors)
+    return [args[i] for i in positions], loss
+
+
+def _fused_gradients(loss, tensors):
+    """torch.autograd.grad of loss at tensors, outside any transform: the compiled op and its
+    backward kernel."""
     leaves = [t.clone().requires_grad_() for t in tensors]
-    fused = torch.autograd.grad(loss(*leaves), leaves)
-    for got, expected in zip(under_grad, fused):
+    return torch.autograd.grad(loss(*leaves), leaves)
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("name", ops.OPS)
+def test_op_gradients_under_grad_are_the_fused_ones(name):
+    """torch.func.grad of a weighted sum of the op's outputs (the plain-PyTorch formula runs)
+    against the fused backward's gradient."""
+    tensors, loss = _weighted_op(name)
+    under_grad = torch.func.grad(loss, argnums=tuple(range(len(tensors))))(*tensors)
+    for got, expected in zip(under_grad, _fused_gradients(loss, tensors)):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
@@ -76,29 +87,15 @@ def test_op_forward_derivatives_are_the_fused_gradients(name):
     """The directional derivative of a weighted sum of the op's outputs, by forward-mode AD (the
     plain-PyTorch formula runs), against the fused backward's gradient dotted with the
     direction. A covariance moves along symmetric directions (its gradient is symmetric)."""
-    args = sample_inputs(name)
-    positions = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-    op = getattr(ops, name)
-    weights = [torch.randn_like(out) for out in outputs(op(*args))]
-    directions = [torch.randn_like(args[i]) for i in positions]
-    for j, i in enumerate(positions):
-        if args[i].dim() >= 2 and args[i].shape[-1] == args[i].shape[-2] and torch.equal(args[i], args[i].mT):
+    tensors, loss = _weighted_op(name)
+    directions = [torch.randn_like(t) for t in tensors]
+    for j, t in enumerate(tensors):
+        if t.dim() >= 2 and t.shape[-1] == t.shape[-2] and torch.equal(t, t.mT):
             directions[j] = directions[j] + directions[j].mT
-
-    def loss(call):
-        return sum((out * w).sum() for out, w in zip(outputs(op(*call)), weights))
-
     with torch.autograd.forward_ad.dual_level():
-        call = list(args)
-        for i, direction in zip(positions, directions):
-            call[i] = torch.autograd.forward_ad.make_dual(args[i], direction)
-        derivative = torch.autograd.forward_ad.unpack_dual(loss(call)).tangent
-    leaves = [args[i].clone().requires_grad_() for i in positions]
-    call = list(args)
-    for i, leaf in zip(positions, leaves):
-        call[i] = leaf
-    fused = torch.autograd.grad(loss(call), leaves)
-    expected = sum((g * d).sum() for g, d in zip(fused, directions))
+        duals = [torch.autograd.forward_ad.make_dual(t, d) for t, d in zip(tensors, directions)]
+        derivative = torch.autograd.forward_ad.unpack_dual(loss(*duals)).tangent
+    expected = sum((g * d).sum() for g, d in zip(_fused_gradients(loss, tensors), directions))
     torch.testing.assert_close(derivative, expected, rtol=1e-10, atol=1e-10)
 
 
