@@ -256,7 +256,7 @@ def run_grid(args, title: str, run_cell) -> list[Row]:
     meta = {
         "title": title,
         "date": datetime.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": fusedgauss.backends.cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fusedgauss": fusedgauss.__version__,
@@ -266,11 +266,6 @@ def run_grid(args, title: str, run_cell) -> list[Row]:
         "copy_bandwidth_gbps": bandwidth / 1e9,
         "python": platform.python_version(),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            meta["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
 
     grid = [(c, b, k, p) for c in args.cases for b in args.batch for k in args.k
             for p in ("forward", "forward+backward")]

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -234,7 +233,7 @@ def main(argv=None) -> list[dict]:
     name = args.name or f"ppo_update_{args.threads}t"
     meta = {
         "date": datetime.date.today().isoformat(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": fusedgauss.backends.cpu_name(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fusedgauss": fusedgauss.__version__,
@@ -243,11 +242,6 @@ def main(argv=None) -> list[dict]:
         "minibatch": args.minibatch,
         "rounds": args.rounds,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            meta["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     rows = [run_head(head, k, args) for k in args.k for head in args.heads]
     markdown = to_markdown(rows, meta)
     print(markdown)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import platform
 from collections.abc import Iterator
 
 import torch
@@ -203,6 +204,15 @@ def select(device_type: str, event_size: int, op: str | None = None) -> str:
     if reason is not None:
         raise BackendUnavailableError(f"fusedgauss backend {name!r} was forced but cannot run: {reason}")
     return name
+
+
+def cpu_name() -> str:
+    """This CPU's model name (Linux's /proc/cpuinfo), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def cpu_simd_levels() -> list[str]:
