@@ -63,6 +63,9 @@ if [[ $stage == all || $stage == bench ]]; then
   if [[ $# -eq 0 ]]; then  # the squashed and diagonal cases too, on a smaller grid
     run bench_squashed "$py" benchmarks/bench_gpu.py --out "$out" --name gpu_squashed --k 6 17 \
       --cases sac_diag sac_tril ppo_diag ppo_tril diag_normal diag_normal_shared
+    # every op, the CUDA kernels against the torch backend (Triton's would compile each op anew)
+    run bench_op_backends "$py" -m fusedgauss bench --device cuda --backends cuda torch \
+      --json "$out/gpu_op_backends.json"
   fi
 fi
 exit $status

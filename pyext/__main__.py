@@ -1,20 +1,28 @@
-"""python -m fusedgauss info | check
+"""python -m fusedgauss info | check | bench
 
 info   what was built, the versions, the devices and the backend each device gets
-check  runs every op on every available backend against the float64 reference, on a few
-       random shapes, and prints the largest errors
+check  runs every op on every available backend and device against the float64 reference,
+       outputs and gradients, at a few event sizes, and prints the errors; exits 1 if one is
+       too large
+bench  times every op on every backend that runs on a device, forward and forward+backward,
+       at the batch and event sizes given, against the torch backend (plain PyTorch); the
+       benchmarks against torch.distributions itself are the repository's benchmarks/
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import sys
+from pathlib import Path
 
 import torch
+from torch.utils import benchmark
 
-from . import __version__, backends, ops, reference
+from . import __version__, backends, ops, reference, testing
 
 
 def _triton_version() -> str:
@@ -62,7 +70,7 @@ def info() -> None:
     else:
         print("  Triton kernels: no (triton is not installed)")
     print("  devices:")
-    print(f"    cpu: {torch.get_num_threads()} threads")
+    print(f"    cpu: {backends.cpu_name()}, {torch.get_num_threads()} threads")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             print(f"    cuda:{i}: {torch.cuda.get_device_name(i)}")
@@ -93,75 +101,225 @@ def info() -> None:
             print(f"    {name}: unavailable: {reasons['cpu'] if name != 'cuda' else reasons['cuda']}")
 
 
-def check() -> int:
-    """Largest relative error of each op and available backend against float64."""
-    torch.manual_seed(0)
+def _kernel_op(name: str) -> str:
+    """The op whose kernels decide which backends run op `name`: a policy head's log-prob runs
+    the packed log-prob's kernels where no backend has one of its own."""
+    return "mvn_packed_log_prob" if name == "packed_head_log_prob" else name
+
+
+def _runnable_backends(device_type: str, name: str, k: int, names=backends.BACKENDS) -> list[str]:
+    """The backends of `names` that run op `name` at event size k on `device_type` tensors."""
+    return [
+        b for b in names
+        if backends.unavailable_reason(b, device_type) is None
+        and backends.missing_op_reason(b, _kernel_op(name)) is None
+        and (backends.MAX_EVENT_SIZE[b] is None or k <= backends.MAX_EVENT_SIZE[b])
+    ]
+
+
+def _as_leaves(args: list, device, dtype: torch.dtype) -> list:
+    return [a.to(device, dtype).requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / (1 + |expected|); inf where either holds a NaN."""
+    got, expected = got.detach().cpu().double(), expected.detach()
+    return float(((got - expected).abs() / (1 + expected.abs())).nan_to_num(nan=math.inf).max())
+
+
+#: Largest relative error ``|got - expected| / (1 + |expected|)`` that check accepts in float32,
+#: of the outputs and of the gradients.
+CHECK_TOLERANCE = {"outputs": 1e-4, "gradients": 1e-3}
+
+
+def check_case(name: str, args: list, device_type: str, backend: str) -> dict[str, float]:
+    """The largest relative errors of op `name` on `backend`, in float32, against the float64
+    reference on the same (float32-rounded) arguments: of every output, and of the gradient
+    of a random weighting of every output to every tensor argument."""
+    args32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+    ours = _as_leaves(args32, device_type, torch.float32)
+    theirs = _as_leaves(args32, "cpu", torch.float64)
+    with backends.use(backend):
+        got = testing.call_op(name, ours)
+    expected = getattr(reference, name)(*theirs)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    weights = [torch.randn(e.shape, dtype=torch.float64) for e in expected]
+    ours_tensors = [a for a in ours if isinstance(a, torch.Tensor)]
+    theirs_tensors = [a for a in theirs if isinstance(a, torch.Tensor)]
+    # An output need not depend on every argument (log_det on value and loc): zeros there.
+    got_gradients = torch.autograd.grad(sum((g.double() * w.to(g.device)).sum() for g, w in zip(got, weights)),
+                                        ours_tensors, allow_unused=True, materialize_grads=True)
+    expected_gradients = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)),
+                                             theirs_tensors, allow_unused=True, materialize_grads=True)
+    return {
+        "outputs": max(_relative_error(g, e) for g, e in zip(got, expected)),
+        "gradients": max(_relative_error(g, e) for g, e in zip(got_gradients, expected_gradients)),
+    }
+
+
+def _named_backends_reason(names, device_type: str) -> str | None:
+    """Why one of the backends `names` cannot run `device_type` tensors, or None."""
+    for name in names or ():
+        reason = backends.unavailable_reason(name, device_type)
+        if reason is not None:
+            return f"backend {name!r} cannot run {device_type} tensors: {reason}"
+    return None
+
+
+def check(args: argparse.Namespace) -> int:
+    """Every op (both forms of the squashed log-probs, and the policy-head op; or those named)
+    on every available backend (or those named) and device, at a few event sizes, against the
+    float64 reference: outputs and gradients. Returns the exit status: 1 if an error passed
+    CHECK_TOLERANCE, 2 if a named backend cannot run."""
     device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    worst = 0.0
+    if args.backends:  # each where it can run
+        unrunnable = [b for b in args.backends
+                      if all(backends.unavailable_reason(b, d) is not None for d in device_types)]
+        if unrunnable:
+            return _usage_error(_named_backends_reason(unrunnable, device_types[-1]))
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    worst = dict.fromkeys(CHECK_TOLERANCE, 0.0)
     for device_type in device_types:
-        for name in backends.BACKENDS:
-            if backends.unavailable_reason(name, device_type) is not None:
-                continue
-            for k in (1, 3, 17):
-                value = torch.randn(64, k, dtype=torch.float64, device=device_type)
-                loc = torch.randn(64, k, dtype=torch.float64, device=device_type)
-                A = torch.randn(64, k, k, dtype=torch.float64, device=device_type)
-                cov = A @ A.mT + k * torch.eye(k, dtype=torch.float64, device=device_type)
-                L = torch.linalg.cholesky(cov)
-                scale = torch.rand(64, k, dtype=torch.float64, device=device_type) + 0.5
-                action = torch.tanh(value)
-                packed = torch.randn(64, k * (k + 1) // 2, dtype=torch.float64, device=device_type)
-                cases = {
-                    "mvn_tril_log_prob": (ops.mvn_tril_log_prob, reference.log_prob_of(reference.mvn_tril_log_prob), (value, loc, L)),
-                    "mvn_cov_log_prob": (ops.mvn_cov_log_prob, reference.mvn_cov_log_prob, (value, loc, cov)),
-                    "cholesky": (ops.cholesky, reference.cholesky, (cov,)),
-                    "diag_normal_log_prob": (ops.diag_normal_log_prob, reference.diag_normal_log_prob,
-                                             (value, loc, scale)),
-                    "squashed_diag_log_prob": (ops.squashed_diag_log_prob, reference.squashed_diag_log_prob,
-                                               (action, loc, scale, False)),
-                    "squashed_tril_log_prob": (ops.squashed_tril_log_prob,
-                                               reference.log_prob_of(reference.squashed_tril_log_prob), (value, loc, L, True)),
-                    "squashed_diag_rsample": (ops.squashed_diag_rsample_log_prob,
-                                              reference.squashed_diag_rsample_log_prob, (loc, scale, value)),
-                    "squashed_tril_rsample": (ops.squashed_tril_rsample_log_prob,
-                                              reference.squashed_tril_rsample_log_prob, (loc, L, value)),
-                    "packed_to_scale_tril": (ops.packed_to_scale_tril, reference.packed_to_scale_tril,
-                                             (packed, "softplus", 1e-3)),
-                    "packed_scale_tril_log_det": (ops.packed_scale_tril_log_det, reference.packed_scale_tril_log_det,
-                                                  (packed, "softplus", 1e-3)),
-                    "mvn_packed_log_prob": (ops.mvn_packed_log_prob, reference.log_prob_of(reference.mvn_packed_log_prob),
-                                            (value, loc, packed, "softplus", 1e-3)),
-                    "squashed_packed_log_prob": (ops.squashed_packed_log_prob,
-                                                 reference.log_prob_of(reference.squashed_packed_log_prob),
-                                                 (action, loc, packed, "exp", 0.0, False)),
-                }
-                for op_name, (op, ref, args) in cases.items():
-                    # float32 inputs (flags stay as they are); the last output of an rsample
-                    # op is its log-prob.
-                    args32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-                    expected = ref(*(a.double() if isinstance(a, torch.Tensor) else a for a in args32))
-                    with backends.use(name):
-                        got = op(*args32)
-                    if isinstance(got, tuple):
-                        got, expected = got[-1], expected[-1]
-                    got = got.double()
-                    error = float(((got - expected).abs() / (1 + expected.abs())).max())
-                    worst = max(worst, error)
-                    print(f"{device_type:5s} {name:7s} {op_name:25s} k={k:2d}  float32 error {error:.2e}")
-    ok = worst < 1e-4
-    print(f"largest error {worst:.2e}: {'ok' if ok else 'FAILED'}")
+        for k in args.k:
+            for label, name, kwargs in testing.op_cases(args.ops or testing.OPS_AND_HEAD):
+                op_args = testing.op_arguments(name, (64,), k, generator=generator, **kwargs)
+                for backend in _runnable_backends(device_type, name, k, args.backends or backends.BACKENDS):
+                    errors = check_case(name, op_args, device_type, backend)
+                    flags = [kind for kind, error in errors.items() if error > CHECK_TOLERANCE[kind]]
+                    worst = {kind: max(worst[kind], errors[kind]) for kind in worst}
+                    print(f"{device_type:5s} {backend:7s} {label:42s} k={k:2d}  outputs {errors['outputs']:.1e}  "
+                          f"gradients {errors['gradients']:.1e}"
+                          + (f"  TOO LARGE: {', '.join(flags)}" if flags else ""))
+    ok = all(worst[kind] <= CHECK_TOLERANCE[kind] for kind in worst)
+    print(f"largest float32 errors: outputs {worst['outputs']:.2e} (tolerance {CHECK_TOLERANCE['outputs']:g}), "
+          f"gradients {worst['gradients']:.2e} (tolerance {CHECK_TOLERANCE['gradients']:g}): "
+          f"{'ok' if ok else 'FAILED'}")
     return 0 if ok else 1
+
+
+def _timed_ms(step, min_run_time: float) -> float:
+    timer = benchmark.Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def bench_case(name: str, args: list, device_type: str, backend: str, min_run_time: float) -> dict[str, float]:
+    """Milliseconds of op `name` on `backend`, forward alone and forward+backward (the gradient
+    of every output, with fixed random output gradients, to every tensor argument)."""
+    leaves = _as_leaves(args, device_type, torch.float32)
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    with backends.use(backend):
+        output_gradients = [torch.randn_like(o) for o in testing.call_op(name, leaves)]
+
+    def forward():
+        with backends.use(backend):
+            return testing.call_op(name, leaves)
+
+    def forward_backward():
+        return torch.autograd.grad(forward(), tensors, output_gradients, allow_unused=True)
+
+    return {"forward ms": _timed_ms(forward, min_run_time),
+            "forward+backward ms": _timed_ms(forward_backward, min_run_time)}
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Times every op (or those named) on every backend that runs it on the device (or those
+    named), float32, per event size; prints a table with each backend's speed-up over the torch
+    backend, and writes it as JSON with ``--json``."""
+    device_type = args.device
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return _usage_error("--device cuda, but torch sees no CUDA device")
+    reason = _named_backends_reason(args.backends, device_type)
+    if reason is not None:
+        return _usage_error(reason)
+    # Triton's interpreter runs a kernel a program at a time in Python: minutes a cell.
+    names = args.backends or [b for b in backends.BACKENDS if not (b == "triton" and device_type == "cpu")]
+    cases = testing.op_cases(args.ops or testing.OPS_AND_HEAD)
+    generator = torch.Generator().manual_seed(0)
+    meta = {"fusedgauss": __version__, "torch": torch.__version__, "device": device_type,
+            "device_name": torch.cuda.get_device_name() if device_type == "cuda" else backends.cpu_name(),
+            "threads": torch.get_num_threads(), "dtype": "float32", "batch": args.batch,
+            "min_run_time": args.min_run_time}
+    print(f"fusedgauss {__version__}, torch {torch.__version__}; {device_type} {meta['device_name']}, "
+          f"{meta['threads']} threads; float32, B={args.batch}; medians of torch.utils.benchmark "
+          f"(min_run_time {args.min_run_time} s)")
+    print(f"{'op':42s} {'k':>3s} {'backend':7s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'forward ×':>10s} "
+          f"{'fwd+bwd ×':>10s}  (× the torch backend)")
+    rows = []
+    for k in args.k:
+        for label, name, kwargs in cases:
+            op_args = testing.op_arguments(name, (args.batch,), k, generator=generator, **kwargs)
+            runnable = _runnable_backends(device_type, name, k, names)
+            cells = {b: bench_case(name, op_args, device_type, b, args.min_run_time) for b in runnable}
+            baseline = cells.get("torch")
+            for backend, cell in cells.items():
+                row = {"op": label, "k": k, "backend": backend, **cell}
+                speedups = ["–", "–"]
+                if baseline is not None:
+                    row["forward × torch"] = baseline["forward ms"] / cell["forward ms"]
+                    row["forward+backward × torch"] = baseline["forward+backward ms"] / cell["forward+backward ms"]
+                    speedups = [f"{row['forward × torch']:.2f}", f"{row['forward+backward × torch']:.2f}"]
+                rows.append(row)
+                print(f"{label:42s} {k:3d} {backend:7s} {cell['forward ms']:11.3f} "
+                      f"{cell['forward+backward ms']:11.3f} {speedups[0]:>10s} {speedups[1]:>10s}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _usage_error(message: str) -> int:
+    print(f"python -m fusedgauss: {message}", file=sys.stderr)
+    return 2
+
+
+def _positive(kind: type):
+    """An argparse type: a number of `kind` above 0."""
+
+    def parse(text: str):
+        try:
+            number = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {expected}: {text!r}") from None
+        if not number > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return number
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fusedgauss", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("info", "check"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="what was built and what each device gets")
+    selection = argparse.ArgumentParser(add_help=False)  # the arguments check and bench share
+    selection.add_argument("--ops", nargs="+", choices=testing.OPS_AND_HEAD, metavar="OP",
+                           help=f"the ops (default: all): {', '.join(testing.OPS_AND_HEAD)}")
+    selection.add_argument("--backends", nargs="+", choices=backends.BACKENDS, metavar="BACKEND",
+                           help=f"the backends, of {', '.join(backends.BACKENDS)} (default: every one that runs; "
+                                "for bench, not the Triton interpreter on the CPU)")
+    checking = commands.add_parser("check", parents=[selection],
+                                   help="every op on every backend against the float64 reference")
+    checking.add_argument("--k", type=_positive(int), nargs="+", default=[1, 3, 17],
+                          help="event sizes (default: 1 3 17)")
+    timing = commands.add_parser("bench", parents=[selection], help="every op on every backend, timed")
+    timing.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="the tensors' device (default: cuda where torch sees a GPU, else cpu); torch is the "
+                             "baseline of the speed-ups")
+    timing.add_argument("--k", type=_positive(int), nargs="+", default=[6, 17], help="event sizes (default: 6 17)")
+    timing.add_argument("--batch", type=_positive(int), default=65536, help="samples per call (default: 65536)")
+    timing.add_argument("--min-run-time", type=_positive(float), default=0.2,
+                        help="seconds of timing per cell (default: 0.2)")
+    timing.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
         return 0
-    return check()
+    if args.command == "check":
+        return check(args)
+    return bench(args)
 
 
 if __name__ == "__main__":

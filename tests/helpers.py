@@ -10,36 +10,14 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fusedgauss.testing import random_scale_tril, random_spd  # noqa: F401  (the tests' too)
+
 
 def run_module(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """`python -m fusedgauss *args` in a fresh interpreter, with `env` added to this process's
     environment (variables read at import take effect there); `check` raises on failure."""
     return subprocess.run([sys.executable, "-m", "fusedgauss", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300, check=check)
-
-
-def random_spd(batch_shape, k, *, dtype=torch.float64, condition=None, generator=None):
-    """Random symmetric positive-definite matrices (*batch_shape, k, k).
-
-    With `condition`, the eigenvalues are spread log-uniformly over [1, condition], so each
-    matrix has exactly that condition number; otherwise A Aᵀ/k + I/2.
-    """
-    shape = tuple(batch_shape) + (k, k)
-    A = torch.randn(shape, dtype=torch.float64, generator=generator)
-    if condition is None:
-        spd = A @ A.mT / k + 0.5 * torch.eye(k, dtype=torch.float64)
-    else:
-        Q, _ = torch.linalg.qr(A)
-        eig = torch.logspace(0, math.log10(condition), k, dtype=torch.float64)
-        spd = (Q * eig) @ Q.mT
-        spd = 0.5 * (spd + spd.mT)
-    return spd.to(dtype)
-
-
-def random_scale_tril(batch_shape, k, *, dtype=torch.float64, condition=None, generator=None):
-    """Lower Cholesky factors (contiguous) of random_spd matrices."""
-    spd = random_spd(batch_shape, k, condition=condition, generator=generator)
-    return torch.linalg.cholesky(spd).contiguous().to(dtype)
 
 
 def torch_mvn_log_prob(value, loc, *, scale_tril=None, covariance_matrix=None):

@@ -14,36 +14,17 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ON_GPU, TRITON_DEVICE, requires_compiled_cpu
-from helpers import hessian_vector_products, random_scale_tril, random_spd, symmetrise
+from helpers import hessian_vector_products, symmetrise
 
-from fusedgauss import backends, ops, reference
+from fusedgauss import backends, ops, reference, testing
 
 K = 3
 BATCH = (2, 3)
-PACKED = ("softplus", 0.01)
 
 
 def sample_inputs(name: str) -> list:
     """Fresh float64 arguments of op `name`: its tensors (per-sample), then its other arguments."""
-    value, loc, eps, u = (torch.randn(BATCH + (K,), dtype=torch.float64) for _ in range(4))
-    scale = torch.rand(BATCH + (K,), dtype=torch.float64) + 0.5
-    L = random_scale_tril(BATCH, K)
-    packed = torch.randn(BATCH + (K * (K + 1) // 2,), dtype=torch.float64)
-    return {
-        "mvn_tril_log_prob": [value, loc, L],
-        "mvn_cov_log_prob": [value, loc, random_spd(BATCH, K)],
-        "diag_normal_log_prob": [value, loc, scale],
-        "squashed_diag_log_prob": [u, loc, scale, True],
-        "squashed_tril_log_prob": [u, loc, L, True],
-        "squashed_diag_rsample_log_prob": [loc, scale, eps],
-        "squashed_tril_rsample_log_prob": [loc, L, eps],
-        "mvn_packed_log_prob": [value, loc, packed, *PACKED],
-        "squashed_packed_log_prob": [u, loc, packed, *PACKED, True],
-        "tanh_log_abs_det_jacobian": [u],
-        "cholesky": [random_spd(BATCH, K)],
-        "packed_to_scale_tril": [packed, *PACKED],
-        "packed_scale_tril_log_det": [packed, *PACKED],
-    }[name]
+    return testing.op_arguments(name, BATCH, K)
 
 
 LIBRARIES = [

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fusedgauss
-from fusedgauss import backends, ops, reference
+from fusedgauss import backends, ops, reference, testing
 
 from conftest import requires_compiled_cpu
 from helpers import run_module
@@ -64,7 +67,81 @@ def test_info_reports_build_and_choice():
     assert "event size" in text
 
 
-def test_check_passes():
+def test_check_passes_every_op_on_every_backend_here():
     out = run_module("check")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ok" in out.stdout.splitlines()[-1]
+    assert out.stdout.splitlines()[-1].endswith(": ok")
+    lines = out.stdout.splitlines()[:-1]
+    for device in ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]:
+        runnable = {b for b in backends.BACKENDS if backends.unavailable_reason(b, device) is None}
+        for label, _, _ in testing.op_cases():
+            for k in (1, 3, 17):
+                checked = {line.split()[1] for line in lines
+                           if line.startswith(f"{device} ") and f" {label} " in line and f"k={k:2d} " in line}
+                assert checked == runnable, (device, label, k, checked)
+    assert all("outputs" in line and "gradients" in line for line in lines)
+
+
+def test_check_fails_on_wrong_outputs_or_gradients(monkeypatch, capsys):
+    """check compares with fusedgauss.reference, so a reference moved off the kernels' numbers
+    (as a wrong kernel would be) fails it: by 1e-3 in the output, in loc's gradient alone, or
+    by NaN."""
+    from fusedgauss.__main__ import main
+
+    right = reference.diag_normal_log_prob
+    wrong = {
+        "outputs": lambda value, loc, scale: right(value, loc, scale) + 1e-3,
+        "gradients": lambda value, loc, scale: right(value, loc, scale) + 0.1 * (loc - loc.detach()).sum(-1),
+        "outputs, gradients": lambda value, loc, scale: right(value, loc, scale) * math.nan,
+    }
+    for kinds, wrong_reference in wrong.items():
+        monkeypatch.setattr(reference, "diag_normal_log_prob", wrong_reference)
+        with backends.use(None):
+            assert main(["check", "--ops", "diag_normal_log_prob", "mvn_tril_log_prob"]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[-1].endswith("FAILED")
+        too_large = [line for line in lines if "TOO LARGE" in line]
+        assert too_large and all(" diag_normal_log_prob " in line and line.endswith(f"TOO LARGE: {kinds}")
+                                 for line in too_large), too_large
+
+
+def test_bench_times_every_backend_against_torch(tmp_path):
+    path = tmp_path / "bench.json"
+    ops_timed = ("diag_normal_log_prob", "squashed_tril_log_prob", "packed_head_log_prob")
+    out = run_module("bench", "--device", "cpu", "--k", "3", "--batch", "256", "--ops", *ops_timed,
+                     "--min-run-time", "0.001", "--json", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = json.loads(path.read_text())["rows"]
+    # Triton's interpreter is left out unless named: it takes minutes a cell.
+    runnable = {b for b in backends.BACKENDS if backends.unavailable_reason(b, "cpu") is None and b != "triton"}
+    labels = [label for label, name, _ in testing.op_cases() if name in ops_timed]
+    assert sorted((r["op"], r["backend"]) for r in rows) == sorted((label, b) for label in labels for b in runnable)
+    for row in rows:
+        assert row["forward ms"] > 0 and row["forward+backward ms"] > 0
+        if row["backend"] == "torch":
+            assert row["forward × torch"] == row["forward+backward × torch"] == 1
+        assert f"{row['op']:42s} {row['k']:3d} {row['backend']:7s}" in out.stdout
+
+
+def test_bench_of_a_backend_that_cannot_run_is_an_error():
+    out = run_module("bench", "--device", "cpu", "--backends", "cuda", "--k", "3", "--batch", "8")
+    assert out.returncode == 2
+    assert f"backend 'cuda' cannot run cpu tensors: {backends.unavailable_reason('cuda', 'cpu')}" in out.stderr
+
+
+def test_check_of_named_ops_and_backends():
+    out = run_module("check", "--ops", "cholesky", "--backends", "torch", "--k", "2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    assert [line.split()[:3] for line in lines[:-1]] == [[device, "torch", "cholesky"] for device in devices]
+    if not torch.cuda.is_available():
+        out = run_module("check", "--backends", "cuda")
+        assert out.returncode == 2 and "backend 'cuda' cannot run" in out.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_bench_on_a_missing_gpu_is_an_error():
+    out = run_module("bench", "--device", "cuda", "--k", "3", "--batch", "8")
+    assert out.returncode == 2
+    assert "torch sees no CUDA device" in out.stderr
