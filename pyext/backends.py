@@ -247,9 +247,9 @@ def use_cpu_simd(level: str) -> Iterator[None]:
 
 def cpu_normal_transform() -> str | None:
     """Which of torch's Box-Muller transforms the CPU noise op (``standard_normal_``, behind
-    :func:`fusedgauss.standard_normal`) mirrors at torch's CPU capability here: "avx2" or
-    "scalar" (DEFAULT); None: none (or no compiled kernels), and torch's ``normal_`` draws
-    the noise itself."""
+    :func:`fusedgauss.standard_normal`) mirrors at torch's CPU capability here: "avx2" (AVX2 and
+    AVX512, which runs torch's AVX2 transform) or "scalar" (DEFAULT); None: none (or no
+    compiled kernels), and torch's ``normal_`` draws the noise itself."""
     if not EXTENSION_LOADED:
         return None
     return _C.cpu_normal_transform()

@@ -2,8 +2,9 @@
 torch's normal_ bit for bit, from the same generator state, and leave the generator where
 torch leaves it; every sampler draws it, so a seed still gives PyTorch's samples.
 
-The compiled op mirrors two of torch's Box-Muller transforms: the AVX2 one and the scalar one
-(torch's DEFAULT CPU capability), run here in a subprocess with ATEN_CPU_CAPABILITY=default.
+The compiled op mirrors two of torch's Box-Muller transforms: the AVX2 one (torch's AVX2 and
+AVX512 CPU capabilities) and the scalar one (DEFAULT); the capabilities below this CPU's run
+in a subprocess with ATEN_CPU_CAPABILITY set.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def _compiled_op(size, generator):
 @requires_compiled_cpu
 def test_the_mirror_draws_here():
     """The comparisons below test the mirror only where it draws (torch's own normal_ would
-    pass them too): on x86 at torch's AVX2 and DEFAULT CPU capabilities it must."""
-    expected = {"AVX2": "avx2", "DEFAULT": "scalar"}.get(torch.backends.cpu.get_cpu_capability())
+    pass them too): on x86 at torch's AVX2, AVX512 and DEFAULT CPU capabilities it must."""
+    expected = {"AVX2": "avx2", "AVX512": "avx2", "DEFAULT": "scalar"}.get(torch.backends.cpu.get_cpu_capability())
     if platform.machine() not in ("x86_64", "AMD64") or expected is None:
         pytest.skip("torch's Box-Muller at this CPU capability is not mirrored")
     assert backends.cpu_normal_transform() == expected
@@ -157,10 +158,10 @@ def test_samples_are_torchs(parameterization):
         assert torch.equal(getattr(ours, draw)((2,)), expected), draw
 
 
-_SCALAR_CHECK = """
+_CAPABILITY_CHECK = """
 import torch, fusedgauss
-assert torch.backends.cpu.get_cpu_capability() == "DEFAULT", torch.backends.cpu.get_cpu_capability()
-assert fusedgauss.backends.cpu_normal_transform() == "scalar", fusedgauss.backends.cpu_normal_transform()
+assert torch.backends.cpu.get_cpu_capability() == {capability!r}, torch.backends.cpu.get_cpu_capability()
+assert fusedgauss.backends.cpu_normal_transform() == {transform!r}, fusedgauss.backends.cpu_normal_transform()
 for size in {sizes}:
     torch.manual_seed(4)
     expected = torch.empty(size).normal_()
@@ -174,10 +175,16 @@ print("ok")
 
 @requires_compiled_cpu
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ATEN_CPU_CAPABILITY is read on Linux x86")
-def test_compiled_op_mirrors_torchs_scalar_transform():
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+@pytest.mark.parametrize("capability, transform", [("DEFAULT", "scalar"), ("AVX2", "avx2")])
+def test_compiled_op_mirrors_torchs_transform_at_a_lower_capability(capability, transform):
+    """Torch's normal_ at a CPU capability below this CPU's (ATEN_CPU_CAPABILITY), in a
+    subprocess: the mirror follows it there too."""
+    if capability == "AVX2" and "avx2" not in backends.cpu_simd_levels():
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
     result = subprocess.run(
-        [sys.executable, "-c", _SCALAR_CHECK.format(sizes=[16, 17, 1000, 65536 + 3])],
+        [sys.executable, "-c", _CAPABILITY_CHECK.format(capability=capability, transform=transform,
+                                                        sizes=[16, 17, 1000, 65536 + 3])],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -10,7 +10,8 @@
 // out-of-line call; then a Box-Muller transform of each run of 16 (NormalFill16: entries j
 // and j + 8 from the pair u1 = 1 - x_j, u2 = x_{j+8}), with a last, overlapping run of 16 fresh
 // uniforms when the size is not a multiple of 16. The transform is AVX2 code (avx_mathfun's
-// log256_ps and sincos256_ps) where torch's CPU capability is AVX2 and scalar libm otherwise.
+// log256_ps and sincos256_ps) where torch's CPU capability is AVX2 or AVX512, and scalar libm
+// otherwise.
 //
 // Here each thread takes a stretch of the runs of 16. It moves its own copy of the generator's
 // state to the stretch's first word (by the state's twists alone: each of the 624 words of a
@@ -193,13 +194,14 @@ struct MirroredTransform {
 };
 
 /// The transform torch's normal_fill runs at this CPU capability, or none where this file
-/// does not mirror it. (Torch's AVX512 kernels take the scalar transform, but no machine here
-/// has checked that, so they are left to torch.)
+/// does not mirror it. Torch's AVX512 kernels run the AVX2 transform: on an AVX-512 machine
+/// (torch 2.14), its normal_ at the AVX512 and AVX2 capabilities gave the same bits over 8M
+/// draws, and at DEFAULT other ones; tests/test_noise.py compares them where the CPU has it.
 const MirroredTransform& torch_transform() {
   static const MirroredTransform chosen = []() -> MirroredTransform {
 #ifdef FUSEDGAUSS_MIRRORS_TORCH_NORMAL
     const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX2") return {&normals_avx2, "avx2"};
+    if (capability == "AVX2" || capability == "AVX512") return {&normals_avx2, "avx2"};
     if (capability == "DEFAULT" || capability == "NO AVX") return {&normals_scalar, "scalar"};
 #endif
     return {nullptr, nullptr};
