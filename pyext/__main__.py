@@ -12,6 +12,7 @@ bench  times every op on every backend that runs on a device, forward and forwar
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -236,10 +237,11 @@ def bench(args: argparse.Namespace) -> int:
     names = args.backends or [b for b in backends.BACKENDS if not (b == "triton" and device_type == "cpu")]
     cases = testing.op_cases(args.ops or testing.OPS_AND_HEAD)
     generator = torch.Generator().manual_seed(0)
-    meta = {"fusedgauss": __version__, "torch": torch.__version__, "device": device_type,
+    meta = {"date": datetime.date.today().isoformat(), "fusedgauss": __version__, "torch": torch.__version__,
+            "device": device_type,
             "device_name": torch.cuda.get_device_name() if device_type == "cuda" else backends.cpu_name(),
-            "threads": torch.get_num_threads(), "dtype": "float32", "batch": args.batch,
-            "min_run_time": args.min_run_time}
+            "cpu_simd": backends.cpu_simd_level(), "threads": torch.get_num_threads(), "dtype": "float32",
+            "batch": args.batch, "min_run_time": args.min_run_time}
     print(f"fusedgauss {__version__}, torch {torch.__version__}; {device_type} {meta['device_name']}, "
           f"{meta['threads']} threads; float32, B={args.batch}; medians of torch.utils.benchmark "
           f"(min_run_time {args.min_run_time} s)")
