@@ -53,9 +53,13 @@ if [[ $stage == all || $stage == build ]]; then
   MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=$arch FUSEDGAUSS_FORCE_CUDA=1 \
     run build "$py" -m pip install --no-build-isolation --no-deps --no-cache-dir . || exit 1
   run info "$py" -m fusedgauss info
-  run check "$py" -m fusedgauss check
+  # The compiled kernels at once; Triton's, which compile per op and event size, in the test stage.
+  run check "$py" -m fusedgauss check --backends cuda cpu torch
 fi
 if [[ $stage == all || $stage == test ]]; then
+  if [[ $# -eq 0 ]]; then  # once, not per file of a split test stage
+    run check_triton "$py" -m fusedgauss check --backends triton
+  fi
   run tests "$py" -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" "${@:-tests}"
 fi
 if [[ $stage == all || $stage == bench ]]; then
