@@ -204,10 +204,11 @@ def _timed_ms(step, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def bench_case(name: str, args: list, device_type: str, backend: str, min_run_time: float) -> dict[str, float]:
+def bench_case(name: str, args: list, device_type: str, dtype: torch.dtype, backend: str,
+               min_run_time: float) -> dict[str, float]:
     """Milliseconds of op `name` on `backend`, forward alone and forward+backward (the gradient
     of every output, with fixed random output gradients, to every tensor argument)."""
-    leaves = _as_leaves(args, device_type, torch.float32)
+    leaves = _as_leaves(args, device_type, dtype)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
     with backends.use(backend):
         output_gradients = [torch.randn_like(o) for o in testing.call_op(name, leaves)]
@@ -225,7 +226,7 @@ def bench_case(name: str, args: list, device_type: str, backend: str, min_run_ti
 
 def bench(args: argparse.Namespace) -> int:
     """Times every op (or those named) on every backend that runs it on the device (or those
-    named), float32, per event size; prints a table with each backend's speed-up over the torch
+    named), in one dtype, per event size; prints a table with each backend's speed-up over the torch
     backend, and writes it as JSON with ``--json``."""
     device_type = args.device
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -236,14 +237,15 @@ def bench(args: argparse.Namespace) -> int:
     # Triton's interpreter runs a kernel a program at a time in Python: minutes a cell.
     names = args.backends or [b for b in backends.BACKENDS if not (b == "triton" and device_type == "cpu")]
     cases = testing.op_cases(args.ops or testing.OPS_AND_HEAD)
+    dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
     meta = {"date": datetime.date.today().isoformat(), "fusedgauss": __version__, "torch": torch.__version__,
             "device": device_type,
             "device_name": torch.cuda.get_device_name() if device_type == "cuda" else backends.cpu_name(),
-            "cpu_simd": backends.cpu_simd_level(), "threads": torch.get_num_threads(), "dtype": "float32",
+            "cpu_simd": backends.cpu_simd_level(), "threads": torch.get_num_threads(), "dtype": args.dtype,
             "batch": args.batch, "min_run_time": args.min_run_time}
     print(f"fusedgauss {__version__}, torch {torch.__version__}; {device_type} {meta['device_name']}, "
-          f"{meta['threads']} threads; float32, B={args.batch}; medians of torch.utils.benchmark "
+          f"{meta['threads']} threads; {args.dtype}, B={args.batch}; medians of torch.utils.benchmark "
           f"(min_run_time {args.min_run_time} s)")
     print(f"{'op':42s} {'k':>3s} {'backend':7s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'forward ×':>10s} "
           f"{'fwd+bwd ×':>10s}  (× the torch backend)")
@@ -252,7 +254,7 @@ def bench(args: argparse.Namespace) -> int:
         for label, name, kwargs in cases:
             op_args = testing.op_arguments(name, (args.batch,), k, generator=generator, **kwargs)
             runnable = _runnable_backends(device_type, name, k, names)
-            cells = {b: bench_case(name, op_args, device_type, b, args.min_run_time) for b in runnable}
+            cells = {b: bench_case(name, op_args, device_type, dtype, b, args.min_run_time) for b in runnable}
             baseline = cells.get("torch")
             for backend, cell in cells.items():
                 row = {"op": label, "k": k, "backend": backend, **cell}
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                              "baseline of the speed-ups")
     timing.add_argument("--k", type=_positive(int), nargs="+", default=[6, 17], help="event sizes (default: 6 17)")
     timing.add_argument("--batch", type=_positive(int), default=65536, help="samples per call (default: 65536)")
+    timing.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+                        help="the inputs' dtype (default: float32)")
     timing.add_argument("--min-run-time", type=_positive(float), default=0.2,
                         help="seconds of timing per cell (default: 0.2)")
     timing.add_argument("--json", type=Path, help="also write the rows to this JSON file")

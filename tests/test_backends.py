@@ -105,13 +105,16 @@ def test_check_fails_on_wrong_outputs_or_gradients(monkeypatch, capsys):
                                  for line in too_large), too_large
 
 
-def test_bench_times_every_backend_against_torch(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_bench_times_every_backend_against_torch(tmp_path, dtype):
     path = tmp_path / "bench.json"
     ops_timed = ("diag_normal_log_prob", "squashed_tril_log_prob", "packed_head_log_prob")
     out = run_module("bench", "--device", "cpu", "--k", "3", "--batch", "256", "--ops", *ops_timed,
-                     "--min-run-time", "0.001", "--json", str(path))
+                     "--min-run-time", "0.001", "--dtype", dtype, "--json", str(path))
     assert out.returncode == 0, out.stdout + out.stderr
-    rows = json.loads(path.read_text())["rows"]
+    result = json.loads(path.read_text())
+    assert result["meta"]["dtype"] == dtype and f"; {dtype}, B=256;" in out.stdout
+    rows = result["rows"]
     # Triton's interpreter is left out unless named: it takes minutes a cell.
     runnable = {b for b in backends.BACKENDS if backends.unavailable_reason(b, "cpu") is None and b != "triton"}
     labels = [label for label, name, _ in testing.op_cases() if name in ops_timed]
