@@ -5,8 +5,9 @@ check  runs every op on every available backend and device against the float64 r
        outputs and gradients, at a few event sizes, and prints the errors; exits 1 if one is
        too large
 bench  times every op on every backend that runs on a device, forward and forward+backward,
-       at the batch and event sizes given, against the torch backend (plain PyTorch); the
-       benchmarks against torch.distributions itself are the repository's benchmarks/
+       at the batch and event sizes given, against the torch backend (plain PyTorch) and,
+       with --compile, its formulas under torch.compile; the benchmarks against
+       torch.distributions itself are the repository's benchmarks/
 """
 
 from __future__ import annotations
@@ -204,18 +205,29 @@ def _timed_ms(step, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+#: bench's column of the torch backend's formulas under torch.compile (--compile).
+COMPILED_TORCH = "torch.compile"
+
+
 def bench_case(name: str, args: list, device_type: str, dtype: torch.dtype, backend: str,
                min_run_time: float) -> dict[str, float]:
-    """Milliseconds of op `name` on `backend`, forward alone and forward+backward (the gradient
-    of every output, with fixed random output gradients, to every tensor argument)."""
+    """Milliseconds of op `name` on `backend` (or COMPILED_TORCH), forward alone and
+    forward+backward (the gradient of every output, with fixed random output gradients, to
+    every tensor argument)."""
     leaves = _as_leaves(args, device_type, dtype)
     tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
-    with backends.use(backend):
-        output_gradients = [torch.randn_like(o) for o in testing.call_op(name, leaves)]
+    if backend == COMPILED_TORCH:
+        compiled = torch.compile(getattr(reference, name), dynamic=False)
 
-    def forward():
-        with backends.use(backend):
-            return testing.call_op(name, leaves)
+        def forward():
+            outputs = compiled(*leaves)
+            return outputs if isinstance(outputs, tuple) else (outputs,)
+    else:
+        def forward():
+            with backends.use(backend):
+                return testing.call_op(name, leaves)
+
+    output_gradients = [torch.randn_like(o) for o in forward()]  # and torch.compile's compilation
 
     def forward_backward():
         return torch.autograd.grad(forward(), tensors, output_gradients, allow_unused=True)
@@ -238,6 +250,8 @@ def bench(args: argparse.Namespace) -> int:
     names = args.backends or [b for b in backends.BACKENDS if not (b == "triton" and device_type == "cpu")]
     cases = testing.op_cases(args.ops or testing.OPS_AND_HEAD)
     dtype = getattr(torch, args.dtype)
+    if args.compile:  # a compilation per op, form and event size, each kept
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     generator = torch.Generator().manual_seed(0)
     meta = {"date": datetime.date.today().isoformat(), "fusedgauss": __version__, "torch": torch.__version__,
             "device": device_type,
@@ -247,13 +261,13 @@ def bench(args: argparse.Namespace) -> int:
     print(f"fusedgauss {__version__}, torch {torch.__version__}; {device_type} {meta['device_name']}, "
           f"{meta['threads']} threads; {args.dtype}, B={args.batch}; medians of torch.utils.benchmark "
           f"(min_run_time {args.min_run_time} s)")
-    print(f"{'op':42s} {'k':>3s} {'backend':7s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'forward ×':>10s} "
+    print(f"{'op':42s} {'k':>3s} {'backend':13s} {'forward ms':>11s} {'fwd+bwd ms':>11s} {'forward ×':>10s} "
           f"{'fwd+bwd ×':>10s}  (× the torch backend)")
     rows = []
     for k in args.k:
         for label, name, kwargs in cases:
             op_args = testing.op_arguments(name, (args.batch,), k, generator=generator, **kwargs)
-            runnable = _runnable_backends(device_type, name, k, names)
+            runnable = _runnable_backends(device_type, name, k, names) + ([COMPILED_TORCH] if args.compile else [])
             cells = {b: bench_case(name, op_args, device_type, dtype, b, args.min_run_time) for b in runnable}
             baseline = cells.get("torch")
             for backend, cell in cells.items():
@@ -264,7 +278,7 @@ def bench(args: argparse.Namespace) -> int:
                     row["forward+backward × torch"] = baseline["forward+backward ms"] / cell["forward+backward ms"]
                     speedups = [f"{row['forward × torch']:.2f}", f"{row['forward+backward × torch']:.2f}"]
                 rows.append(row)
-                print(f"{label:42s} {k:3d} {backend:7s} {cell['forward ms']:11.3f} "
+                print(f"{label:42s} {k:3d} {backend:13s} {cell['forward ms']:11.3f} "
                       f"{cell['forward+backward ms']:11.3f} {speedups[0]:>10s} {speedups[1]:>10s}")
     if args.json is not None:
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -316,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("--batch", type=_positive(int), default=65536, help="samples per call (default: 65536)")
     timing.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
                         help="the inputs' dtype (default: float32)")
+    timing.add_argument("--compile", action="store_true",
+                        help=f"also time the torch backend's formulas under torch.compile (column {COMPILED_TORCH}; "
+                             "a compilation per op and event size: minutes in all)")
     timing.add_argument("--min-run-time", type=_positive(float), default=0.2,
                         help="seconds of timing per cell (default: 0.2)")
     timing.add_argument("--json", type=Path, help="also write the rows to this JSON file")

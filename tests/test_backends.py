@@ -123,7 +123,15 @@ def test_bench_times_every_backend_against_torch(tmp_path, dtype):
         assert row["forward ms"] > 0 and row["forward+backward ms"] > 0
         if row["backend"] == "torch":
             assert row["forward × torch"] == row["forward+backward × torch"] == 1
-        assert f"{row['op']:42s} {row['k']:3d} {row['backend']:7s}" in out.stdout
+        assert f"{row['op']:42s} {row['k']:3d} {row['backend']:13s}" in out.stdout
+
+
+def test_bench_times_the_torch_backend_compiled():
+    out = run_module("bench", "--device", "cpu", "--k", "3", "--batch", "64", "--ops", "tanh_log_abs_det_jacobian",
+                     "--backends", "torch", "--compile", "--min-run-time", "0.001")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert [line.split()[:3] for line in out.stdout.splitlines()[2:]] == [
+        ["tanh_log_abs_det_jacobian", "3", "torch"], ["tanh_log_abs_det_jacobian", "3", "torch.compile"]]
 
 
 def test_bench_of_a_backend_that_cannot_run_is_an_error():
