@@ -194,9 +194,11 @@ struct MirroredTransform {
 };
 
 /// The transform torch's normal_fill runs at this CPU capability, or none where this file
-/// does not mirror it. Torch's AVX512 kernels run the AVX2 transform: on an AVX-512 machine
-/// (torch 2.14), its normal_ at the AVX512 and AVX2 capabilities gave the same bits over 8M
-/// draws, and at DEFAULT other ones; tests/test_noise.py compares them where the CPU has it.
+/// does not mirror it. At the AVX512 capability torch runs its AVX2 normal_ kernel: normal_stub
+/// is registered with REGISTER_DISPATCH, which leaves a stub's AVX512 slot empty (only
+/// ALSO_REGISTER_AVX512_DISPATCH fills it), so the dispatcher falls back to the AVX2 one. On an
+/// AVX-512 machine (torch 2.14) normal_ at AVX512 and at AVX2 gave the same bits over 8M draws,
+/// and at DEFAULT other ones; tests/test_noise.py compares them where the CPU has it.
 const MirroredTransform& torch_transform() {
   static const MirroredTransform chosen = []() -> MirroredTransform {
 #ifdef FUSEDGAUSS_MIRRORS_TORCH_NORMAL
