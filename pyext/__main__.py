@@ -143,8 +143,7 @@ def check_case(name: str, args: list, device_type: str, backend: str) -> dict[st
     theirs = _as_leaves(args32, "cpu", torch.float64)
     with backends.use(backend):
         got = testing.call_op(name, ours)
-    expected = getattr(reference, name)(*theirs)
-    expected = expected if isinstance(expected, tuple) else (expected,)
+    expected = testing.as_tuple(getattr(reference, name)(*theirs))
     weights = [torch.randn(e.shape, dtype=torch.float64) for e in expected]
     ours_tensors = [a for a in ours if isinstance(a, torch.Tensor)]
     theirs_tensors = [a for a in theirs if isinstance(a, torch.Tensor)]
@@ -220,8 +219,7 @@ def bench_case(name: str, args: list, device_type: str, dtype: torch.dtype, back
         compiled = torch.compile(getattr(reference, name), dynamic=False)
 
         def forward():
-            outputs = compiled(*leaves)
-            return outputs if isinstance(outputs, tuple) else (outputs,)
+            return testing.as_tuple(compiled(*leaves))
     else:
         def forward():
             with backends.use(backend):

@@ -114,6 +114,11 @@ def op_cases(names=OPS_AND_HEAD) -> list[tuple[str, str, dict]]:
     return cases
 
 
+def as_tuple(result) -> tuple:
+    """An op's outputs as a tuple: a single tensor becomes a 1-tuple."""
+    return result if isinstance(result, tuple) else (result,)
+
+
 def call_op(name: str, args: list) -> tuple[torch.Tensor, ...]:
     """``fusedgauss.ops.<name>`` on `args` (ordered as :func:`op_arguments` gives them), on the
     backend chosen for them, with all the outputs that ``fusedgauss.reference.<name>`` returns
@@ -123,5 +128,4 @@ def call_op(name: str, args: list) -> tuple[torch.Tensor, ...]:
         value, head, diag_transform, min_diag, squashed, value_is_pre_tanh = args
         return op(value, head, diag_transform, min_diag, squashed=squashed, value_is_pre_tanh=value_is_pre_tanh,
                   return_log_det=True)
-    result = op(*args, return_log_det=True) if name in ops.LOG_DET_LOG_PROB_OPS else op(*args)
-    return result if isinstance(result, tuple) else (result,)
+    return as_tuple(op(*args, return_log_det=True) if name in ops.LOG_DET_LOG_PROB_OPS else op(*args))

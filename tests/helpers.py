@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusedgauss.testing import random_scale_tril, random_spd  # noqa: F401  (the tests' too)
+from fusedgauss.testing import as_tuple, random_scale_tril, random_spd  # noqa: F401  (the tests' too)
 
 
 def run_module(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
@@ -63,8 +63,7 @@ def outputs_and_grads(fn, inputs, seed=1):
     included; the weights come from `seed` (the same for every fn) and go to the outputs'
     device."""
     leaves = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    outs = out if isinstance(out, tuple) else (out,)
+    outs = as_tuple(fn(*leaves))
     generator = torch.Generator().manual_seed(seed)
     loss = sum((o.double() * torch.randn(o.shape, dtype=torch.float64, generator=generator).to(o.device)).sum()
                for o in outs)

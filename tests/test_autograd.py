@@ -50,26 +50,22 @@ def on(device: str, args: list, dtype=torch.float32, requires_grad=True) -> list
     return [a.to(device, dtype).requires_grad_(requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def outputs(result) -> tuple:
-    return result if isinstance(result, tuple) else (result,)
-
-
 @pytest.mark.parametrize("namespace, device", LIBRARIES)
 @pytest.mark.parametrize("name", ops.OPS)
 class TestAutograd:
     def test_each_output_alone(self, namespace, device, name):
         op = op_of(namespace, name)
         args = sample_inputs(name)
-        expected_outputs = outputs(getattr(reference, name)(*on("cpu", args, torch.float64)))
+        expected_outputs = testing.as_tuple(getattr(reference, name)(*on("cpu", args, torch.float64)))
         for index in range(len(expected_outputs)):
             weights = torch.randn(expected_outputs[index].shape, dtype=torch.float64)
             ours, theirs = on(device, args), on("cpu", args, torch.float64)
             ours_tensors = [a for a in ours if isinstance(a, torch.Tensor)]
             theirs_tensors = [a for a in theirs if isinstance(a, torch.Tensor)]
             # An output may not depend on every input (log_det on value and loc): zeros there.
-            got = torch.autograd.grad((outputs(op(*ours))[index].double() * weights.to(device)).sum(), ours_tensors,
-                                      allow_unused=True, materialize_grads=True)
-            want = torch.autograd.grad((outputs(getattr(reference, name)(*theirs))[index] * weights).sum(),
+            got = torch.autograd.grad((testing.as_tuple(op(*ours))[index].double() * weights.to(device)).sum(),
+                                      ours_tensors, allow_unused=True, materialize_grads=True)
+            want = torch.autograd.grad((testing.as_tuple(getattr(reference, name)(*theirs))[index] * weights).sum(),
                                        theirs_tensors, allow_unused=True, materialize_grads=True)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g.cpu().double(), w, rtol=1e-4, atol=1e-4,
@@ -81,7 +77,7 @@ class TestAutograd:
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         for wanted in tensors:
             args[wanted].requires_grad_()
-            result = outputs(op(*args))
+            result = testing.as_tuple(op(*args))
             differentiable = [o for o in result if o.requires_grad]
             assert differentiable, f"{name}: no output requires grad when input {wanted} does"
             total = sum(o.sum() for o in differentiable)
@@ -96,13 +92,13 @@ class TestAutograd:
         every output."""
         op = op_of(namespace, name)
         args = sample_inputs(name)
-        expected_outputs = outputs(getattr(reference, name)(*on("cpu", args, torch.float64)))
+        expected_outputs = testing.as_tuple(getattr(reference, name)(*on("cpu", args, torch.float64)))
         weights = [torch.randn(o.shape, dtype=torch.float64) for o in expected_outputs]
         vectors = [torch.randn(a.shape, dtype=torch.float64) for a in args if isinstance(a, torch.Tensor)]
 
         def hessian_times_vectors(fn, args, device):
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            loss = sum((o.double() * w.to(device)).sum() for o, w in zip(outputs(fn(*args)), weights))
+            loss = sum((o.double() * w.to(device)).sum() for o, w in zip(testing.as_tuple(fn(*args)), weights))
             return hessian_vector_products(loss, tensors, vectors)
 
         got = hessian_times_vectors(op, on(device, args), device)

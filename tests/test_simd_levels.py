@@ -12,7 +12,7 @@ import functools
 import pytest
 import torch
 
-from fusedgauss import backends, ops, reference
+from fusedgauss import backends, ops, reference, testing
 from helpers import random_scale_tril, random_spd, run_module
 
 pytestmark = pytest.mark.skipif(not backends.COMPILED_CPU, reason="fusedgauss was built without CPU kernels")
@@ -68,8 +68,7 @@ def _fused(op_name: str):
 def _outputs_and_gradients(fn, names, tensors):
     """fn's outputs and the gradients of a random weighting of them to its tensor inputs."""
     leaves = {n: tensors[n].detach().clone().requires_grad_() for n in names if isinstance(n, str) and n in tensors}
-    outputs = fn(*(leaves.get(n, n) if isinstance(n, str) else n for n in names))
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = testing.as_tuple(fn(*(leaves.get(n, n) if isinstance(n, str) else n for n in names)))
     generator = torch.Generator().manual_seed(1)
     loss = sum((o * torch.randn(o.shape, generator=generator, dtype=torch.float64).to(o.dtype)).sum() for o in outputs)
     grads = torch.autograd.grad(loss, list(leaves.values()))
