@@ -79,6 +79,10 @@ at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_
     const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
     scalar_t* L = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
+    // Outside the event sizes' lambda, so that transform_diagonal is compiled once for them all.
+    const auto diagonal_value = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+      return math::diag_entry(t, x, shift).value;
+    };
     with_static_event_size<scalar_t>(p.k, [&](auto K) {
       constexpr int kK = decltype(K)::value;
       const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
@@ -97,10 +101,7 @@ at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_
               diagonal[(b - b0) * k + i] = static_cast<acc_t>(xi[i]);
             }
           }
-          transform_diagonal(p.transform, count * k, diagonal.data(), values.data(),
-                             [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-                               return math::diag_entry(t, x, shift).value;
-                             });
+          transform_diagonal(p.transform, count * k, diagonal.data(), values.data(), diagonal_value);
           for (int64_t b = b0; b < b0 + count; ++b) {
             for (int64_t i = 0; i < k; ++i) L[(b * k + i) * k + i] = static_cast<scalar_t>(values[(b - b0) * k + i]);
           }
@@ -123,12 +124,14 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
+    const auto derivative_of = [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+      return math::diag_entry(t, x, acc_t(0)).derivative;
+    };
     with_static_event_size<scalar_t>(p.k, [&](auto K) {
       constexpr int kK = decltype(K)::value;
       const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
       for_each_diagonal_block<scalar_t, kK>(
-          p,
-          [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::diag_entry(t, x, acc_t(0)).derivative; },
+          p, derivative_of,
           [&](int64_t b0, int64_t count, const acc_t* derivative) {
             for (int64_t b = b0; b < b0 + count; ++b) {
               const scalar_t* g_row = g + b * k * k;
@@ -152,12 +155,14 @@ at::Tensor packed_scale_tril_log_det(const at::Tensor& packed, c10::string_view 
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* log_det = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
+    const auto log_diagonal = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+      return math::log_diag_entry(t, x, shift).log_diag;
+    };
     with_static_event_size<scalar_t>(p.k, [&](auto K) {
       constexpr int kK = decltype(K)::value;
       const int64_t k = kK > 0 ? kK : p.k;
       for_each_diagonal_block<scalar_t, kK>(
-          p,
-          [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).log_diag; },
+          p, log_diagonal,
           [&](int64_t b0, int64_t count, const acc_t* logs) {
             for (int64_t b = 0; b < count; ++b) {
               acc_t sum = 0;
@@ -183,12 +188,14 @@ at::Tensor packed_scale_tril_log_det_backward(const at::Tensor& grad, const at::
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
+    const auto log_derivative = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
+      return math::log_diag_entry(t, x, shift).derivative;
+    };
     with_static_event_size<scalar_t>(p.k, [&](auto K) {
       constexpr int kK = decltype(K)::value;
       const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
       for_each_diagonal_block<scalar_t, kK>(
-          p,
-          [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).derivative; },
+          p, log_derivative,
           [&](int64_t b0, int64_t count, const acc_t* derivative) {
             for (int64_t b = b0; b < b0 + count; ++b) {
               scalar_t* d_row = d_packed + b * n;
