@@ -260,7 +260,8 @@ def test_rsample_with_one_output_used(backend, case, used, dtype):
     """Outputs nobody differentiates reach the backward op as None, and count as zero (over
     several of the CPU kernels' blocks of rows, whose zeros are filled once)."""
     index = ("action", "pre_tanh", "log_prob").index(used)
-    inputs = case.inputs("per_sample", (6,) if dtype == torch.float64 else (1000,), 4 if dtype == torch.float64 else 6, dtype)
+    batch_shape, k = ((6,), 4) if dtype == torch.float64 else ((1000,), 6)
+    inputs = case.inputs("per_sample", batch_shape, k, dtype)
     fn = lambda *args: case.op(*args)[index]  # noqa: E731
     ref = lambda *args: case.ref(*args)[index]  # noqa: E731
     expected, expected_grads = outputs_and_grads(ref, [t.double() for t in inputs])

@@ -277,7 +277,8 @@ class BlockRowSums {
   template <int kK>
   C10_ALWAYS_INLINE void sum_rows(const acc_t* terms, int64_t rows, scalar_t* out) {
     if constexpr (kRowsVectorise<kK> && kInPlace) {  // (only float has a compile-time k)
-      reduce_rows<kK, false>(rows, terms, constant_, pairs_.data(), split_ ? sums_.data() : reinterpret_cast<acc_t*>(out));
+      acc_t* sums = split_ ? sums_.data() : reinterpret_cast<acc_t*>(out);
+      reduce_rows<kK, false>(rows, terms, constant_, pairs_.data(), sums);
       if (split_) reduce_rows<kK, true>(rows, scale_mantissas_.data(), acc_t(1), pairs_.data(), products_.data());
       return;
     }
