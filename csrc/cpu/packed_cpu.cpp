@@ -46,28 +46,38 @@ void transform_diagonal(DiagTransform transform, int64_t count, const acc_t* in,
   });
 }
 
-/// Runs consume(b0, count, values) for each block [b0, b0 + count) of the batch's samples, in
-/// parallel, with values[(b - b0) k + i] = f(transform, x) of sample b's diagonal entry
+/// The event size: K's (a std::integral_constant from with_static_event_size) where it is
+/// known at compile time, p.k where K is 0.
+template <typename K>
+constexpr int64_t event_size(K, const PackedProblem& p) {
+  return K::value > 0 ? K::value : p.k;
+}
+
+/// Runs consume(K, b0, count, values) for each block [b0, b0 + count) of the batch's samples,
+/// in parallel, with values[(b - b0) k + i] = f(transform, x) of sample b's diagonal entry
 /// x = x_ii. The block's diagonal entries are gathered into one run first, so that f
-/// vectorises. kK > 0 is k at compile time.
-template <typename scalar_t, int kK, typename F, typename Consume>
+/// vectorises. K is a std::integral_constant, k at compile time or 0 (with_static_event_size;
+/// event_size(K, p) is k either way), so that consume's loops over a sample unroll.
+template <typename scalar_t, typename F, typename Consume>
 void for_each_diagonal_block(const PackedProblem& p, const F& f, const Consume& consume) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* packed = p.packed.const_data_ptr<scalar_t>();
-  const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
-  const Chunks chunks(p.samples, grain_size(k * k));
-  chunks.run([&](int64_t, int64_t begin, int64_t end) {
-    std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), values(diagonal.size());
-    for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
-      const int64_t count = std::min(kBlockSamples, end - b0);
-      for (int64_t b = b0; b < b0 + count; ++b) {
-        for (int64_t i = 0; i < k; ++i) {
-          diagonal[(b - b0) * k + i] = static_cast<acc_t>(packed[b * n + math::packed_index(i, i)]);
+  with_static_event_size<scalar_t>(p.k, [&](auto K) {
+    const int64_t k = event_size(K, p), n = math::packed_size(k);
+    const Chunks chunks(p.samples, grain_size(k * k));
+    chunks.run([&](int64_t, int64_t begin, int64_t end) {
+      std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), values(diagonal.size());
+      for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
+        const int64_t count = std::min(kBlockSamples, end - b0);
+        for (int64_t b = b0; b < b0 + count; ++b) {
+          for (int64_t i = 0; i < k; ++i) {
+            diagonal[(b - b0) * k + i] = static_cast<acc_t>(packed[b * n + math::packed_index(i, i)]);
+          }
         }
+        transform_diagonal(p.transform, count * k, diagonal.data(), values.data(), f);
+        consume(K, b0, count, static_cast<const acc_t*>(values.data()));
       }
-      transform_diagonal(p.transform, count * k, diagonal.data(), values.data(), f);
-      consume(b0, count, static_cast<const acc_t*>(values.data()));
-    }
+    });
   });
 }
 
@@ -79,35 +89,22 @@ at::Tensor packed_to_scale_tril(const at::Tensor& packed, c10::string_view diag_
     const scalar_t* in = p.packed.const_data_ptr<scalar_t>();
     scalar_t* L = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
-    // Outside the event sizes' lambda, so that transform_diagonal is compiled once for them all.
-    const auto diagonal_value = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-      return math::diag_entry(t, x, shift).value;
-    };
-    with_static_event_size<scalar_t>(p.k, [&](auto K) {
-      constexpr int kK = decltype(K)::value;
-      const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
-      const Chunks chunks(p.samples, grain_size(k * k));
-      chunks.run([&](int64_t, int64_t begin, int64_t end) {
-        std::vector<acc_t> diagonal(static_cast<size_t>(kBlockSamples * k)), values(diagonal.size());
-        for (int64_t b0 = begin; b0 < end; b0 += kBlockSamples) {
-          const int64_t count = std::min(kBlockSamples, end - b0);
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::diag_entry(t, x, shift).value; },
+        [&](auto K, int64_t b0, int64_t count, const acc_t* diagonal) {
+          const int64_t k = event_size(K, p), n = math::packed_size(k);
           for (int64_t b = b0; b < b0 + count; ++b) {
             const scalar_t* x = in + b * n;
             scalar_t* row = L + b * k * k;
             for (int64_t i = 0; i < k; ++i, row += k) {
               const scalar_t* xi = x + math::packed_index(i, 0);
               for (int64_t j = 0; j < i; ++j) row[j] = xi[j];
-              for (int64_t j = i; j < k; ++j) row[j] = scalar_t(0);
-              diagonal[(b - b0) * k + i] = static_cast<acc_t>(xi[i]);
+              row[i] = static_cast<scalar_t>(diagonal[(b - b0) * k + i]);
+              for (int64_t j = i + 1; j < k; ++j) row[j] = scalar_t(0);
             }
           }
-          transform_diagonal(p.transform, count * k, diagonal.data(), values.data(), diagonal_value);
-          for (int64_t b = b0; b < b0 + count; ++b) {
-            for (int64_t i = 0; i < k; ++i) L[(b * k + i) * k + i] = static_cast<scalar_t>(values[(b - b0) * k + i]);
-          }
-        }
-      });
-    });
+        });
   });
   return out;
 }
@@ -124,26 +121,21 @@ at::Tensor packed_to_scale_tril_backward(const at::Tensor& grad, const at::Tenso
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
-    const auto derivative_of = [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-      return math::diag_entry(t, x, acc_t(0)).derivative;
-    };
-    with_static_event_size<scalar_t>(p.k, [&](auto K) {
-      constexpr int kK = decltype(K)::value;
-      const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
-      for_each_diagonal_block<scalar_t, kK>(
-          p, derivative_of,
-          [&](int64_t b0, int64_t count, const acc_t* derivative) {
-            for (int64_t b = b0; b < b0 + count; ++b) {
-              const scalar_t* g_row = g + b * k * k;
-              scalar_t* d_row = d_packed + b * n;
-              for (int64_t i = 0; i < k; ++i, g_row += k) {
-                scalar_t* d_packed_row = d_row + math::packed_index(i, 0);
-                for (int64_t j = 0; j < i; ++j) d_packed_row[j] = g_row[j];
-                d_packed_row[i] = static_cast<scalar_t>(static_cast<acc_t>(g_row[i]) * derivative[(b - b0) * k + i]);
-              }
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::diag_entry(t, x, acc_t(0)).derivative; },
+        [&](auto K, int64_t b0, int64_t count, const acc_t* derivative) {
+          const int64_t k = event_size(K, p), n = math::packed_size(k);
+          for (int64_t b = b0; b < b0 + count; ++b) {
+            const scalar_t* g_row = g + b * k * k;
+            scalar_t* d_row = d_packed + b * n;
+            for (int64_t i = 0; i < k; ++i, g_row += k) {
+              scalar_t* d_packed_row = d_row + math::packed_index(i, 0);
+              for (int64_t j = 0; j < i; ++j) d_packed_row[j] = g_row[j];
+              d_packed_row[i] = static_cast<scalar_t>(static_cast<acc_t>(g_row[i]) * derivative[(b - b0) * k + i]);
             }
-          });
-    });
+          }
+        });
   });
   return out;
 }
@@ -155,22 +147,17 @@ at::Tensor packed_scale_tril_log_det(const at::Tensor& packed, c10::string_view 
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* log_det = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
-    const auto log_diagonal = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-      return math::log_diag_entry(t, x, shift).log_diag;
-    };
-    with_static_event_size<scalar_t>(p.k, [&](auto K) {
-      constexpr int kK = decltype(K)::value;
-      const int64_t k = kK > 0 ? kK : p.k;
-      for_each_diagonal_block<scalar_t, kK>(
-          p, log_diagonal,
-          [&](int64_t b0, int64_t count, const acc_t* logs) {
-            for (int64_t b = 0; b < count; ++b) {
-              acc_t sum = 0;
-              for (int64_t i = 0; i < k; ++i) sum += logs[b * k + i];
-              log_det[b0 + b] = static_cast<scalar_t>(sum);
-            }
-          });
-    });
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).log_diag; },
+        [&](auto K, int64_t b0, int64_t count, const acc_t* logs) {
+          const int64_t k = event_size(K, p);
+          for (int64_t b = 0; b < count; ++b) {
+            acc_t sum = 0;
+            for (int64_t i = 0; i < k; ++i) sum += logs[b * k + i];
+            log_det[b0 + b] = static_cast<scalar_t>(sum);
+          }
+        });
   });
   return out;
 }
@@ -188,25 +175,20 @@ at::Tensor packed_scale_tril_log_det_backward(const at::Tensor& grad, const at::
     const scalar_t* g = upstream.const_data_ptr<scalar_t>();
     scalar_t* d_packed = out.data_ptr<scalar_t>();
     const acc_t shift = static_cast<acc_t>(min_diag);
-    const auto log_derivative = [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY {
-      return math::log_diag_entry(t, x, shift).derivative;
-    };
-    with_static_event_size<scalar_t>(p.k, [&](auto K) {
-      constexpr int kK = decltype(K)::value;
-      const int64_t k = kK > 0 ? kK : p.k, n = math::packed_size(k);
-      for_each_diagonal_block<scalar_t, kK>(
-          p, log_derivative,
-          [&](int64_t b0, int64_t count, const acc_t* derivative) {
-            for (int64_t b = b0; b < b0 + count; ++b) {
-              scalar_t* d_row = d_packed + b * n;
-              for (int64_t e = 0; e < n; ++e) d_row[e] = scalar_t(0);
-              const acc_t g_b = static_cast<acc_t>(g[b]);
-              for (int64_t i = 0; i < k; ++i) {
-                d_row[math::packed_index(i, i)] = static_cast<scalar_t>(g_b * derivative[(b - b0) * k + i]);
-              }
+    for_each_diagonal_block<scalar_t>(
+        p,
+        [shift](DiagTransform t, acc_t x) FUSEDGAUSS_INLINE_BODY { return math::log_diag_entry(t, x, shift).derivative; },
+        [&](auto K, int64_t b0, int64_t count, const acc_t* derivative) {
+          const int64_t k = event_size(K, p), n = math::packed_size(k);
+          for (int64_t b = b0; b < b0 + count; ++b) {
+            scalar_t* d_row = d_packed + b * n;
+            for (int64_t e = 0; e < n; ++e) d_row[e] = scalar_t(0);
+            const acc_t g_b = static_cast<acc_t>(g[b]);
+            for (int64_t i = 0; i < k; ++i) {
+              d_row[math::packed_index(i, i)] = static_cast<scalar_t>(g_b * derivative[(b - b0) * k + i]);
             }
-          });
-    });
+          }
+        });
   });
   return out;
 }
