@@ -45,6 +45,9 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   "$py" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$py" -c "import triton; print('triton', triton.__version__)" 2>&1
+  # (whether this machine's own setuptools, which the --no-build-isolation build uses, takes
+  # an SPDX project.license: 77 or later)
+  "$py" -c "import setuptools; print('setuptools', setuptools.__version__)" 2>&1
   command -v nvcc >/dev/null && nvcc --version | tail -n 2
 } >"$out/environment.txt" 2>&1
 
