@@ -3,8 +3,9 @@ torch's normal_ bit for bit, from the same generator state, and leave the genera
 torch leaves it; every sampler draws it, so a seed still gives PyTorch's samples.
 
 The compiled op mirrors two of torch's Box-Muller transforms: the AVX2 one (torch's AVX2 and
-AVX512 CPU capabilities) and the scalar one (DEFAULT); DEFAULT and AVX2 are also chosen in a
-subprocess with ATEN_CPU_CAPABILITY, whatever this CPU's own capability.
+AVX512 CPU capabilities; 8 lanes, or 16 where the CPU kernels run AVX-512, so every comparison
+runs at each SIMD level this CPU has) and the scalar one (DEFAULT); DEFAULT and AVX2 are also
+chosen in a subprocess with ATEN_CPU_CAPABILITY, whatever this CPU's own capability.
 """
 
 from __future__ import annotations
@@ -61,16 +62,31 @@ def test_the_mirror_draws_here():
 
 
 @requires_compiled_cpu
+@pytest.mark.parametrize("level", backends.cpu_simd_levels())
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_compiled_op_is_torchs_normal(size, seed):
+def test_compiled_op_is_torchs_normal(size, seed, level):
     expected, expected_after = _draws(_torch_normal, seed, size)
-    noise, after = _draws(_compiled_op, seed, size)
+    with backends.use_cpu_simd(level):
+        noise, after = _draws(_compiled_op, seed, size)
     assert torch.equal(noise, expected)
     assert torch.equal(after, expected_after)
     # Fresh numbers, not a constant: the mirror of a generator that drew nothing would fail
     # the comparison above only by luck.
     assert size < 2 or noise.std() > 0.5
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("level", backends.cpu_simd_levels())
+def test_compiled_op_is_torchs_normal_over_many_uniforms(level):
+    """2^24 normals: the Box-Muller transform of 2^23 pairs of uniforms, each uniform one of
+    2^24 values, so a good part of each one's range (the 16-lane transform was compared with
+    torch's 8-lane one over all of it when it was written)."""
+    expected, expected_after = _draws(_torch_normal, 12, 1 << 24)
+    with backends.use_cpu_simd(level):
+        noise, after = _draws(_compiled_op, 12, 1 << 24)
+    assert torch.equal(noise, expected)
+    assert torch.equal(after, expected_after)
 
 
 @requires_compiled_cpu
