@@ -4,22 +4,27 @@ Cases, each at event size k and batch size B, timed in one run with torch.utils.
 (same conventions and columns as bench_ops.py: torch.distributions eager, the same code under
 torch.compile, fusedgauss):
 
-  sac_diag, sac_tril   SAC's actor path: a reparameterised squashed action and its log-prob,
-                       then (forward+backward) the gradient of 0.2 log π(a) - Q(a), with a linear
-                       Q, to loc and scale (per-sample, state-dependent). torch:
+  sac_diag, sac_tril   SAC's actor path: a reparameterised squashed action and its log-prob
+                       from loc and scale (per-sample, state-dependent). torch:
                        TransformedDistribution(base, [TanhTransform(cache_size=1)]).rsample()
                        and .log_prob of that action (a cache hit); fusedgauss: rsample_log_prob.
                        A fourth column, free, times the step with the distribution made free:
                        the noise, PyTorch's numbers from torch's generator (so that a seed
                        gives PyTorch's samples) drawn as fusedgauss draws them
-                       (ops.standard_normal), a stand-in that computes nothing (_FreeSample),
-                       and the same loss. torch ms / free ms is the ceiling of any library
-                       that keeps torch's noise and draws it no slower.
+                       (ops.standard_normal), and a stand-in that computes nothing
+                       (_FreeSample). torch ms / free ms is the ceiling of any library that
+                       keeps torch's noise and draws it no slower.
   ppo_diag, ppo_tril   PPO's path: the log-prob of stored actions and the policy gradient to
                        loc and scale. torch: log_prob(action) (an atanh); fusedgauss:
                        log_prob(action, pre_tanh=u) with the stored pre-tanh value.
   diag_normal          DiagNormal.log_prob against Independent(Normal).log_prob, per-sample scale.
   diag_normal_shared   the same with one scale for the batch (PPO's state-independent log-std).
+
+Forward+backward is the backward of every output from fixed upstream gradients (dense,
+random, drawn once per cell and the same for every column), as the rest of a training step
+hands them over: the times are the distribution's, with no loss computed after it. (Until
+2026-12-07 the SAC path ended in the loss 0.2 log π(a) - a·q, whose matrix-vector product and
+its outer-product backward cost 0.4-0.6 ms at B=65536, k=6, in every column alike.)
 
     python benchmarks/bench_squashed.py               # the full grid
     python benchmarks/bench_squashed.py --quick       # B=4096, k=6: a smoke run
@@ -102,11 +107,12 @@ def free_sample(loc: torch.Tensor, scale: torch.Tensor):
 
 
 def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
-    """(torch function, fusedgauss function, their arguments, the loss of their outputs, and
-    for the SAC path the free function)."""
+    """(torch function, fusedgauss function, their arguments, the upstream gradients of their
+    outputs, and for the SAC path the free function)."""
     loc, scale = make_parameters(case, batch, k, device)
+    log_prob_gradient = torch.randn(batch, dtype=DTYPE, device=device)
     if case.startswith("sac"):
-        q = torch.randn(k, dtype=DTYPE, device=device)
+        action_gradient = torch.randn(batch, k, dtype=DTYPE, device=device)
 
         def torch_fn(loc, scale):
             dist = torch_squashed(loc, scale)
@@ -116,11 +122,8 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
         def fused_fn(loc, scale):
             return fused_squashed(loc, scale).rsample_log_prob()
 
-        def loss(outputs):
-            action, log_prob = outputs
-            return (0.2 * log_prob - action @ q).sum()
-
-        return torch_fn, fused_fn, (loc, scale), (), loss, free_sample(loc, scale)
+        upstream = (action_gradient, log_prob_gradient)
+        return torch_fn, fused_fn, (loc, scale), (), upstream, free_sample(loc, scale)
 
     if case.startswith("ppo"):
         with torch.no_grad():
@@ -133,7 +136,7 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
         def fused_fn(loc, scale, action, pre_tanh):
             return fused_squashed(loc, scale).log_prob(action, pre_tanh=pre_tanh)
 
-        return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), lambda log_prob: log_prob.sum(), None
+        return torch_fn, fused_fn, (loc, scale), (action, pre_tanh), (log_prob_gradient,), None
 
     value = torch.randn(batch, k, dtype=DTYPE, device=device)
 
@@ -143,18 +146,18 @@ def case_functions(case: str, batch: int, k: int, device: str = "cpu"):
     def fused_fn(loc, scale, value):
         return fusedgauss.DiagNormal(loc, scale, validate_args=False).log_prob(value)
 
-    return torch_fn, fused_fn, (loc, scale), (value,), lambda log_prob: log_prob.sum(), None
+    return torch_fn, fused_fn, (loc, scale), (value,), (log_prob_gradient,), None
 
 
 def steps(case: str, batch: int, k: int, passes: str, device: str = "cpu"):
     """Zero-argument steps: torch eager, a function returning the compiled torch step,
     fusedgauss (on whichever backend is chosen when it runs), and the free step or None."""
-    torch_fn, fused_fn, leaves, data, loss, free_fn = case_functions(case, batch, k, device)
+    torch_fn, fused_fn, leaves, data, upstream, free_fn = case_functions(case, batch, k, device)
 
     def as_step(fn):
         if passes == "forward":
             return lambda: fn(*leaves, *data)
-        return lambda: torch.autograd.grad(loss(fn(*leaves, *data)), leaves)
+        return lambda: torch.autograd.grad(fn(*leaves, *data), leaves, upstream)
 
     def compiled_step():
         torch._dynamo.reset()
