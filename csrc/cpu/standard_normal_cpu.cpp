@@ -196,7 +196,7 @@ __attribute__((target("avx2,fma"))) void normals_avx2(const uint32_t* words, flo
 // long chain of dependent steps; one chain of 16-lane instructions for two runs took the
 // transform from 1.25 to 0.87 ns a normal on one Zen 4 core (which runs AVX-512 as two
 // 256-bit halves). Written with GCC vector extensions rather than _mm512 intrinsics (whose
-// comparisons give bit masks, not vectors), so that each line is the same line of avx_mathfun.
+// comparisons give bit masks, not vectors), so that the code reads as avx_mathfun's, step for step.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
 namespace lanes16 {
@@ -231,23 +231,12 @@ inline Floats log_ps(Floats x) {
   e = e - floats(bits(one) & mask);
   x = x + tmp;
   const Floats z = x * x;
-  Floats y = splat(7.0376836292E-2f);
-  y = y * x;
-  y = y + -1.1514610310E-1f;
-  y = y * x;
-  y = y + 1.1676998740E-1f;
-  y = y * x;
-  y = y + -1.2420140846E-1f;
-  y = y * x;
-  y = y + 1.4249322787E-1f;
-  y = y * x;
-  y = y + -1.6668057665E-1f;
-  y = y * x;
-  y = y + 2.0000714765E-1f;
-  y = y * x;
-  y = y + -2.4999993993E-1f;
-  y = y * x;
-  y = y + 3.3333331174E-1f;
+  Floats y = splat(7.0376836292E-2f);  // cephes_log_p0, then y = y x + p1 .. p8 as there
+  for (const float p : {-1.1514610310E-1f, 1.1676998740E-1f, -1.2420140846E-1f, 1.4249322787E-1f, -1.6668057665E-1f,
+                        2.0000714765E-1f, -2.4999993993E-1f, 3.3333331174E-1f}) {
+    y = y * x;
+    y = y + p;
+  }
   y = y * x;
   y = y * z;
   tmp = e * -2.12194440e-4f;  // cephes_log_q1
