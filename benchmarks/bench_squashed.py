@@ -24,7 +24,8 @@ Forward+backward is the backward of every output from fixed upstream gradients (
 random, drawn once per cell and the same for every column), as the rest of a training step
 hands them over: the times are the distribution's, with no loss computed after it. (Until
 2026-12-07 the SAC path ended in the loss 0.2 log π(a) - a·q, whose matrix-vector product and
-its outer-product backward cost 0.4-0.6 ms at B=65536, k=6, in every column alike.)
+its outer-product backward cost 0.4-0.6 ms at B=65536, k=6, in every column alike. bench_ops.py
+still takes the backward of its one output's sum.)
 
     python benchmarks/bench_squashed.py               # the full grid
     python benchmarks/bench_squashed.py --quick       # B=4096, k=6: a smoke run
