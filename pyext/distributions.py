@@ -39,6 +39,23 @@ def _at_first(mask: torch.Tensor) -> str:
     return "" if index is None else f" at batch index {index}"
 
 
+def _validate_value(dist: td.Distribution, value: torch.Tensor) -> None:
+    """PyTorch's checks of a log-prob's value (``dist._validate_sample``). An empty value
+    (a zero-size batch) gets its shape checks alone: PyTorch's support check of it reshapes it
+    to (0, -1), which raises, and it has no entry to check."""
+    if not isinstance(value, torch.Tensor) or value.numel() > 0:
+        dist._validate_sample(value)
+        return
+    event_shape = dist.event_shape
+    if value.shape[value.dim() - len(event_shape):] != event_shape:
+        raise ValueError(f"The right-most size of value must match event_shape: {value.size()} vs {event_shape}.")
+    try:
+        torch.broadcast_shapes(value.shape, dist.batch_shape + event_shape)
+    except RuntimeError:
+        raise ValueError(f"Value is not broadcastable with batch_shape+event_shape: {value.size()} vs "
+                         f"{dist.batch_shape + event_shape}.") from None
+
+
 def _check_positive_definite(name: str, matrix: torch.Tensor) -> None:
     asymmetric = ~torch.isclose(matrix, matrix.mT, atol=1e-6).all(-1).all(-1)
     if torch._is_any_true(asymmetric):
@@ -282,7 +299,7 @@ class MultivariateNormal(td.MultivariateNormal):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
-            self._validate_sample(value)
+            _validate_value(self, value)
         if self._parameterization == "covariance_matrix":
             log_prob = ops.mvn_cov_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_matrix)
         elif "_head" in self.__dict__:
@@ -419,7 +436,7 @@ class DiagNormal(td.Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
-            self._validate_sample(value)
+            _validate_value(self, value)
         log_prob = ops.diag_normal_log_prob(value, self._unbroadcasted_loc, self._unbroadcasted_scale)
         return _with_batch_shape(log_prob, value, self.batch_shape)
 

@@ -158,3 +158,22 @@ def test_validate_args_follows_torch(validate_args):
     ours = fusedgauss.MultivariateNormal(loc, **params, validate_args=validate_args)
     theirs = td.MultivariateNormal(loc, **params, validate_args=validate_args)
     assert ours._validate_args == theirs._validate_args
+
+
+@pytest.mark.parametrize("make", [
+    lambda loc: fusedgauss.MultivariateNormal(loc, scale_tril=torch.eye(3).expand(0, 3, 3), validate_args=True),
+    lambda loc: fusedgauss.DiagNormal(loc, torch.ones(0, 3), validate_args=True),
+], ids=["MultivariateNormal", "DiagNormal"])
+def test_log_prob_of_a_zero_size_batch_with_validation(make):
+    """An empty batch's log-prob is an empty tensor with validation on (PyTorch's own support
+    check reshapes the value to (0, -1) and raises there); its shape is still checked."""
+    loc = torch.zeros(0, 3, requires_grad=True)
+    dist = make(loc)
+    log_prob = dist.log_prob(torch.zeros(0, 3))
+    assert log_prob.shape == (0,)
+    (grad,) = torch.autograd.grad(log_prob.sum(), loc)
+    assert grad.shape == (0, 3)
+    with pytest.raises(ValueError, match="right-most size of value must match event_shape"):
+        dist.log_prob(torch.zeros(0, 2))
+    with pytest.raises(ValueError, match="not broadcastable with batch_shape"):
+        dist.log_prob(torch.zeros(0, 2, 3))  # batch (0,) against (0, 2)

@@ -1,0 +1,258 @@
+"""Property-based tests (hypothesis): every op on the CPU kernels against its float64
+reference (fusedgauss.reference), over cases drawn from a space that the parametrised tests
+cover only on a grid.
+
+A case draws the event size k (1-18: the compile-time sizes up to 8, runtime ones beyond,
+and beyond 16 the lanes of large per-sample factors), a batch shape of up to two dimensions
+(zero-size ones included), and for each tensor argument its own broadcast of that shape
+(leading dimensions dropped, others cut to size 1 and perhaps expanded back with stride 0)
+and whether it is strided (every other element of a wider tensor); then float32 or float64.
+Checked: the outputs, and the gradients of a random weighting of all of them with respect to
+every tensor argument, against the reference's by autograd in float64 on the same values.
+Then each distribution class against torch.distributions on such drawn cases, a sample shape
+in front of the value: log_prob and its gradients, entropy, mean, and rsample from one seed.
+
+FUSEDGAUSS_HYPOTHESIS_EXAMPLES sets the examples per op (default 25; a search for new
+failures runs thousands).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributions as td
+from conftest import requires_compiled_cpu
+from helpers import outputs_and_grads
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import fusedgauss
+from fusedgauss import reference, testing
+
+EXAMPLES = int(os.environ.get("FUSEDGAUSS_HYPOTHESIS_EXAMPLES", "25"))
+# Relative to the largest reference value of each output or gradient (at least 1).
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 3e-4}
+
+
+def squashed_from_value(name: str) -> bool:
+    """Whether op `name` scores a value that may be given as its action or its pre-tanh value."""
+    return name.startswith("squashed") and not name.endswith("rsample_log_prob")
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view whose every stride is doubled: every other element of a wider tensor."""
+    wide = t.new_empty(t.shape + (2,))
+    wide[..., 0] = t
+    return wide[..., 0]
+
+
+@st.composite
+def broadcast_of(draw, t: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """t (batch shape, then event dimensions) with leading batch dimensions dropped and others
+    cut to size 1, each of those perhaps expanded back to its size (stride 0)."""
+    drop = draw(st.integers(0, batch_dims))
+    for _ in range(drop):
+        if t.shape[0] == 0:  # a zero-size dimension has no element to keep
+            break
+        t = t[0]
+        batch_dims -= 1
+    for dim in range(batch_dims):
+        size = t.shape[dim]
+        if size > 1 and draw(st.booleans()):
+            t = t.narrow(dim, 0, 1)
+            if draw(st.booleans()):
+                t = t.expand(*t.shape[:dim], size, *t.shape[dim + 1:])
+    return t
+
+
+@st.composite
+def op_cases(draw, name: str):
+    """(k, the op's arguments in their dtype, the same values in float64, the dtype)."""
+    k = draw(st.integers(1, 18))
+    batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    options = {"value_is_pre_tanh": draw(st.booleans())} if squashed_from_value(name) else {}
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    args, args64 = [], []
+    for a in testing.op_arguments(name, batch, k, generator=generator, **options):
+        if isinstance(a, torch.Tensor):
+            a = draw(broadcast_of(a.to(dtype), len(batch)))
+            if draw(st.booleans()):
+                a = strided(a)
+            args64.append(a.double())
+        else:
+            args64.append(a)
+        args.append(a)
+    return k, args, args64, dtype
+
+
+def with_tensors(args: list, tensors) -> list:
+    """args with its tensors replaced, in order, by `tensors`."""
+    tensors = iter(tensors)
+    return [next(tensors) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def assert_close_to(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)}, the reference's {tuple(theirs.shape)}"
+    scale = max(1.0, theirs.abs().max().item()) if theirs.numel() else 1.0
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(ours.double(), theirs, rtol=tolerance, atol=tolerance * scale,
+                               msg=lambda m: f"{what}: {m}")
+
+
+@requires_compiled_cpu
+@pytest.mark.parametrize("name", testing.OPS_AND_HEAD)
+@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_op_matches_its_reference(name, data):
+    k, args, args64, dtype = data.draw(op_cases(name), label="k, arguments, float64 arguments, dtype")
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    tensors64 = [a for a in args64 if isinstance(a, torch.Tensor)]
+    outputs, grads = outputs_and_grads(lambda *t: testing.call_op(name, with_tensors(args, t)), tensors)
+    want_outputs, want_grads = outputs_and_grads(
+        lambda *t: testing.as_tuple(getattr(reference, name)(*with_tensors(args64, t))), tensors64)
+    assert len(outputs) == len(want_outputs)
+    for index, (ours, theirs) in enumerate(zip(outputs, want_outputs)):
+        assert ours.dtype == dtype, f"output {index} is {ours.dtype}, its inputs {dtype}"
+        assert_close_to(ours, theirs, dtype, f"{name} k={k} output {index}")
+    for index, (ours, theirs) in enumerate(zip(grads, want_grads)):
+        assert_close_to(ours, theirs, dtype, f"{name} k={k} gradient of tensor argument {index}")
+
+
+# --- the distributions against torch.distributions -----------------------------------------
+
+KINDS = ("scale_tril", "covariance_matrix", "precision_matrix", "diag", "tanh_diag", "tanh_tril")
+
+
+def both_distributions(kind: str, loc: torch.Tensor, matrix: torch.Tensor):
+    """(fusedgauss's distribution, torch.distributions' own) of `kind` on loc and matrix (a
+    factor, covariance or precision matrix, or a diagonal scale). Ours validates its arguments
+    and values, as by default; torch's does not, as its validation raises on a zero-size batch
+    (an IndependentConstraint reshape to (0, -1))."""
+    off = {"validate_args": False}
+    if kind == "diag":
+        return fusedgauss.DiagNormal(loc, matrix), td.Independent(td.Normal(loc, matrix, **off), 1, **off)
+    if kind == "tanh_diag":
+        return (fusedgauss.TanhNormal(loc, matrix), td.TransformedDistribution(
+            td.Independent(td.Normal(loc, matrix, **off), 1, **off), [td.TanhTransform()], **off))
+    if kind == "tanh_tril":
+        return (fusedgauss.TanhMultivariateNormal(loc, scale_tril=matrix), td.TransformedDistribution(
+            td.MultivariateNormal(loc, scale_tril=matrix, **off), [td.TanhTransform()], **off))
+    return fusedgauss.MultivariateNormal(loc, **{kind: matrix}), td.MultivariateNormal(loc, **{kind: matrix}, **off)
+
+
+@st.composite
+def distribution_cases(draw):
+    """(kind, k, loc, matrix, value, sample shape, dtype): loc and matrix with their own
+    broadcasts of a batch shape, value with a sample shape in front of a third."""
+    kind = draw(st.sampled_from(KINDS))
+    k = draw(st.integers(1, 18))
+    batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+    sample_shape = tuple(draw(st.lists(st.integers(1, 2), max_size=1)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    loc = torch.randn(batch + (k,), dtype=torch.float64, generator=generator)
+    if kind in ("diag", "tanh_diag"):
+        matrix = 0.5 + torch.rand(batch + (k,), dtype=torch.float64, generator=generator)
+    elif kind in ("covariance_matrix", "precision_matrix"):
+        matrix = testing.random_spd(batch, k, generator=generator)
+    else:
+        matrix = testing.random_scale_tril(batch, k, generator=generator)
+    value = torch.randn(sample_shape + batch + (k,), dtype=torch.float64, generator=generator)
+    if kind.startswith("tanh"):
+        value = torch.tanh(value)
+    loc, matrix = (draw(broadcast_of(t.to(dtype), len(batch))) for t in (loc, matrix))
+    value = draw(broadcast_of(value.to(dtype), len(sample_shape) + len(batch)))
+    return kind, k, loc, matrix, value, sample_shape, dtype
+
+
+def assert_empty_results(dist, log_prob, value, leaves, sample_shape) -> None:
+    """Of a zero-size batch: the shapes of a log_prob, its gradients, the entropy and a sample."""
+    assert log_prob.shape == torch.broadcast_shapes(value.shape[:-1], dist.batch_shape)
+    grads = torch.autograd.grad(log_prob.sum(), leaves, allow_unused=True, materialize_grads=True)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    if not isinstance(dist, td.TransformedDistribution):
+        assert dist.entropy().shape == dist.batch_shape
+    assert dist.rsample(sample_shape).shape == sample_shape + dist.batch_shape + dist.event_shape
+
+
+@requires_compiled_cpu
+@settings(max_examples=4 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_distribution_matches_torch(data):
+    """log_prob and its gradients, entropy, mean, and rsample from one seed: fusedgauss's
+    distribution in the drawn dtype against torch.distributions' in float64 on the same values
+    (rsample: in the same dtype, as the noise is drawn in it)."""
+    kind, k, loc, matrix, value, sample_shape, dtype = data.draw(distribution_cases(), label="case")
+    what = f"{kind} k={k} {dtype}"
+    leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
+    leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
+    ours, _ = both_distributions(kind, *leaves)
+    _, theirs = both_distributions(kind, *leaves64)
+    log_prob = ours.log_prob(value)
+    assert log_prob.dtype == dtype
+    size = "empty" if log_prob.numel() == 0 else "k > 8" if k > 8 else "k <= 8"
+    event(f"{kind}, {size}")  # hypothesis's statistics (--hypothesis-show-statistics) count the cases
+    if log_prob.numel() == 0:  # torch.distributions raises on zero-size batches (its Mahalanobis)
+        assert_empty_results(ours, log_prob, value, leaves, sample_shape)
+        return
+    want = theirs.log_prob(value.double())
+    assert_close_to(log_prob.detach(), want.detach(), dtype, f"{what} log_prob")
+    weights = torch.randn(want.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((log_prob.double() * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
+    want_grads = torch.autograd.grad((want * weights).sum(), leaves64, allow_unused=True, materialize_grads=True)
+    for name, g, w in zip(("loc", "matrix"), grads, want_grads):
+        assert_close_to(g, w, dtype, f"{what} gradient of {name}")
+    if not kind.startswith("tanh"):
+        assert_close_to(ours.entropy().detach(), theirs.entropy().detach(), dtype, f"{what} entropy")
+        assert_close_to(ours.mean.detach(), theirs.mean.detach(), dtype, f"{what} mean")
+    same_dtype_theirs = both_distributions(kind, loc, matrix)[1]
+    torch.manual_seed(1)
+    sample = ours.rsample(sample_shape)
+    torch.manual_seed(1)
+    want_sample = same_dtype_theirs.rsample(sample_shape)
+    assert sample.dtype == dtype
+    assert_close_to(sample.detach(), want_sample.detach().double(), dtype, f"{what} rsample")
+
+
+@requires_compiled_cpu
+@settings(max_examples=2 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_rsample_log_prob_matches_the_plain_composition(data):
+    """A squashed distribution's rsample_log_prob against the plain-PyTorch composition in
+    float64 from the same noise (torch.randn after the same seed): u = base(ε), tanh(u), the
+    base's log-prob of u less log|d tanh/du|; the outputs and the reparameterised gradients of
+    a random weighting of both outputs."""
+    kind, k, loc, matrix, _, sample_shape, dtype = data.draw(
+        distribution_cases().filter(lambda case: case[0].startswith("tanh")), label="case")
+    leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
+    leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
+    ours, _ = both_distributions(kind, *leaves)
+    _, theirs = both_distributions(kind, *leaves64)
+    torch.manual_seed(1)
+    action, log_prob, pre_tanh = ours.rsample_log_prob(sample_shape, return_pre_tanh=True)
+    if action.numel() == 0:  # torch.distributions' log-prob raises on zero-size batches
+        assert action.shape == pre_tanh.shape == sample_shape + ours.batch_shape + ours.event_shape
+        assert log_prob.shape == sample_shape + ours.batch_shape
+        return
+    torch.manual_seed(1)
+    eps = torch.randn(theirs.base_dist._extended_shape(sample_shape), dtype=dtype).double()
+    loc64, matrix64 = leaves64
+    # A scale_tril is read through its lower triangle, as log_prob reads it (PyTorch's rsample
+    # would hand its upper triangle a gradient too: tests/test_squashed_distributions.py).
+    u = loc64 + (matrix64 * eps if kind == "tanh_diag" else (matrix64.tril() @ eps.unsqueeze(-1)).squeeze(-1))
+    want = (torch.tanh(u), theirs.base_dist.log_prob(u) - td.TanhTransform().log_abs_det_jacobian(u, None).sum(-1))
+    what = f"{kind} k={k} {dtype}"
+    assert_close_to(pre_tanh.detach(), u.detach(), dtype, f"{what} pre-tanh value")
+    for name, ours_t, theirs_t in zip(("action", "log_prob"), (action, log_prob), want):
+        assert ours_t.dtype == dtype
+        assert_close_to(ours_t.detach(), theirs_t.detach(), dtype, f"{what} {name}")
+    weights = [torch.randn(t.shape, dtype=torch.float64) for t in want]
+    loss = sum((t.double() * w).sum() for t, w in zip((action, log_prob), weights))
+    want_loss = sum((t * w).sum() for t, w in zip(want, weights))
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    want_grads = torch.autograd.grad(want_loss, leaves64, allow_unused=True, materialize_grads=True)
+    for name, g, w in zip(("loc", "matrix"), grads, want_grads):
+        assert_close_to(g, w, dtype, f"{what} gradient of {name}")
