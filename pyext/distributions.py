@@ -56,11 +56,18 @@ def _validate_value(dist: td.Distribution, value: torch.Tensor) -> None:
                          f"{dist.batch_shape + event_shape}.") from None
 
 
+def _linalg_operand(matrix: torch.Tensor) -> torch.Tensor:
+    """matrix in a dtype that torch.linalg takes on every device: float16 and bfloat16 (whose
+    CPU factorisations and triangular solves PyTorch lacks) as float32, the precision the
+    kernels compute half matrices in."""
+    return matrix.float() if matrix.dtype in (torch.float16, torch.bfloat16) else matrix
+
+
 def _check_positive_definite(name: str, matrix: torch.Tensor) -> None:
     asymmetric = ~torch.isclose(matrix, matrix.mT, atol=1e-6).all(-1).all(-1)
     if torch._is_any_true(asymmetric):
         raise ValueError(f"{name} is not symmetric{_at_first(asymmetric)}")
-    info = torch.linalg.cholesky_ex(matrix).info
+    info = torch.linalg.cholesky_ex(_linalg_operand(matrix)).info
     failed = info != 0
     if torch._is_any_true(failed):
         index = _first_index(failed)
@@ -360,9 +367,9 @@ def _precision_to_scale_tril(P: torch.Tensor) -> torch.Tensor:
     """L with L Lᵀ = P⁻¹, through the Cholesky factor of P with rows and columns reversed
     (PyTorch's construction, so the numbers match)."""
     Lf = ops.cholesky(torch.flip(P, (-2, -1)))
-    L_inv = torch.transpose(torch.flip(Lf, (-2, -1)), -2, -1)
-    eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
-    return torch.linalg.solve_triangular(L_inv, eye, upper=False)
+    L_inv = _linalg_operand(torch.transpose(torch.flip(Lf, (-2, -1)), -2, -1))
+    eye = torch.eye(P.shape[-1], dtype=L_inv.dtype, device=P.device)
+    return torch.linalg.solve_triangular(L_inv, eye, upper=False).to(P.dtype)
 
 
 @register_kl(MultivariateNormal, MultivariateNormal)

@@ -177,3 +177,23 @@ def test_log_prob_of_a_zero_size_batch_with_validation(make):
         dist.log_prob(torch.zeros(0, 2))
     with pytest.raises(ValueError, match="not broadcastable with batch_shape"):
         dist.log_prob(torch.zeros(0, 2, 3))  # batch (0,) against (0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("parameterization", ["covariance_matrix", "precision_matrix"])
+def test_half_precision_covariance_and_precision(parameterization, dtype):
+    """float16 and bfloat16 covariance and precision matrices, validated: PyTorch's CPU Cholesky
+    and triangular solve take neither dtype (its own MultivariateNormal raises there), so the
+    check and the precision's factor run in float32; the numbers match float64 PyTorch's."""
+    loc, params = make_params(parameterization, batch_shape=(5,), k=4)
+    loc, matrix = loc.detach().to(dtype), params[parameterization].detach().to(dtype)
+    ours = fusedgauss.MultivariateNormal(loc, validate_args=True, **{parameterization: matrix})
+    theirs = td.MultivariateNormal(loc.double(), **{parameterization: matrix.double()})
+    value = torch.randn(5, 4).to(dtype)
+    tolerance = {"rtol": 0.05, "atol": 0.05}
+    torch.testing.assert_close(ours.log_prob(value).double(), theirs.log_prob(value.double()), **tolerance)
+    torch.testing.assert_close(ours.entropy().double(), theirs.entropy(), **tolerance)
+    torch.testing.assert_close(ours.scale_tril.double(), theirs.scale_tril, **tolerance)
+    assert ours.rsample((2,)).dtype == dtype
+    with pytest.raises(ValueError, match="not positive-definite"):
+        fusedgauss.MultivariateNormal(loc, validate_args=True, **{parameterization: -matrix})

@@ -6,7 +6,8 @@ A case draws the event size k (1-18: the compile-time sizes up to 8, runtime one
 and beyond 16 the lanes of large per-sample factors), a batch shape of up to two dimensions
 (zero-size ones included), and for each tensor argument its own broadcast of that shape
 (leading dimensions dropped, others cut to size 1 and perhaps expanded back with stride 0)
-and whether it is strided (every other element of a wider tensor); then float32 or float64.
+and whether it is strided (every other element of a wider tensor); then the dtype (float32,
+float64, float16 or bfloat16).
 Checked: the outputs, and the gradients of a random weighting of all of them with respect to
 every tensor argument, against the reference's by autograd in float64 on the same values.
 Then each distribution class against torch.distributions on such drawn cases, a sample shape
@@ -33,7 +34,8 @@ from fusedgauss import reference, testing
 
 EXAMPLES = int(os.environ.get("FUSEDGAUSS_HYPOTHESIS_EXAMPLES", "25"))
 # Relative to the largest reference value of each output or gradient (at least 1).
-TOLERANCE = {torch.float64: 1e-8, torch.float32: 3e-4}
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 3e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def squashed_from_value(name: str) -> bool:
@@ -73,8 +75,11 @@ def op_cases(draw, name: str):
     k = draw(st.integers(1, 18))
     batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
-    options = {"value_is_pre_tanh": draw(st.booleans())} if squashed_from_value(name) else {}
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, *HALF_DTYPES]))
+    # An action is clamped to 1 - eps with the eps of its own dtype, and the float64 reference
+    # would clamp a half action with float64's: half actions are scored from the pre-tanh value.
+    from_action = squashed_from_value(name) and dtype not in HALF_DTYPES and draw(st.booleans())
+    options = {"value_is_pre_tanh": not from_action} if squashed_from_value(name) else {}
     args, args64 = [], []
     for a in testing.op_arguments(name, batch, k, generator=generator, **options):
         if isinstance(a, torch.Tensor):
@@ -126,21 +131,27 @@ def test_op_matches_its_reference(name, data):
 KINDS = ("scale_tril", "covariance_matrix", "precision_matrix", "diag", "tanh_diag", "tanh_tril")
 
 
-def both_distributions(kind: str, loc: torch.Tensor, matrix: torch.Tensor):
-    """(fusedgauss's distribution, torch.distributions' own) of `kind` on loc and matrix (a
-    factor, covariance or precision matrix, or a diagonal scale). Ours validates its arguments
-    and values, as by default; torch's does not, as its validation raises on a zero-size batch
-    (an IndependentConstraint reshape to (0, -1))."""
-    off = {"validate_args": False}
+def fusedgauss_distribution(kind: str, loc: torch.Tensor, matrix: torch.Tensor) -> td.Distribution:
+    """fusedgauss's distribution of `kind` on loc and matrix (a factor, covariance or precision
+    matrix, or a diagonal scale), validating its arguments and values, as by default."""
     if kind == "diag":
-        return fusedgauss.DiagNormal(loc, matrix), td.Independent(td.Normal(loc, matrix, **off), 1, **off)
+        return fusedgauss.DiagNormal(loc, matrix)
     if kind == "tanh_diag":
-        return (fusedgauss.TanhNormal(loc, matrix), td.TransformedDistribution(
-            td.Independent(td.Normal(loc, matrix, **off), 1, **off), [td.TanhTransform()], **off))
+        return fusedgauss.TanhNormal(loc, matrix)
     if kind == "tanh_tril":
-        return (fusedgauss.TanhMultivariateNormal(loc, scale_tril=matrix), td.TransformedDistribution(
-            td.MultivariateNormal(loc, scale_tril=matrix, **off), [td.TanhTransform()], **off))
-    return fusedgauss.MultivariateNormal(loc, **{kind: matrix}), td.MultivariateNormal(loc, **{kind: matrix}, **off)
+        return fusedgauss.TanhMultivariateNormal(loc, scale_tril=matrix)
+    return fusedgauss.MultivariateNormal(loc, **{kind: matrix})
+
+
+def torch_distribution(kind: str, loc: torch.Tensor, matrix: torch.Tensor) -> td.Distribution:
+    """torch.distributions' own, without validation: PyTorch's raises on a zero-size batch (an
+    IndependentConstraint reshape to (0, -1))."""
+    off = {"validate_args": False}
+    if kind.endswith("diag"):
+        base = td.Independent(td.Normal(loc, matrix, **off), 1, **off)
+    else:
+        base = td.MultivariateNormal(loc, **{"scale_tril" if kind == "tanh_tril" else kind: matrix}, **off)
+    return td.TransformedDistribution(base, [td.TanhTransform()], **off) if kind.startswith("tanh") else base
 
 
 @st.composite
@@ -151,7 +162,7 @@ def distribution_cases(draw):
     k = draw(st.integers(1, 18))
     batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
     sample_shape = tuple(draw(st.lists(st.integers(1, 2), max_size=1)))
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, *HALF_DTYPES]))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     loc = torch.randn(batch + (k,), dtype=torch.float64, generator=generator)
     if kind in ("diag", "tanh_diag"):
@@ -160,11 +171,14 @@ def distribution_cases(draw):
         matrix = testing.random_spd(batch, k, generator=generator)
     else:
         matrix = testing.random_scale_tril(batch, k, generator=generator)
-    value = torch.randn(sample_shape + batch + (k,), dtype=torch.float64, generator=generator)
+    value = torch.randn(sample_shape + batch + (k,), dtype=torch.float64, generator=generator).to(dtype)
     if kind.startswith("tanh"):
-        value = torch.tanh(value)
+        # Inside the clamp of an action (1 - eps of its dtype), where torch's atanh agrees
+        # with ours; a half tanh rounds to exactly 1 from |u| > 3.4 (bfloat16).
+        bound = 1 - torch.finfo(dtype).eps
+        value = torch.tanh(value).clamp(-bound, bound)
     loc, matrix = (draw(broadcast_of(t.to(dtype), len(batch))) for t in (loc, matrix))
-    value = draw(broadcast_of(value.to(dtype), len(sample_shape) + len(batch)))
+    value = draw(broadcast_of(value, len(sample_shape) + len(batch)))
     return kind, k, loc, matrix, value, sample_shape, dtype
 
 
@@ -184,13 +198,14 @@ def assert_empty_results(dist, log_prob, value, leaves, sample_shape) -> None:
 def test_distribution_matches_torch(data):
     """log_prob and its gradients, entropy, mean, and rsample from one seed: fusedgauss's
     distribution in the drawn dtype against torch.distributions' in float64 on the same values
-    (rsample: in the same dtype, as the noise is drawn in it)."""
+    (rsample: PyTorch's formula on the noise torch.randn draws in that dtype; PyTorch itself
+    builds no float16 or bfloat16 covariance or precision MultivariateNormal on the CPU,
+    as its Cholesky factorisation there takes neither)."""
     kind, k, loc, matrix, value, sample_shape, dtype = data.draw(distribution_cases(), label="case")
     what = f"{kind} k={k} {dtype}"
     leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
     leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
-    ours, _ = both_distributions(kind, *leaves)
-    _, theirs = both_distributions(kind, *leaves64)
+    ours, theirs = fusedgauss_distribution(kind, *leaves), torch_distribution(kind, *leaves64)
     log_prob = ours.log_prob(value)
     assert log_prob.dtype == dtype
     size = "empty" if log_prob.numel() == 0 else "k > 8" if k > 8 else "k <= 8"
@@ -208,13 +223,19 @@ def test_distribution_matches_torch(data):
     if not kind.startswith("tanh"):
         assert_close_to(ours.entropy().detach(), theirs.entropy().detach(), dtype, f"{what} entropy")
         assert_close_to(ours.mean.detach(), theirs.mean.detach(), dtype, f"{what} mean")
-    same_dtype_theirs = both_distributions(kind, loc, matrix)[1]
     torch.manual_seed(1)
     sample = ours.rsample(sample_shape)
-    torch.manual_seed(1)
-    want_sample = same_dtype_theirs.rsample(sample_shape)
     assert sample.dtype == dtype
-    assert_close_to(sample.detach(), want_sample.detach().double(), dtype, f"{what} rsample")
+    torch.manual_seed(1)  # PyTorch's rsample: its formula on torch.randn's numbers after the seed
+    eps = torch.randn(sample_shape + ours.batch_shape + ours.event_shape, dtype=dtype).double()
+    base = theirs.base_dist if kind.startswith("tanh") else theirs
+    if kind.endswith("diag"):
+        want_sample = base.mean + base.stddev * eps
+    else:
+        want_sample = base.loc + (base.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    if kind.startswith("tanh"):
+        want_sample = torch.tanh(want_sample)
+    assert_close_to(sample.detach(), want_sample.detach(), dtype, f"{what} rsample")
 
 
 @requires_compiled_cpu
@@ -229,8 +250,7 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
         distribution_cases().filter(lambda case: case[0].startswith("tanh")), label="case")
     leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
     leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
-    ours, _ = both_distributions(kind, *leaves)
-    _, theirs = both_distributions(kind, *leaves64)
+    ours, theirs = fusedgauss_distribution(kind, *leaves), torch_distribution(kind, *leaves64)
     torch.manual_seed(1)
     action, log_prob, pre_tanh = ours.rsample_log_prob(sample_shape, return_pre_tanh=True)
     if action.numel() == 0:  # torch.distributions' log-prob raises on zero-size batches
