@@ -10,8 +10,11 @@ and whether it is strided (every other element of a wider tensor); then the dtyp
 float64, float16 or bfloat16).
 Checked: the outputs, and the gradients of a random weighting of all of them with respect to
 every tensor argument, against the reference's by autograd in float64 on the same values.
-Then each distribution class against torch.distributions on such drawn cases, a sample shape
-in front of the value: log_prob and its gradients, entropy, mean, and rsample from one seed.
+Then each distribution class (every constructor: scale_tril, covariance, precision, diagonal,
+packed factor, policy head; plain and tanh-squashed) against torch.distributions (a packed
+factor through the plain-PyTorch head) on such drawn cases, a sample shape in front of the
+value: log_prob and its gradients, entropy, mean, and rsample from one seed; and each squashed
+class's rsample_log_prob against the plain composition, outputs and reparameterised gradients.
 
 FUSEDGAUSS_HYPOTHESIS_EXAMPLES sets the examples per op (default 25; a search for new
 failures runs thousands).
@@ -25,7 +28,7 @@ import pytest
 import torch
 import torch.distributions as td
 from conftest import requires_compiled_cpu
-from helpers import outputs_and_grads
+from helpers import outputs_and_grads, plain_torch_scale_tril
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -128,47 +131,62 @@ def test_op_matches_its_reference(name, data):
 
 # --- the distributions against torch.distributions -----------------------------------------
 
-KINDS = ("scale_tril", "covariance_matrix", "precision_matrix", "diag", "tanh_diag", "tanh_tril")
+KINDS = ("scale_tril", "covariance_matrix", "precision_matrix", "diag", "tanh_diag", "tanh_tril", "packed",
+         "tanh_packed", "head", "tanh_head")
 
 
-def fusedgauss_distribution(kind: str, loc: torch.Tensor, matrix: torch.Tensor) -> td.Distribution:
-    """fusedgauss's distribution of `kind` on loc and matrix (a factor, covariance or precision
-    matrix, or a diagonal scale), validating its arguments and values, as by default."""
-    if kind == "diag":
-        return fusedgauss.DiagNormal(loc, matrix)
-    if kind == "tanh_diag":
-        return fusedgauss.TanhNormal(loc, matrix)
-    if kind == "tanh_tril":
-        return fusedgauss.TanhMultivariateNormal(loc, scale_tril=matrix)
-    return fusedgauss.MultivariateNormal(loc, **{kind: matrix})
+def fusedgauss_distribution(kind: str, *parameters: torch.Tensor) -> td.Distribution:
+    """fusedgauss's distribution of `kind` on its parameters (loc and a factor, covariance or
+    precision matrix, diagonal scale or packed factor; or a policy head's [loc | packed]),
+    validating its arguments and values, as by default."""
+    squashed = kind.startswith("tanh")
+    if kind.endswith("diag"):
+        return (fusedgauss.TanhNormal if squashed else fusedgauss.DiagNormal)(*parameters)
+    cls = fusedgauss.TanhMultivariateNormal if squashed else fusedgauss.MultivariateNormal
+    if kind.endswith("packed"):
+        return cls.from_packed(*parameters, *testing.PACKED_TRANSFORM)
+    if kind.endswith("head"):
+        return cls.from_head(*parameters, *testing.PACKED_TRANSFORM)
+    loc, matrix = parameters
+    return cls(loc, **{"scale_tril" if squashed else kind: matrix})
 
 
-def torch_distribution(kind: str, loc: torch.Tensor, matrix: torch.Tensor) -> td.Distribution:
-    """torch.distributions' own, without validation: PyTorch's raises on a zero-size batch (an
-    IndependentConstraint reshape to (0, -1))."""
+def torch_distribution(kind: str, *parameters: torch.Tensor) -> td.Distribution:
+    """torch.distributions' own, without validation (PyTorch's raises on a zero-size batch: an
+    IndependentConstraint reshape to (0, -1)); a packed factor through the plain-PyTorch head
+    (zeros, index assignment, softplus, tril)."""
     off = {"validate_args": False}
+    if kind.endswith("head"):
+        k = reference.event_size_of_head(parameters[0].shape[-1])
+        parameters = reference.split_head(parameters[0], k)
+    loc, matrix = parameters
     if kind.endswith("diag"):
         base = td.Independent(td.Normal(loc, matrix, **off), 1, **off)
+    elif kind.endswith("packed") or kind.endswith("head"):
+        base = td.MultivariateNormal(loc, scale_tril=plain_torch_scale_tril(matrix, *testing.PACKED_TRANSFORM), **off)
     else:
         base = td.MultivariateNormal(loc, **{"scale_tril" if kind == "tanh_tril" else kind: matrix}, **off)
     return td.TransformedDistribution(base, [td.TanhTransform()], **off) if kind.startswith("tanh") else base
 
 
 @st.composite
-def distribution_cases(draw):
-    """(kind, k, loc, matrix, value, sample shape, dtype): loc and matrix with their own
-    broadcasts of a batch shape, value with a sample shape in front of a third."""
-    kind = draw(st.sampled_from(KINDS))
+def distribution_cases(draw, kinds=KINDS):
+    """(kind, k, parameters, value, sample shape, dtype): each parameter with its own
+    broadcast of a batch shape (a head's loc and packed factor are one tensor), value with a
+    sample shape in front of a third."""
+    kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, 18))
     batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
     sample_shape = tuple(draw(st.lists(st.integers(1, 2), max_size=1)))
     dtype = draw(st.sampled_from([torch.float32, torch.float64, *HALF_DTYPES]))
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     loc = torch.randn(batch + (k,), dtype=torch.float64, generator=generator)
-    if kind in ("diag", "tanh_diag"):
+    if kind.endswith("diag"):
         matrix = 0.5 + torch.rand(batch + (k,), dtype=torch.float64, generator=generator)
     elif kind in ("covariance_matrix", "precision_matrix"):
         matrix = testing.random_spd(batch, k, generator=generator)
+    elif kind.endswith("packed") or kind.endswith("head"):
+        matrix = testing.random_packed(batch, k, generator=generator)
     else:
         matrix = testing.random_scale_tril(batch, k, generator=generator)
     value = torch.randn(sample_shape + batch + (k,), dtype=torch.float64, generator=generator).to(dtype)
@@ -177,9 +195,10 @@ def distribution_cases(draw):
         # with ours; a half tanh rounds to exactly 1 from |u| > 3.4 (bfloat16).
         bound = 1 - torch.finfo(dtype).eps
         value = torch.tanh(value).clamp(-bound, bound)
-    loc, matrix = (draw(broadcast_of(t.to(dtype), len(batch))) for t in (loc, matrix))
+    parameters = (torch.cat([loc, matrix], -1),) if kind.endswith("head") else (loc, matrix)
+    parameters = tuple(draw(broadcast_of(t.to(dtype), len(batch))) for t in parameters)
     value = draw(broadcast_of(value, len(sample_shape) + len(batch)))
-    return kind, k, loc, matrix, value, sample_shape, dtype
+    return kind, k, parameters, value, sample_shape, dtype
 
 
 def assert_empty_results(dist, log_prob, value, leaves, sample_shape) -> None:
@@ -201,10 +220,10 @@ def test_distribution_matches_torch(data):
     (rsample: PyTorch's formula on the noise torch.randn draws in that dtype; PyTorch itself
     builds no float16 or bfloat16 covariance or precision MultivariateNormal on the CPU,
     as its Cholesky factorisation there takes neither)."""
-    kind, k, loc, matrix, value, sample_shape, dtype = data.draw(distribution_cases(), label="case")
+    kind, k, parameters, value, sample_shape, dtype = data.draw(distribution_cases(), label="case")
     what = f"{kind} k={k} {dtype}"
-    leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
-    leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
+    leaves = [t.detach().requires_grad_() for t in parameters]
+    leaves64 = [t.detach().double().requires_grad_() for t in parameters]
     ours, theirs = fusedgauss_distribution(kind, *leaves), torch_distribution(kind, *leaves64)
     log_prob = ours.log_prob(value)
     assert log_prob.dtype == dtype
@@ -218,8 +237,8 @@ def test_distribution_matches_torch(data):
     weights = torch.randn(want.shape, dtype=torch.float64)
     grads = torch.autograd.grad((log_prob.double() * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
     want_grads = torch.autograd.grad((want * weights).sum(), leaves64, allow_unused=True, materialize_grads=True)
-    for name, g, w in zip(("loc", "matrix"), grads, want_grads):
-        assert_close_to(g, w, dtype, f"{what} gradient of {name}")
+    for index, (g, w) in enumerate(zip(grads, want_grads)):
+        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
     if not kind.startswith("tanh"):
         assert_close_to(ours.entropy().detach(), theirs.entropy().detach(), dtype, f"{what} entropy")
         assert_close_to(ours.mean.detach(), theirs.mean.detach(), dtype, f"{what} mean")
@@ -246,10 +265,10 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     float64 from the same noise (torch.randn after the same seed): u = base(ε), tanh(u), the
     base's log-prob of u less log|d tanh/du|; the outputs and the reparameterised gradients of
     a random weighting of both outputs."""
-    kind, k, loc, matrix, _, sample_shape, dtype = data.draw(
-        distribution_cases().filter(lambda case: case[0].startswith("tanh")), label="case")
-    leaves = [loc.detach().requires_grad_(), matrix.detach().requires_grad_()]
-    leaves64 = [t.detach().double().requires_grad_() for t in (loc, matrix)]
+    kind, k, parameters, _, sample_shape, dtype = data.draw(
+        distribution_cases([kind for kind in KINDS if kind.startswith("tanh")]), label="case")
+    leaves = [t.detach().requires_grad_() for t in parameters]
+    leaves64 = [t.detach().double().requires_grad_() for t in parameters]
     ours, theirs = fusedgauss_distribution(kind, *leaves), torch_distribution(kind, *leaves64)
     torch.manual_seed(1)
     action, log_prob, pre_tanh = ours.rsample_log_prob(sample_shape, return_pre_tanh=True)
@@ -259,11 +278,14 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
         return
     torch.manual_seed(1)
     eps = torch.randn(theirs.base_dist._extended_shape(sample_shape), dtype=dtype).double()
-    loc64, matrix64 = leaves64
+    base = theirs.base_dist
     # A scale_tril is read through its lower triangle, as log_prob reads it (PyTorch's rsample
     # would hand its upper triangle a gradient too: tests/test_squashed_distributions.py).
-    u = loc64 + (matrix64 * eps if kind == "tanh_diag" else (matrix64.tril() @ eps.unsqueeze(-1)).squeeze(-1))
-    want = (torch.tanh(u), theirs.base_dist.log_prob(u) - td.TanhTransform().log_abs_det_jacobian(u, None).sum(-1))
+    if kind == "tanh_diag":
+        u = base.mean + base.stddev * eps
+    else:
+        u = base.loc + (base._unbroadcasted_scale_tril.tril() @ eps.unsqueeze(-1)).squeeze(-1)
+    want = (torch.tanh(u), base.log_prob(u) - td.TanhTransform().log_abs_det_jacobian(u, None).sum(-1))
     what = f"{kind} k={k} {dtype}"
     assert_close_to(pre_tanh.detach(), u.detach(), dtype, f"{what} pre-tanh value")
     for name, ours_t, theirs_t in zip(("action", "log_prob"), (action, log_prob), want):
@@ -274,5 +296,5 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     want_loss = sum((t * w).sum() for t, w in zip(want, weights))
     grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
     want_grads = torch.autograd.grad(want_loss, leaves64, allow_unused=True, materialize_grads=True)
-    for name, g, w in zip(("loc", "matrix"), grads, want_grads):
-        assert_close_to(g, w, dtype, f"{what} gradient of {name}")
+    for index, (g, w) in enumerate(zip(grads, want_grads)):
+        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
