@@ -385,9 +385,9 @@ def _kl_multivariate_normal(p: MultivariateNormal, q: MultivariateNormal) -> tor
     L_p = p._unbroadcasted_scale_tril
     L_q = q._unbroadcasted_scale_tril
     log_q_of_p_mean = ops.mvn_tril_log_prob(p._unbroadcasted_loc, q._unbroadcasted_loc, L_q)
-    M = torch.linalg.solve_triangular(L_q, L_p, upper=False)
+    M = torch.linalg.solve_triangular(_linalg_operand(L_q), _linalg_operand(L_p), upper=False)
     entropy_p = 0.5 * k * (1.0 + math.log(2 * math.pi)) + L_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    kl = 0.5 * M.pow(2).sum((-2, -1)) - entropy_p - log_q_of_p_mean
+    kl = (0.5 * M.pow(2).sum((-2, -1)) - entropy_p - log_q_of_p_mean).to(L_p.dtype)
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 
@@ -395,7 +395,7 @@ class DiagNormal(td.Independent):
     r"""Gaussian with diagonal covariance over the last dimension; a drop-in for
     ``Independent(Normal(loc, scale), 1)``, which it subclasses (so ``isinstance`` checks and
     the KL registry keep working: KL between two of them is PyTorch's Independent/Normal
-    formula).
+    formula, registered for the pair so that a zero-size batch works too).
 
     :meth:`log_prob` runs the fused ``diag_normal_log_prob`` on the unbroadcast parameters,
     so a ``scale`` shared by the batch (a state-independent log-std) is read once and its
@@ -452,6 +452,16 @@ class DiagNormal(td.Independent):
         takes k logs, not one per sample and entry."""
         scale = _expanded(self._unbroadcasted_scale, self._unbroadcasted_scale.shape[:-1] + self.event_shape)
         return _gaussian_entropy(self.event_shape[0], scale.log().sum(-1), self.batch_shape)
+
+
+@register_kl(DiagNormal, DiagNormal)
+def _kl_diag_normal(p: DiagNormal, q: DiagNormal) -> torch.Tensor:
+    r"""PyTorch's Independent/Normal KL, Σᵢ ½(r + ((μ_p - μ_q)/σ_q)² - 1 - log r) with
+    r = (σ_p/σ_q)², the same numbers; summed with ``sum(-1)`` where PyTorch's reshape to
+    (batch, -1) raises on a zero-size batch."""
+    var_ratio = (p.scale / q.scale).pow(2)
+    t1 = ((p.loc - q.loc) / q.scale).pow(2)
+    return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
 
 
 class _TanhSquashedGaussian(td.TransformedDistribution):

@@ -298,3 +298,52 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     want_grads = torch.autograd.grad(want_loss, leaves64, allow_unused=True, materialize_grads=True)
     for index, (g, w) in enumerate(zip(grads, want_grads)):
         assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
+
+
+def nearby_parameters(kind: str, parameters: tuple, generator: torch.Generator) -> tuple:
+    """Another distribution's parameters of `kind`, of the same shapes: each entry moved or
+    scaled so that it stays valid (a factor's positive diagonal, a covariance's definiteness)."""
+    def like(t):
+        return torch.randn(t.shape, dtype=torch.float64, generator=generator).to(t.dtype)
+
+    def factor(t):
+        return (0.5 + torch.rand(t.shape, dtype=torch.float64, generator=generator)).to(t.dtype)
+
+    if kind.endswith("head"):
+        return (parameters[0] + 0.1 * like(parameters[0]),)
+    loc, matrix = parameters
+    if kind in ("covariance_matrix", "precision_matrix"):
+        moved = matrix + 0.5 * torch.eye(matrix.shape[-1], dtype=matrix.dtype)
+    elif kind.endswith("packed"):
+        moved = matrix + 0.1 * like(matrix)
+    else:
+        moved = matrix * factor(matrix)
+    return loc + like(loc), moved
+
+
+@requires_compiled_cpu
+@settings(max_examples=2 * EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_kl_divergence_matches_torch(data):
+    """torch.distributions.kl_divergence of two fusedgauss distributions of one kind (the
+    fused KL of two MultivariateNormals) against PyTorch's in float64, and its gradients."""
+    kind, k, parameters, _, _, dtype = data.draw(
+        distribution_cases([kind for kind in KINDS if not kind.startswith("tanh")]), label="case")
+    other = nearby_parameters(kind, parameters, torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1))))
+    leaves = [t.detach().requires_grad_() for t in (*parameters, *other)]
+    leaves64 = [t.detach().double().requires_grad_() for t in (*parameters, *other)]
+    half = len(parameters)
+    p, q = fusedgauss_distribution(kind, *leaves[:half]), fusedgauss_distribution(kind, *leaves[half:])
+    kl = td.kl_divergence(p, q)
+    assert kl.dtype == dtype
+    assert kl.shape == torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    if kl.numel() == 0:  # torch.distributions raises on zero-size batches
+        return
+    want = td.kl_divergence(torch_distribution(kind, *leaves64[:half]), torch_distribution(kind, *leaves64[half:]))
+    what = f"{kind} k={k} {dtype}"
+    assert_close_to(kl.detach(), want.detach(), dtype, f"{what} KL")
+    weights = torch.randn(want.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((kl.double() * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
+    want_grads = torch.autograd.grad((want * weights).sum(), leaves64, allow_unused=True, materialize_grads=True)
+    for index, (g, w) in enumerate(zip(grads, want_grads)):
+        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")

@@ -84,6 +84,17 @@ def test_diag_normal_entropy(scale_shape):
     assert fusedgauss.DiagNormal(loc, 0.5).entropy().shape == (6,)
 
 
+def test_diag_normal_kl_divergence():
+    """KL between two DiagNormals: PyTorch's Independent/Normal numbers bit for bit, and on a
+    zero-size batch too, where PyTorch's reshape to (0, -1) raises."""
+    loc, scale = torch.randn(5, 3), torch.rand(5, 3) + 0.5
+    ours = td.kl_divergence(fusedgauss.DiagNormal(loc, scale), fusedgauss.DiagNormal(loc + 1, scale * 2))
+    theirs = td.kl_divergence(td.Independent(td.Normal(loc, scale), 1), td.Independent(td.Normal(loc + 1, scale * 2), 1))
+    assert torch.equal(ours, theirs)
+    empty = fusedgauss.DiagNormal(torch.zeros(0, 3), torch.ones(0, 3))
+    assert td.kl_divergence(empty, empty).shape == (0,)
+
+
 def test_diag_normal_checks_its_arguments():
     with pytest.raises(ValueError, match="scale"):
         fusedgauss.DiagNormal(torch.zeros(3), -torch.ones(3), validate_args=True)
