@@ -135,26 +135,28 @@ KINDS = ("scale_tril", "covariance_matrix", "precision_matrix", "diag", "tanh_di
          "tanh_packed", "head", "tanh_head")
 
 
-def fusedgauss_distribution(kind: str, *parameters: torch.Tensor) -> td.Distribution:
+def fusedgauss_distribution(kind: str, *parameters: torch.Tensor, bounds: dict | None = None) -> td.Distribution:
     """fusedgauss's distribution of `kind` on its parameters (loc and a factor, covariance or
-    precision matrix, diagonal scale or packed factor; or a policy head's [loc | packed]),
-    validating its arguments and values, as by default."""
+    precision matrix, diagonal scale or packed factor; or a policy head's [loc | packed]), a
+    squashed one with the action `bounds` (low, high) when given, validating its arguments and
+    values, as by default."""
     squashed = kind.startswith("tanh")
+    bounds = bounds or {}
     if kind.endswith("diag"):
-        return (fusedgauss.TanhNormal if squashed else fusedgauss.DiagNormal)(*parameters)
+        return fusedgauss.TanhNormal(*parameters, **bounds) if squashed else fusedgauss.DiagNormal(*parameters)
     cls = fusedgauss.TanhMultivariateNormal if squashed else fusedgauss.MultivariateNormal
     if kind.endswith("packed"):
-        return cls.from_packed(*parameters, *testing.PACKED_TRANSFORM)
+        return cls.from_packed(*parameters, *testing.PACKED_TRANSFORM, **bounds)
     if kind.endswith("head"):
-        return cls.from_head(*parameters, *testing.PACKED_TRANSFORM)
+        return cls.from_head(*parameters, *testing.PACKED_TRANSFORM, **bounds)
     loc, matrix = parameters
-    return cls(loc, **{"scale_tril" if squashed else kind: matrix})
+    return cls(loc, **{"scale_tril" if squashed else kind: matrix}, **bounds)
 
 
-def torch_distribution(kind: str, *parameters: torch.Tensor) -> td.Distribution:
+def torch_distribution(kind: str, *parameters: torch.Tensor, bounds: dict | None = None) -> td.Distribution:
     """torch.distributions' own, without validation (PyTorch's raises on a zero-size batch: an
     IndependentConstraint reshape to (0, -1)); a packed factor through the plain-PyTorch head
-    (zeros, index assignment, softplus, tril)."""
+    (zeros, index assignment, softplus, tril); action bounds through an AffineTransform."""
     off = {"validate_args": False}
     if kind.endswith("head"):
         k = reference.event_size_of_head(parameters[0].shape[-1])
@@ -166,14 +168,23 @@ def torch_distribution(kind: str, *parameters: torch.Tensor) -> td.Distribution:
         base = td.MultivariateNormal(loc, scale_tril=plain_torch_scale_tril(matrix, *testing.PACKED_TRANSFORM), **off)
     else:
         base = td.MultivariateNormal(loc, **{"scale_tril" if kind == "tanh_tril" else kind: matrix}, **off)
-    return td.TransformedDistribution(base, [td.TanhTransform()], **off) if kind.startswith("tanh") else base
+    if not kind.startswith("tanh"):
+        return base
+    transforms = [td.TanhTransform()]
+    if bounds:
+        # Numbers stay numbers: PyTorch's AffineTransform counts a 0-dim tensor scale's
+        # log-Jacobian once per event, not once per dimension.
+        low, high = bounds["low"], bounds["high"]
+        transforms.append(td.AffineTransform((high + low) / 2, (high - low) / 2, event_dim=1))
+    return td.TransformedDistribution(base, transforms, **off)
 
 
 @st.composite
 def distribution_cases(draw, kinds=KINDS):
-    """(kind, k, parameters, value, sample shape, dtype): each parameter with its own
+    """(kind, k, parameters, value, sample shape, dtype, bounds): each parameter with its own
     broadcast of a batch shape (a head's loc and packed factor are one tensor), value with a
-    sample shape in front of a third."""
+    sample shape in front of a third; a squashed kind's action bounds none (-1 and 1), numbers
+    or per-dimension tensors, with its values inside them."""
     kind = draw(st.sampled_from(kinds))
     k = draw(st.integers(1, 18))
     batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
@@ -190,15 +201,29 @@ def distribution_cases(draw, kinds=KINDS):
     else:
         matrix = testing.random_scale_tril(batch, k, generator=generator)
     value = torch.randn(sample_shape + batch + (k,), dtype=torch.float64, generator=generator).to(dtype)
+    bounds = {}
     if kind.startswith("tanh"):
         # Inside the clamp of an action (1 - eps of its dtype), where torch's atanh agrees
-        # with ours; a half tanh rounds to exactly 1 from |u| > 3.4 (bfloat16).
-        bound = 1 - torch.finfo(dtype).eps
+        # with ours (a half tanh rounds to exactly 1 from |u| > 3.4 in bfloat16), and far
+        # enough from it that the dtype's rounding of the map to the bounds and back, which
+        # atanh's slope 1/(1 - y^2) amplifies, stays within the tolerance.
+        bound = 1 - 64 * torch.finfo(dtype).eps
         value = torch.tanh(value).clamp(-bound, bound)
+        bounds_kind = draw(st.sampled_from(["none", "numbers", "per dimension"]))
+        if bounds_kind == "numbers":
+            low = draw(st.sampled_from([-2.0, 0.0, 0.5]))
+            bounds = {"low": low, "high": low + draw(st.sampled_from([0.5, 1.0, 3.0]))}
+        elif bounds_kind == "per dimension":
+            low = -0.5 - torch.rand(k, dtype=torch.float64, generator=generator)
+            bounds = {"low": low.to(dtype), "high": (low + 0.5 + torch.rand(k, dtype=torch.float64,
+                                                                            generator=generator)).to(dtype)}
+        if bounds:
+            low, high = (torch.as_tensor(bounds[b], dtype=dtype) for b in ("low", "high"))
+            value = (high + low) / 2 + (high - low) / 2 * value
     parameters = (torch.cat([loc, matrix], -1),) if kind.endswith("head") else (loc, matrix)
     parameters = tuple(draw(broadcast_of(t.to(dtype), len(batch))) for t in parameters)
     value = draw(broadcast_of(value, len(sample_shape) + len(batch)))
-    return kind, k, parameters, value, sample_shape, dtype
+    return kind, k, parameters, value, sample_shape, dtype, bounds
 
 
 def assert_empty_results(dist, log_prob, value, leaves, sample_shape) -> None:
@@ -220,11 +245,13 @@ def test_distribution_matches_torch(data):
     (rsample: PyTorch's formula on the noise torch.randn draws in that dtype; PyTorch itself
     builds no float16 or bfloat16 covariance or precision MultivariateNormal on the CPU,
     as its Cholesky factorisation there takes neither)."""
-    kind, k, parameters, value, sample_shape, dtype = data.draw(distribution_cases(), label="case")
-    what = f"{kind} k={k} {dtype}"
+    kind, k, parameters, value, sample_shape, dtype, bounds = data.draw(distribution_cases(), label="case")
+    what = f"{kind} k={k} {dtype} bounds {bounds}"
     leaves = [t.detach().requires_grad_() for t in parameters]
     leaves64 = [t.detach().double().requires_grad_() for t in parameters]
-    ours, theirs = fusedgauss_distribution(kind, *leaves), torch_distribution(kind, *leaves64)
+    bounds64 = {b: v.double() if isinstance(v, torch.Tensor) else v for b, v in bounds.items()}
+    ours = fusedgauss_distribution(kind, *leaves, bounds=bounds)
+    theirs = torch_distribution(kind, *leaves64, bounds=bounds64)
     log_prob = ours.log_prob(value)
     assert log_prob.dtype == dtype
     size = "empty" if log_prob.numel() == 0 else "k > 8" if k > 8 else "k <= 8"
@@ -242,6 +269,13 @@ def test_distribution_matches_torch(data):
     if not kind.startswith("tanh"):
         assert_close_to(ours.entropy().detach(), theirs.entropy().detach(), dtype, f"{what} entropy")
         assert_close_to(ours.mean.detach(), theirs.mean.detach(), dtype, f"{what} mean")
+    else:  # from the stored pre-tanh value, as PPO scores its actions
+        squashed = value.double()
+        for transform in reversed(theirs.transforms[1:]):  # the bounds' affine map
+            squashed = transform.inv(squashed)
+        pre_tanh = torch.atanh(squashed)
+        assert_close_to(ours.log_prob(value, pre_tanh=pre_tanh.to(dtype)).detach(), want.detach(), dtype,
+                        f"{what} log_prob from the pre-tanh value")
     torch.manual_seed(1)
     sample = ours.rsample(sample_shape)
     assert sample.dtype == dtype
@@ -254,6 +288,8 @@ def test_distribution_matches_torch(data):
         want_sample = base.loc + (base.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
     if kind.startswith("tanh"):
         want_sample = torch.tanh(want_sample)
+        for transform in theirs.transforms[1:]:
+            want_sample = transform(want_sample)
     assert_close_to(sample.detach(), want_sample.detach(), dtype, f"{what} rsample")
 
 
@@ -265,7 +301,7 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     float64 from the same noise (torch.randn after the same seed): u = base(ε), tanh(u), the
     base's log-prob of u less log|d tanh/du|; the outputs and the reparameterised gradients of
     a random weighting of both outputs."""
-    kind, k, parameters, _, sample_shape, dtype = data.draw(
+    kind, k, parameters, _, sample_shape, dtype, _ = data.draw(
         distribution_cases([kind for kind in KINDS if kind.startswith("tanh")]), label="case")
     leaves = [t.detach().requires_grad_() for t in parameters]
     leaves64 = [t.detach().double().requires_grad_() for t in parameters]
@@ -327,7 +363,7 @@ def nearby_parameters(kind: str, parameters: tuple, generator: torch.Generator) 
 def test_kl_divergence_matches_torch(data):
     """torch.distributions.kl_divergence of two fusedgauss distributions of one kind (the
     fused KL of two MultivariateNormals) against PyTorch's in float64, and its gradients."""
-    kind, k, parameters, _, _, dtype = data.draw(
+    kind, k, parameters, _, _, dtype, _ = data.draw(
         distribution_cases([kind for kind in KINDS if not kind.startswith("tanh")]), label="case")
     other = nearby_parameters(kind, parameters, torch.Generator().manual_seed(data.draw(st.integers(0, 2**32 - 1))))
     leaves = [t.detach().requires_grad_() for t in (*parameters, *other)]
