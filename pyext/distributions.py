@@ -387,7 +387,8 @@ def _kl_multivariate_normal(p: MultivariateNormal, q: MultivariateNormal) -> tor
     log_q_of_p_mean = ops.mvn_tril_log_prob(p._unbroadcasted_loc, q._unbroadcasted_loc, L_q)
     M = torch.linalg.solve_triangular(_linalg_operand(L_q), _linalg_operand(L_p), upper=False)
     entropy_p = 0.5 * k * (1.0 + math.log(2 * math.pi)) + L_p.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    kl = (0.5 * M.pow(2).sum((-2, -1)) - entropy_p - log_q_of_p_mean).to(L_p.dtype)
+    kl = 0.5 * M.pow(2).sum((-2, -1)) - entropy_p - log_q_of_p_mean
+    kl = kl.to(torch.promote_types(L_p.dtype, L_q.dtype))  # M is float32 for half factors
     return kl.expand(torch.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 

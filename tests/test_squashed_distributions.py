@@ -89,7 +89,8 @@ def test_diag_normal_kl_divergence():
     zero-size batch too, where PyTorch's reshape to (0, -1) raises."""
     loc, scale = torch.randn(5, 3), torch.rand(5, 3) + 0.5
     ours = td.kl_divergence(fusedgauss.DiagNormal(loc, scale), fusedgauss.DiagNormal(loc + 1, scale * 2))
-    theirs = td.kl_divergence(td.Independent(td.Normal(loc, scale), 1), td.Independent(td.Normal(loc + 1, scale * 2), 1))
+    theirs = td.kl_divergence(td.Independent(td.Normal(loc, scale), 1),
+                              td.Independent(td.Normal(loc + 1, scale * 2), 1))
     assert torch.equal(ours, theirs)
     empty = fusedgauss.DiagNormal(torch.zeros(0, 3), torch.ones(0, 3))
     assert td.kl_divergence(empty, empty).shape == (0,)
