@@ -110,11 +110,29 @@ def assert_close_to(ours: torch.Tensor, theirs: torch.Tensor, dtype: torch.dtype
                                msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_with_gradients(ours: dict, theirs: tuple, leaves: list, leaves64: list, dtype: torch.dtype,
+                                what: str) -> None:
+    """Each output of `ours` (name: tensor in dtype) close to its float64 counterpart in
+    `theirs`, and the gradients of a random weighting of all of them with respect to `leaves`
+    close to those of theirs with respect to `leaves64` (the same values in float64)."""
+    weights = [torch.randn(t.shape, dtype=torch.float64) for t in theirs]
+    for (name, o), t in zip(ours.items(), theirs):
+        assert o.dtype == dtype, f"{what} {name} is {o.dtype}"
+        assert_close_to(o.detach(), t.detach(), dtype, f"{what} {name}")
+    loss = sum((o.double() * w).sum() for o, w in zip(ours.values(), weights))
+    want_loss = sum((t * w).sum() for t, w in zip(theirs, weights))
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+    want_grads = torch.autograd.grad(want_loss, leaves64, allow_unused=True, materialize_grads=True)
+    for index, (g, w) in enumerate(zip(grads, want_grads)):
+        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
+
+
 @requires_compiled_cpu
 @pytest.mark.parametrize("name", testing.OPS_AND_HEAD)
 @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_op_matches_its_reference(name, data):
+    """Op `name` on drawn arguments: its outputs and gradients against its float64 reference's."""
     k, args, args64, dtype = data.draw(op_cases(name), label="k, arguments, float64 arguments, dtype")
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     tensors64 = [a for a in args64 if isinstance(a, torch.Tensor)]
@@ -260,12 +278,7 @@ def test_distribution_matches_torch(data):
         assert_empty_results(ours, log_prob, value, leaves, sample_shape)
         return
     want = theirs.log_prob(value.double())
-    assert_close_to(log_prob.detach(), want.detach(), dtype, f"{what} log_prob")
-    weights = torch.randn(want.shape, dtype=torch.float64)
-    grads = torch.autograd.grad((log_prob.double() * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
-    want_grads = torch.autograd.grad((want * weights).sum(), leaves64, allow_unused=True, materialize_grads=True)
-    for index, (g, w) in enumerate(zip(grads, want_grads)):
-        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
+    assert_close_with_gradients({"log_prob": log_prob}, (want,), leaves, leaves64, dtype, what)
     if not kind.startswith("tanh"):
         assert_close_to(ours.entropy().detach(), theirs.entropy().detach(), dtype, f"{what} entropy")
         assert_close_to(ours.mean.detach(), theirs.mean.detach(), dtype, f"{what} mean")
@@ -324,16 +337,7 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     want = (torch.tanh(u), base.log_prob(u) - td.TanhTransform().log_abs_det_jacobian(u, None).sum(-1))
     what = f"{kind} k={k} {dtype}"
     assert_close_to(pre_tanh.detach(), u.detach(), dtype, f"{what} pre-tanh value")
-    for name, ours_t, theirs_t in zip(("action", "log_prob"), (action, log_prob), want):
-        assert ours_t.dtype == dtype
-        assert_close_to(ours_t.detach(), theirs_t.detach(), dtype, f"{what} {name}")
-    weights = [torch.randn(t.shape, dtype=torch.float64) for t in want]
-    loss = sum((t.double() * w).sum() for t, w in zip((action, log_prob), weights))
-    want_loss = sum((t * w).sum() for t, w in zip(want, weights))
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
-    want_grads = torch.autograd.grad(want_loss, leaves64, allow_unused=True, materialize_grads=True)
-    for index, (g, w) in enumerate(zip(grads, want_grads)):
-        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
+    assert_close_with_gradients({"action": action, "log_prob": log_prob}, want, leaves, leaves64, dtype, what)
 
 
 def nearby_parameters(kind: str, parameters: tuple, generator: torch.Generator) -> tuple:
@@ -371,15 +375,8 @@ def test_kl_divergence_matches_torch(data):
     half = len(parameters)
     p, q = fusedgauss_distribution(kind, *leaves[:half]), fusedgauss_distribution(kind, *leaves[half:])
     kl = td.kl_divergence(p, q)
-    assert kl.dtype == dtype
-    assert kl.shape == torch.broadcast_shapes(p.batch_shape, q.batch_shape)
+    assert kl.dtype == dtype and kl.shape == torch.broadcast_shapes(p.batch_shape, q.batch_shape)
     if kl.numel() == 0:  # torch.distributions raises on zero-size batches
         return
     want = td.kl_divergence(torch_distribution(kind, *leaves64[:half]), torch_distribution(kind, *leaves64[half:]))
-    what = f"{kind} k={k} {dtype}"
-    assert_close_to(kl.detach(), want.detach(), dtype, f"{what} KL")
-    weights = torch.randn(want.shape, dtype=torch.float64)
-    grads = torch.autograd.grad((kl.double() * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
-    want_grads = torch.autograd.grad((want * weights).sum(), leaves64, allow_unused=True, materialize_grads=True)
-    for index, (g, w) in enumerate(zip(grads, want_grads)):
-        assert_close_to(g, w, dtype, f"{what} gradient of parameter {index}")
+    assert_close_with_gradients({"KL": kl}, (want,), leaves, leaves64, dtype, f"{kind} k={k} {dtype}")
