@@ -244,6 +244,15 @@ def distribution_cases(draw, kinds=KINDS):
     return kind, k, parameters, value, sample_shape, dtype, bounds
 
 
+def reparameterised(kind: str, base: td.Distribution, eps: torch.Tensor) -> torch.Tensor:
+    """PyTorch's rsample formula of `base` on the noise eps: loc + scale eps, or loc + L eps with
+    L read through its lower triangle, as log_prob reads it (PyTorch's rsample would hand its
+    upper triangle a gradient too: tests/test_squashed_distributions.py)."""
+    if kind.endswith("diag"):
+        return base.mean + base.stddev * eps
+    return base.loc + (base._unbroadcasted_scale_tril.tril() @ eps.unsqueeze(-1)).squeeze(-1)
+
+
 def assert_empty_results(dist, log_prob, value, leaves, sample_shape) -> None:
     """Of a zero-size batch: the shapes of a log_prob, its gradients, the entropy and a sample."""
     assert log_prob.shape == torch.broadcast_shapes(value.shape[:-1], dist.batch_shape)
@@ -294,11 +303,7 @@ def test_distribution_matches_torch(data):
     assert sample.dtype == dtype
     torch.manual_seed(1)  # PyTorch's rsample: its formula on torch.randn's numbers after the seed
     eps = torch.randn(sample_shape + ours.batch_shape + ours.event_shape, dtype=dtype).double()
-    base = theirs.base_dist if kind.startswith("tanh") else theirs
-    if kind.endswith("diag"):
-        want_sample = base.mean + base.stddev * eps
-    else:
-        want_sample = base.loc + (base.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    want_sample = reparameterised(kind, theirs.base_dist if kind.startswith("tanh") else theirs, eps)
     if kind.startswith("tanh"):
         want_sample = torch.tanh(want_sample)
         for transform in theirs.transforms[1:]:
@@ -328,12 +333,7 @@ def test_rsample_log_prob_matches_the_plain_composition(data):
     torch.manual_seed(1)
     eps = torch.randn(theirs.base_dist._extended_shape(sample_shape), dtype=dtype).double()
     base = theirs.base_dist
-    # A scale_tril is read through its lower triangle, as log_prob reads it (PyTorch's rsample
-    # would hand its upper triangle a gradient too: tests/test_squashed_distributions.py).
-    if kind == "tanh_diag":
-        u = base.mean + base.stddev * eps
-    else:
-        u = base.loc + (base._unbroadcasted_scale_tril.tril() @ eps.unsqueeze(-1)).squeeze(-1)
+    u = reparameterised(kind, base, eps)
     want = (torch.tanh(u), base.log_prob(u) - td.TanhTransform().log_abs_det_jacobian(u, None).sum(-1))
     what = f"{kind} k={k} {dtype}"
     assert_close_to(pre_tanh.detach(), u.detach(), dtype, f"{what} pre-tanh value")
