@@ -457,12 +457,10 @@ class DiagNormal(td.Independent):
 
 @register_kl(DiagNormal, DiagNormal)
 def _kl_diag_normal(p: DiagNormal, q: DiagNormal) -> torch.Tensor:
-    r"""PyTorch's Independent/Normal KL, Σᵢ ½(r + ((μ_p - μ_q)/σ_q)² - 1 - log r) with
-    r = (σ_p/σ_q)², the same numbers; summed with ``sum(-1)`` where PyTorch's reshape to
-    (batch, -1) raises on a zero-size batch."""
-    var_ratio = (p.scale / q.scale).pow(2)
-    t1 = ((p.loc - q.loc) / q.scale).pow(2)
-    return (0.5 * (var_ratio + t1 - 1 - var_ratio.log())).sum(-1)
+    r"""PyTorch's Independent/Normal KL: its Normal/Normal KL per entry, summed with
+    ``sum(-1)`` where PyTorch's Independent reshapes to (batch, -1), which raises on a
+    zero-size batch."""
+    return td.kl_divergence(p.base_dist, q.base_dist).sum(-1)
 
 
 class _TanhSquashedGaussian(td.TransformedDistribution):
