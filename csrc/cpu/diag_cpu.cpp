@@ -90,15 +90,25 @@ C10_ALWAYS_INLINE void log_prob_gradient_entries(int64_t n, const acc_t* FUSEDGA
   }
 }
 
-template <typename acc_t>
+/// kFactored: each sample's sum of log-dets is taken as the log of a product, the one its
+/// scale's sum of logs takes (split_log_scale_entries): each entry's log-prob term less the
+/// log of its factor (math::TanhTerms), and the factor to `factors`. (A log1p per entry, with
+/// its division, had cost the forward a sixth of its time: 65536 x 6, two threads, 0.335 ->
+/// 0.279 ms; 65536 x 17, 1.03-1.15 -> 0.90 ms.)
+template <bool kFactored, typename acc_t>
 C10_ALWAYS_INLINE void rsample_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT m, const acc_t* FUSEDGAUSS_RESTRICT s,
                                        const acc_t* FUSEDGAUSS_RESTRICT noise, acc_t* FUSEDGAUSS_RESTRICT action, acc_t* FUSEDGAUSS_RESTRICT pre_tanh,
-                                       acc_t* FUSEDGAUSS_RESTRICT log_prob) {
+                                       acc_t* FUSEDGAUSS_RESTRICT log_prob, acc_t* FUSEDGAUSS_RESTRICT factors) {
   for (int64_t e = 0; e < n; ++e) {
     const auto sample = math::diag_rsample_entry(m[e], s[e], noise[e]);
     action[e] = sample.action;
     pre_tanh[e] = sample.pre_tanh;
-    log_prob[e] = sample.log_prob;
+    if constexpr (kFactored) {
+      log_prob[e] = sample.log_prob_linear;
+      factors[e] = sample.log_det_factor;
+    } else {
+      log_prob[e] = sample.log_prob;
+    }
   }
 }
 
@@ -115,12 +125,13 @@ C10_ALWAYS_INLINE void rsample_gradient_entries(int64_t n, const acc_t* FUSEDGAU
   }
 }
 
-/// The split of split_log_scale in a loop of its own: terms[e] -= the log of s[e]'s power of
+/// The split of split_log_scale in a loop of its own, of each scale entry times the factor
+/// that `mantissas` holds for it on entry: terms[e] -= the log of s[e] mantissas[e]'s power of
 /// two, and mantissas[e] = its mantissa.
 template <typename acc_t>
 C10_ALWAYS_INLINE void split_log_scale_entries(int64_t n, const acc_t* FUSEDGAUSS_RESTRICT s, acc_t* FUSEDGAUSS_RESTRICT terms,
                                                acc_t* FUSEDGAUSS_RESTRICT mantissas) {
-  for (int64_t e = 0; e < n; ++e) terms[e] -= split_log_scale(s[e], mantissas[e]);
+  for (int64_t e = 0; e < n; ++e) terms[e] -= split_log_scale(s[e] * mantissas[e], mantissas[e]);
 }
 
 template <typename acc_t>
@@ -245,8 +256,10 @@ class BlockRowSums {
   /// Where the split entries' mantissas go.
   acc_t* scale_mantissas() { return scale_mantissas_.data(); }
 
-  /// The split, for an entry loop that did not: `rows` rows of `terms` and their `scale`.
-  void split_scale(acc_t* terms, const acc_t* scale, int64_t rows) {
+  /// The split, for an entry loop that did not: `rows` rows of `terms` and their `scale`, each
+  /// scale entry times the factor the entry loop wrote to scale_mantissas() (the factors of
+  /// another sum of logs, taken in the same product).
+  void split_scale_times_factors(acc_t* terms, const acc_t* scale, int64_t rows) {
     acc_t* FUSEDGAUSS_RESTRICT t = terms;
     const acc_t* FUSEDGAUSS_RESTRICT s = scale;
     acc_t* FUSEDGAUSS_RESTRICT mantissas = scale_mantissas_.data();
@@ -273,7 +286,7 @@ class BlockRowSums {
   /// kRowsVectorise the loops run over rows and vectorise (k=6, 65536 samples, one thread:
   /// the diag_normal_log_prob forward 0.34 -> 0.27 ms; sum_rows from 19% to 10% of the rsample
   /// forward's time). Splitting the scale in those loops too, instead of in the entry loops or
-  /// split_scale, cost more than it saved.
+  /// split_scale_times_factors, cost more than it saved.
   template <int kK>
   C10_ALWAYS_INLINE void sum_rows(const acc_t* terms, int64_t rows, scalar_t* out) {
     if constexpr (kRowsVectorise<kK> && kInPlace) {  // (only float has a compile-time k)
@@ -575,10 +588,20 @@ void diag_rsample_kernel(const RowsProblem& p, RsampleOutputs& out) {
       acc_t* FUSEDGAUSS_RESTRICT a = kInPlace ? reinterpret_cast<acc_t*>(action_out + b0 * k) : actions.data();
       acc_t* FUSEDGAUSS_RESTRICT u = kInPlace ? reinterpret_cast<acc_t*>(pre_tanh_out + b0 * k) : pre_tanh.data();
       acc_t* FUSEDGAUSS_RESTRICT t = terms.data();
-      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY { rsample_entries(entries, m, s, e, a, u, t); });
+      acc_t* FUSEDGAUSS_RESTRICT factors = row_sums.scale_mantissas();
+      // With a per-sample scale the log-det's factors join the scale's in one product per
+      // sample; a shared scale's log is taken once, so the log-det is summed per entry.
+      const bool factored = row_sums.splits_scale();
+      with_best_simd([&]() FUSEDGAUSS_INLINE_BODY {
+        if (factored) {
+          rsample_entries<true>(entries, m, s, e, a, u, t, factors);
+        } else {
+          rsample_entries<false>(entries, m, s, e, a, u, t, factors);
+        }
+      });
       // Split apart: in the loop above, which holds many constants, the split cost more than
       // its own loop (k=6, one thread, the forward 1.25 -> 1.40 ms).
-      if (row_sums.splits_scale()) row_sums.split_scale(t, s, rows);
+      if (factored) row_sums.split_scale_times_factors(t, s, rows);
       if constexpr (!kInPlace) {
         std::copy(a, a + entries, action_out + b0 * k);
         std::copy(u, u + entries, pre_tanh_out + b0 * k);

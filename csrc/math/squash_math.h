@@ -55,11 +55,21 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T log1p_series(T x) {
 /// polynomial and log_det = log1p(-tanh^2); beyond, tanh(|u|) = (1 - t) / (1 + t) with
 /// t = e^{-2|u|}. log_det and derivative stay finite and exact in the tails where tanh rounds
 /// to +-1 (|u| > 9 in float32).
+///
+/// For a sum of log_det over a sample's entries taken as the log of a product (one log per
+/// sample instead of a log1p per entry), log_det also comes as
+///   log_det = log_det_linear + log(log_det_factor),   log_det_factor in [0.6, 1]:
+///   1 - tanh(u)^2 and 0 for |u| < 0.625; beyond, (1 + t)^{-2} and 2 (log 2 - |u|).
+/// The factor never under- or overflows (1 - tanh(u)^2 itself underflows for |u| > 44); its
+/// rounding costs the log about an ulp of 1 in absolute terms, where log_det itself is
+/// accurate relative to its own size (-u^2 for small u), so the split serves sums only.
 template <typename T>
 struct TanhTerms {
   T tanh;
   T log_det;
   T derivative;
+  T log_det_factor;
+  T log_det_linear;
 };
 
 template <typename T>
@@ -85,7 +95,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE TanhTerms<T> tanh_terms(T u) {
   const T log1p_value = log1p_series(small ? -tanh_abs * tanh_abs : t);
   const T log_det = small ? log1p_value : T(2) * (T(kLog2) - a - log1p_value);
   const T derivative = small ? one_minus_tanh_squared : T(4) * t * reciprocal * reciprocal;
-  return {u < T(0) ? -tanh_abs : tanh_abs, log_det, derivative};
+  const T log_det_factor = small ? one_minus_tanh_squared : reciprocal * reciprocal;
+  const T log_det_linear = small ? T(0) : T(2) * (T(kLog2) - a);
+  return {u < T(0) ? -tanh_abs : tanh_abs, log_det, derivative, log_det_factor, log_det_linear};
 }
 
 /// The clamp of an action before its atanh: the epsilon of the action's own dtype (scalar_t,
@@ -165,18 +177,23 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T pre_tanh_gradient(const TanhTerms<T>& tt, T 
 /// One entry of a reparameterised squashed diagonal sample from noise e:
 /// u = m + s e, action = tanh(u), and the log-prob term -1/2 e^2 - log(1 - tanh(u)^2) (since
 /// (u - m) / s = e exactly, no division and no atanh), without -log s, as diag_log_prob_entry.
+/// For a per-sample sum of logs taken as the log of a product (TanhTerms), the term also comes
+/// as log_prob_linear - log(log_det_factor).
 template <typename T>
 struct RsampleEntry {
   T action;
   T pre_tanh;
   T log_prob;
+  T log_prob_linear;
+  T log_det_factor;
 };
 
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE RsampleEntry<T> diag_rsample_entry(T m, T s, T e) {
   const T u = m + s * e;
   const TanhTerms<T> tt = tanh_terms(u);
-  return {tt.tanh, u, T(-0.5) * e * e - tt.log_det};
+  const T gaussian = T(-0.5) * e * e;
+  return {tt.tanh, u, gaussian - tt.log_det, gaussian - tt.log_det_linear, tt.log_det_factor};
 }
 
 template <typename T>
