@@ -325,14 +325,16 @@ class SquashBlock {
     } else {
       for (int64_t e = 0; e < entries; ++e) u[e] = x[e];
     }
-    for (int l = 0; l < W; ++l) jacobian[l] = 0;
+    math::TanhLogDetSums<W, acc_t> sums;
     for (int64_t i = 0; i < k_; ++i) {
       for (int l = 0; l < W; ++l) {
         const math::TanhTerms<acc_t> tt = math::tanh_terms(u[i * W + l]);
-        jacobian[l] += tt.log_det;
+        sums.add(l, tt);
         two_tanh[i * W + l] = acc_t(2) * tt.tanh;
       }
+      sums.end_entry(i);
     }
+    sums.finish(jacobian);
     for (int64_t e = 0; e < entries; ++e) d[e] = u[e] - d[e];
   }
 
@@ -612,16 +614,18 @@ struct RsampleBlock {
     acc_t* FUSEDGAUSS_RESTRICT tt2 = two_tanh.data();
     acc_t* FUSEDGAUSS_RESTRICT jacobian = log_det_jacobian;
     const acc_t* FUSEDGAUSS_RESTRICT pre_tanh = u.data();
-    for (int l = 0; l < W; ++l) jacobian[l] = 0;
+    math::TanhLogDetSums<W, acc_t> sums;
     for (int64_t i = 0; i < k; ++i) {
       for (int l = 0; l < W; ++l) {
         const math::TanhTerms<acc_t> tt = math::tanh_terms(pre_tanh[i * W + l]);
         a[i * W + l] = tt.tanh;
         dy[i * W + l] = tt.derivative;
         tt2[i * W + l] = acc_t(2) * tt.tanh;
-        jacobian[l] += tt.log_det;
+        sums.add(l, tt);
       }
+      sums.end_entry(i);
     }
+    sums.finish(jacobian);
   }
 
   std::vector<acc_t> eps, u, action, derivative, two_tanh;

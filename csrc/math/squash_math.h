@@ -100,6 +100,40 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE TanhTerms<T> tanh_terms(T u) {
   return {u < T(0) ? -tanh_abs : tanh_abs, log_det, derivative, log_det_factor, log_det_linear};
 }
 
+/// Per lane, the sum over a sample's entries of log|d tanh(u)/du| (TanhTerms::log_det), taken
+/// as the sum of the linear parts plus the log of the product of the factors: one log per
+/// lane instead of a log1p per entry, as sum_log_diagonal takes a factor's diagonal. Add each
+/// entry's terms to its lane, call end_entry(i) after entry i of every lane (the products are
+/// renormalised every kLogProductRun factors), then finish.
+template <int W, typename T>
+struct TanhLogDetSums {
+  T linear[W];
+  T product[W];
+  int32_t exponent[W];
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE TanhLogDetSums() {
+    for (int l = 0; l < W; ++l) {
+      linear[l] = 0;
+      product[l] = 1;
+      exponent[l] = 0;
+    }
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void add(int l, const TanhTerms<T>& tt) {
+    linear[l] += tt.log_det_linear;
+    product[l] *= tt.log_det_factor;
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void end_entry(int64_t i) {
+    if (i % kLogProductRun != kLogProductRun - 1) return;
+    for (int l = 0; l < W; ++l) product[l] = log_product_factor(product[l], exponent[l]);
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void finish(T* FUSEDGAUSS_RESTRICT out) const {
+    for (int l = 0; l < W; ++l) out[l] = linear[l] + log_of_product(product[l], exponent[l]);
+  }
+};
+
 /// The clamp of an action before its atanh: the epsilon of the action's own dtype (scalar_t,
 /// which may be half), in the type the math runs in.
 template <typename scalar_t, typename acc_t>
